@@ -1,0 +1,75 @@
+"""Fixtures: tiny LLaDA checkpoints written in exactly the released layout, and a tiny tokenizer."""
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+torch.set_num_threads(1)
+
+from model import LLaDA, LLaDAConfig  # noqa: E402
+
+REFERENCE = Path(__file__).parent / "reference"      # the real LLaDA-8B-Instruct config.json and index
+
+# The released checkpoint groups tensors by kind, not by layer (see reference/model.safetensors.index.json).
+SHARD_OF_KIND = {"attn_out": 1, "wte": 1, "ln_f": 1, "ff_out": 2, "head": 2, "attn_norm": 3, "ff_norm": 3,
+                 "q_proj": 3, "k_proj": 3, "v_proj": 4, "ff_proj": 4, "up_proj": 5}
+
+
+def random_model(config=None, seed=0):
+    """A tiny LLaDA whose norms are random too, so a wrong norm weight cannot go unnoticed."""
+    torch.manual_seed(seed)
+    model = LLaDA(config or LLaDAConfig.tiny())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.2 if "wte" not in name else 1.0)
+    return model
+
+
+def write_real_layout(model, directory, n_shards=6):
+    """Write `model` as bf16 shards named and grouped like the released LLaDA-8B checkpoint, with
+    an index holding the correct total_size and {"format": "pt"} metadata in every shard."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(model.config.to_json_dict(), indent=2))
+    shards, weight_map = {}, {}
+    for key, t in model.state_dict().items():
+        kind = "head" if key == "transformer.ff_out.weight" else re.sub(r"\.weight$", "", key).split(".")[-1]
+        name = f"model-{SHARD_OF_KIND[kind]:05d}-of-{n_shards:05d}.safetensors"
+        shards.setdefault(name, {})["model." + key] = t.detach().to(torch.bfloat16).contiguous()
+        weight_map["model." + key] = name
+    for name, tensors in shards.items():
+        save_file(tensors, str(directory / name), metadata={"format": "pt"})
+    total = sum(t.numel() * t.element_size() for ts in shards.values() for t in ts.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return directory
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    model = random_model()
+    return write_real_layout(model, tmp_path / "llada-tiny"), model
+
+
+def train_tokenizer(directory, texts):
+    """A byte-level BPE tokenizer with LLaDA's special tokens, saved as tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|startoftext|>", "<|endoftext|>", "<|start_header_id|>", "<|end_header_id|>",
+                "<|eot_id|>", "<|mdm_mask|>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    path = Path(directory) / "tokenizer.json"
+    tok.save(str(path))
+    return path
