@@ -208,6 +208,7 @@ class LLaDA(nn.Module):
         ))
         # Shared noise networks (NaRA's hypernetwork F_phi); nara.add_adapters registers them here.
         self.noise_nets = nn.ModuleDict()
+        self.adapter_config = None               # set by nara.add_adapters
         self.gradient_checkpointing = False
 
     def condition(self, noise_level):
