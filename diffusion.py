@@ -1,0 +1,199 @@
+"""Masked diffusion for LLaDA: the training losses, the sampler and the Monte-Carlo likelihood.
+
+Read with: LLaDA (arXiv 2502.09992) Eq. (3) (pre-training loss), Eq. (5) (SFT loss), Eq. (6)
+(conditional likelihood bound), Algorithms 4-5 and Appendix B.3 (semi-autoregressive low-confidence
+remasking); NaRA (arXiv 2605.29716) §4 for the noise level λ fed to the adapters.
+
+Glossary
+    t          diffusion time of a sequence, drawn per sequence; p_mask = the masking probability
+    λ (lam)    the noise level handed to the model (`noise_level=`): λ = t in training; in sampling
+               and in the likelihood, λ = the fraction of the generated/answer region still masked,
+               so λ runs from 1 (all masked) down to 0 and means the same thing everywhere
+    mask_id    `model.config.mask_token_id` (126336 in LLaDA-8B); eos = `model.config.eos_token_id`
+    L_ans      answer length including its EOS padding (SFT); La the answer length (likelihood)
+
+Departures from the reference code, on purpose:
+    - SFT draws t = 1 - U[0, 1), i.e. t in (0, 1], so the 1/t weight is always finite.
+    - `confidence_eos_eot_inf` ranks EOS/EOT predictions below every other prediction (the intent
+      of LLaDA's flag, which in its code sets them to -inf after the argmax and can then commit an
+      already decoded position instead of a masked one); `logits_eos_inf` removes EOS before
+      sampling, at any temperature.
+    - Sequences that are finished (`till_eos`) are filled with EOS and cost no further steps.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------- forward process and losses
+def pretrain_loss(model, x, eps=1e-3, t=None):
+    """LLaDA Eq. (3): t ~ U[0,1], p = (1-eps) t + eps, each token masked independently with prob p;
+    loss = Σ_masked CE / p, divided by batch·length. Returns (loss, λ = t)."""
+    B, L = x.shape
+    t = torch.rand(B, device=x.device) if t is None else t
+    p_mask = ((1 - eps) * t + eps)[:, None].expand(B, L)                    # (B, L)
+    masked = torch.rand(B, L, device=x.device) < p_mask
+    noisy = torch.where(masked, model.config.mask_token_id, x)
+    logits = model(noisy, noise_level=t)
+    ce = F.cross_entropy(logits[masked].float(), x[masked], reduction="none") / p_mask[masked]
+    return ce.sum() / (B * L), t
+
+
+def sft_mask(answer, t, exact=True, eps=1e-3):
+    """Which positions to mask for SFT. answer (B, L) bool marks the answer region (EOS padding
+    included); the prompt is never masked. exact=True (NaRA's authors): exactly
+    k = max(1, ceil(t·L_ans)) answer positions, uniformly chosen, p = t. exact=False (LLaDA):
+    each answer token with prob p = (1-eps) t + eps. Returns (masked (B, L) bool, p (B,))."""
+    B, L = answer.shape
+    if not exact:
+        p = (1 - eps) * t + eps
+        return answer & (torch.rand(B, L, device=answer.device) < p[:, None]), p
+    k = torch.ceil(t * answer.sum(1)).long().clamp(min=1)                   # (B,)
+    score = torch.rand(B, L, device=answer.device).masked_fill(~answer, 2.0)   # prompt sorts last
+    rank = score.argsort(1).argsort(1)                                      # a uniform random order
+    return rank < k[:, None], t
+
+
+def sft_loss(model, x, answer, exact=True, t=None, attention_mask=None):
+    """LLaDA Eq. (5) per sequence: Σ_masked CE / p / L_ans, averaged over the batch (λ = t per
+    sequence). x (B, L) prompt + answer + EOS padding; answer (B, L) bool. Returns (loss, λ)."""
+    t = 1 - torch.rand(x.shape[0], device=x.device) if t is None else t
+    masked, p = sft_mask(answer, t, exact)
+    logits = model(torch.where(masked, model.config.mask_token_id, x), attention_mask, noise_level=t)
+    ce = F.cross_entropy(logits.float().transpose(1, 2), x, reduction="none") * masked   # (B, L)
+    return (ce.sum(1) / p / answer.sum(1)).mean(), t
+
+
+def pad_sft(prompt, answer, length, eos_token_id):
+    """One SFT row: prompt ids + answer ids, right-padded with EOS to `length` (the padding is part
+    of the answer). Returns (ids (length,), answer mask (length,)) or None when it does not fit."""
+    if len(prompt) + len(answer) > length:
+        return None
+    ids = torch.full((length,), eos_token_id, dtype=torch.long)
+    ids[:len(prompt) + len(answer)] = torch.tensor(list(prompt) + list(answer))
+    return ids, torch.arange(length) >= len(prompt)
+
+
+# ---------------------------------------------------------------- the sampler
+def transfer_counts(masked, steps):
+    """How many tokens to commit at each step of a block: the block's masked count split evenly,
+    the remainder spread over the first steps (LLaDA, linear schedule of Eq. (8)). (B, steps)."""
+    n = masked.sum(1, keepdim=True)
+    return n // steps + (torch.arange(steps, device=masked.device) < n % steps).long()
+
+
+def add_gumbel_noise(logits, temperature):
+    """Gumbel-max in float64 (low precision hurts MDM sampling, arXiv 2409.02908): the argmax of
+    exp(logits) / (-log u)^T samples softmax(logits / T)."""
+    if temperature == 0:
+        return logits
+    logits = logits.double()
+    return logits.exp() / (-torch.log(torch.rand_like(logits))) ** temperature
+
+
+@torch.no_grad()
+def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128,
+             temperature=0., cfg_scale=0., remasking="low_confidence", logits_eos_inf=False,
+             confidence_eos_eot_inf=False, till_eos=False, eot_token_id=None, stats=None):
+    """LLaDA's semi-autoregressive sampler. prompt (B, P), left-padded with EOS when the lengths
+    differ, with attention_mask (B, P). The answer starts as gen_length masks, split into blocks
+    decoded left to right, each in steps/num_blocks steps; each step commits the transfer_counts
+    most confident (or random) predictions among the masked positions of the current block.
+    Every call passes λ = (masked positions of the answer) / gen_length per sequence.
+    till_eos: once a fully decoded block holds EOS, decode one more block, fill the rest with EOS.
+    Returns (B, P + gen_length); `stats` (a dict), when given, receives the number of model calls."""
+    mask_id, eos = model.config.mask_token_id, model.config.eos_token_id
+    if gen_length % block_length or steps % (gen_length // block_length):
+        raise ValueError(f"gen_length={gen_length} must be a multiple of block_length={block_length}, "
+                         f"and steps={steps} a multiple of the number of blocks")
+    if remasking not in ("low_confidence", "random"):
+        raise ValueError(f"remasking={remasking!r}: choose low_confidence or random")
+    B, P = prompt.shape
+    x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=prompt.device)
+    x[:, :P] = prompt
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask, torch.ones_like(x[:, P:])], dim=1)
+    num_blocks = gen_length // block_length
+    steps_per_block = steps // num_blocks
+    eos_block = torch.full((B,), num_blocks, device=x.device)              # first block holding EOS
+    calls = 0
+    for nb in range(num_blocks):
+        lo, hi = P + nb * block_length, P + (nb + 1) * block_length
+        counts = transfer_counts(x[:, lo:hi] == mask_id, steps_per_block)   # (B, steps)
+        for i in range(steps_per_block):
+            if not counts[:, i].any():
+                continue
+            masked = x == mask_id                                             # (B, P + gen)
+            lam = masked[:, P:].sum(1).float() / gen_length                  # (B,)
+            if cfg_scale > 0:                                                 # second pass, prompt masked
+                un_x = x.clone()
+                un_x[:, :P] = mask_id
+                am = None if attention_mask is None else attention_mask.repeat(2, 1)
+                cond, uncond = model(torch.cat([x, un_x]), am, noise_level=lam.repeat(2)).chunk(2)
+                logits = uncond + (cfg_scale + 1) * (cond - uncond)
+                calls += 2
+            else:
+                logits = model(x, attention_mask, noise_level=lam)
+                calls += 1
+            if logits_eos_inf:
+                logits[:, :, eos] = -torch.inf
+            x0 = add_gumbel_noise(logits, temperature).argmax(-1)             # (B, L)
+            if remasking == "low_confidence":
+                conf = torch.gather(F.softmax(logits.double(), -1), -1, x0[..., None])[..., 0]
+            else:
+                conf = torch.rand(x0.shape, device=x.device, dtype=torch.float64)
+            if confidence_eos_eot_inf:                                        # ranked below all others
+                stop = (x0 == eos) if eot_token_id is None else (x0 == eos) | (x0 == eot_token_id)
+                conf = torch.where(stop, conf - 2, conf)
+            conf[:, hi:] = -torch.inf                                         # never beyond this block
+            conf = torch.where(masked, conf, -torch.inf)
+            commit = torch.zeros_like(masked)
+            for j in range(B):                                                # rows may differ in k
+                commit[j, torch.topk(conf[j], k=int(counts[j, i])).indices] = True
+            x = torch.where(commit & masked, x0, x)
+        if till_eos:
+            has_eos = (x[:, lo:hi] == eos).any(1)
+            eos_block = torch.where(has_eos & (eos_block == num_blocks), nb, eos_block)
+            done = eos_block < nb                                             # one more block decoded
+            x[done, hi:] = torch.where(x[done, hi:] == mask_id, eos, x[done, hi:])
+            if bool(done.all()):
+                break
+    if stats is not None:
+        stats["model_calls"] = calls
+    return x
+
+
+# ---------------------------------------------------------------- Monte-Carlo likelihood
+@torch.no_grad()
+def log_likelihood(model, prompt, answer, mc_num=128, batch_size=16, cfg_scale=0.):
+    """LLaDA Eq. (6), the lower bound on log p(answer | prompt) used for multiple choice: each of
+    mc_num/batch_size rounds draws k in 1..La and masks exactly m_i answer positions in row i, with
+    stratified counts m_i = ((round(linspace(k, k + (b-1)·La/b, b)) - 1) mod La) + 1; the loss is
+    Σ_masked CE · La/m_i averaged over the batch; λ = m_i / La. Returns minus the mean loss."""
+    if mc_num < batch_size or mc_num % batch_size:
+        raise ValueError(f"mc_num={mc_num} must be a positive multiple of batch_size={batch_size}")
+    prompt, answer = torch.as_tensor(prompt).flatten(), torch.as_tensor(answer).flatten()
+    P, La, b = len(prompt), len(answer), batch_size
+    dev = next(model.parameters()).device
+    seq = torch.cat([prompt, answer]).to(dev)[None].repeat(b, 1)             # (b, P + La)
+    mask_id = model.config.mask_token_id
+    losses = []
+    for _ in range(mc_num // batch_size):
+        k = int(torch.randint(1, La + 1, ()))
+        m = torch.round(torch.linspace(float(k), k + (b - 1) * La / b, b)).long()
+        m = ((m - 1) % La + 1).to(dev)                                        # (b,) in 1..La
+        chosen = torch.rand(b, La, device=dev).argsort(1) < m[:, None]        # m_i random positions
+        masked = torch.cat([torch.zeros(b, P, dtype=torch.bool, device=dev), chosen], dim=1)
+        noisy = torch.where(masked, mask_id, seq)
+        lam = m.float() / La
+        logits = model(noisy, noise_level=lam)
+        if cfg_scale > 0:
+            un = noisy.clone()
+            un[:, :P] = mask_id
+            uncond = model(un, noise_level=lam)
+            logits = uncond + (cfg_scale + 1) * (logits - uncond)
+        ce = F.cross_entropy(logits[masked].double(), seq[masked], reduction="none")
+        weight = (La / m.double())[:, None].expand(b, P + La)[masked]
+        losses.append(float((ce * weight).sum()) / b)
+    return -math.fsum(losses) / len(losses)

@@ -1,0 +1,244 @@
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import nara
+from conftest import random_model
+from diffusion import generate, log_likelihood, pad_sft, pretrain_loss, sft_loss, sft_mask, transfer_counts
+from model import LLaDAConfig
+
+MASK, EOS = 126, 125          # LLaDAConfig.tiny()'s ids
+
+
+class Stub(nn.Module):
+    """logits = table[token] + bias[position]; never predicts the mask id; records every call."""
+    def __init__(self, vocab=128, favour=None, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.config = SimpleNamespace(mask_token_id=MASK, eos_token_id=EOS)
+        self.table, self.bias = torch.randn(vocab, vocab, generator=g), torch.randn(256, vocab, generator=g)
+        self.favour = favour or {}                                      # {position: token} made certain
+        self.w = nn.Parameter(torch.zeros(1))
+        self.calls = []
+
+    def forward(self, x, attention_mask=None, noise_level=None):
+        self.calls.append((x.clone(), None if noise_level is None else noise_level.clone()))
+        logits = self.table[x] + self.bias[:x.shape[1]] + self.w
+        for pos, tok in self.favour.items():
+            logits[:, pos, tok] += 100.0
+        logits[..., MASK] = -torch.inf
+        return logits
+
+
+class NoMask(nn.Module):
+    """A real tiny LLaDA that cannot predict the mask id."""
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, x, attention_mask=None, noise_level=None):
+        logits = self.model(x, attention_mask, noise_level=noise_level)
+        logits[..., MASK] = -1e4                                        # finite: CFG subtracts logits
+        return logits
+
+
+@torch.no_grad()
+def reference_generate(model, prompt, steps, gen_length, block_length):
+    """LLaDA's greedy low-confidence sampler for one prompt, re-stated plainly: per block, per step,
+    commit the n most probable argmax predictions among the block's masked positions."""
+    x = prompt[0].tolist() + [MASK] * gen_length
+    P, per_block = prompt.shape[1], steps // (gen_length // block_length)
+    for start in range(P, P + gen_length, block_length):
+        n_masked = block_length
+        schedule = [n_masked // per_block + (1 if i < n_masked % per_block else 0) for i in range(per_block)]
+        for n in schedule:
+            logits = model(torch.tensor([x]))[0].double()
+            probs = logits.softmax(-1)
+            pred = logits.argmax(-1)
+            cands = [(float(probs[i, pred[i]]), i) for i in range(start, start + block_length) if x[i] == MASK]
+            order = sorted(range(len(cands)), key=lambda j: -cands[j][0])        # stable: ties by position
+            for j in order[:n]:
+                x[cands[j][1]] = int(pred[cands[j][1]])
+    return torch.tensor([x])
+
+
+# ------------------------------------------------------------------ schedule
+@pytest.mark.parametrize("n, steps, expect", [(8, 4, [2, 2, 2, 2]), (10, 4, [3, 3, 2, 2]),
+                                              (5, 8, [1, 1, 1, 1, 1, 0, 0, 0]), (7, 1, [7]), (32, 5, [7, 7, 6, 6, 6])])
+def test_transfer_counts(n, steps, expect):
+    masked = torch.zeros(2, 40, dtype=torch.bool)
+    masked[:, :n] = True
+    assert transfer_counts(masked, steps).tolist() == [expect, expect]
+
+
+# ------------------------------------------------------------------ the sampler
+@pytest.mark.parametrize("steps, gen, block", [(8, 8, 8), (8, 16, 4), (16, 16, 8), (6, 12, 4)])
+def test_greedy_tokens_equal_the_reference_sampler(steps, gen, block):
+    model = NoMask(random_model().eval())
+    prompt = torch.tensor([[3, 14, 15, 92, 65]])
+    ours = generate(model, prompt, steps=steps, gen_length=gen, block_length=block)
+    assert torch.equal(ours, reference_generate(model, prompt, steps, gen, block))
+
+
+def test_blocks_fill_left_to_right_and_the_prompt_is_untouched():
+    stub = Stub()
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    out = generate(stub, prompt, steps=8, gen_length=16, block_length=4)
+    assert torch.equal(out[:, :3], prompt) and not (out == MASK).any()
+    seen = [x for x, _ in stub.calls] + [out]
+    for before, after in zip(seen, seen[1:]):
+        assert torch.equal(before[:, :3], prompt)
+        new = (before == MASK) & (after != MASK)
+        assert (new.sum(1) == 2).all()                                   # 4 tokens over 2 steps per block
+        pos = new.nonzero()[:, 1]
+        block = (pos.min() - 3) // 4
+        assert pos.max() < 3 + 4 * (block + 1)                           # only the current block
+        assert not (before[:, 3:3 + 4 * block] == MASK).any()            # earlier blocks already full
+
+
+def test_lambda_is_the_masked_fraction_of_the_answer_at_every_step():
+    stub = Stub()
+    generate(stub, torch.tensor([[1, 2, 3, 4]]), steps=12, gen_length=12, block_length=4)
+    lams = []
+    for x, lam in stub.calls:
+        assert torch.allclose(lam, (x[:, 4:] == MASK).float().mean(1))
+        lams.append(float(lam))
+    assert lams[0] == 1.0 and lams == sorted(lams, reverse=True) and lams[-1] == pytest.approx(1 / 12)
+
+
+def test_early_termination_decodes_one_block_after_the_first_eos_block():
+    stub = Stub(favour={3 + 5: EOS})                                     # EOS certain in block 1 (of 6)
+    stats = {}
+    out = generate(stub, torch.tensor([[7, 8, 9]]), steps=24, gen_length=24, block_length=4, till_eos=True, stats=stats)
+    assert out[0, 8] == EOS and not (out == MASK).any()
+    assert (out[0, 3 + 12:] == EOS).all()                                # blocks 3.. filled with EOS
+    assert stats["model_calls"] == 3 * 4 == len(stub.calls)              # blocks 0, 1, 2 only
+    full = {}
+    generate(Stub(favour={8: EOS}), torch.tensor([[7, 8, 9]]), steps=24, gen_length=24, block_length=4, stats=full)
+    assert full["model_calls"] == 24
+
+
+def test_eos_options():
+    prompt = torch.tensor([[7, 8, 9]])
+    likes_eos = {p: EOS for p in range(3, 11)}
+    assert (generate(Stub(favour=likes_eos), prompt, steps=8, gen_length=8, block_length=8)[:, 3:] == EOS).all()
+    for temperature in (0.0, 1.0):
+        out = generate(Stub(favour=likes_eos), prompt, steps=8, gen_length=8, block_length=8,
+                       temperature=temperature, logits_eos_inf=True)
+        assert not (out[:, 3:] == EOS).any()
+    stub = Stub(favour={3: EOS})                                         # EOS at the most confident place
+    generate(stub, prompt, steps=8, gen_length=8, block_length=8, confidence_eos_eot_inf=True)
+    assert stub.calls[-1][0][0, 3] == MASK                               # committed last, not first
+
+
+def test_cfg_zero_is_no_cfg_and_cfg_runs_two_passes_with_a_mask():
+    model = NoMask(random_model().eval())
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(generate(model, prompt, steps=4, gen_length=8, block_length=4, cfg_scale=0.0),
+                       generate(model, prompt, steps=4, gen_length=8, block_length=4))
+    stats = {}
+    out = generate(model, prompt, attention_mask=torch.ones_like(prompt), steps=4, gen_length=8,
+                   block_length=4, cfg_scale=1.5, stats=stats)
+    assert stats["model_calls"] == 8 and not (out == MASK).any()
+
+
+def test_batched_left_padded_prompts_equal_each_alone():
+    model = NoMask(random_model().eval())
+    a, b = [5, 6, 7, 8, 9], [10, 11]
+    batch = torch.tensor([a, [EOS] * 3 + b])
+    mask = torch.tensor([[1] * 5, [0] * 3 + [1] * 2])
+    both = generate(model, batch, attention_mask=mask, steps=8, gen_length=8, block_length=4)
+    assert torch.equal(both[0], generate(model, torch.tensor([a]), steps=8, gen_length=8, block_length=4)[0])
+    assert torch.equal(both[1, 3:], generate(model, torch.tensor([b]), steps=8, gen_length=8, block_length=4)[0])
+
+
+def test_sampling_feeds_lambda_to_noise_aware_adapters():
+    model = random_model()
+    nara.add_adapters(model, "nara", r=2, verbose=False)
+    out = generate(NoMask(model.eval()), torch.tensor([[1, 2, 3]]), steps=4, gen_length=4, block_length=4)
+    assert not (out == MASK).any()
+
+
+def test_bad_sampler_arguments():
+    with pytest.raises(ValueError, match="multiple of block_length"):
+        generate(Stub(), torch.tensor([[1]]), steps=4, gen_length=10, block_length=4)
+    with pytest.raises(ValueError, match="remasking"):
+        generate(Stub(), torch.tensor([[1]]), steps=4, gen_length=4, block_length=4, remasking="entropy")
+
+
+# ------------------------------------------------------------------ losses
+class Uniform(nn.Module):
+    """Input-independent logits: CE at position i is a fixed number c_i, whatever is masked."""
+    def __init__(self, L, vocab=8):
+        super().__init__()
+        self.config = SimpleNamespace(mask_token_id=7, eos_token_id=6)
+        self.logits = nn.Parameter(torch.randn(L, vocab, generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, x, attention_mask=None, noise_level=None):
+        return self.logits.expand(x.shape[0], -1, -1)
+
+
+def test_sft_loss_matches_a_hand_computed_value():
+    model = Uniform(6)
+    x = torch.tensor([[1, 2, 3, 4, 6, 6]])
+    answer = torch.tensor([[False, False, True, True, True, True]])
+    ce = F.cross_entropy(model.logits.detach(), x[0], reduction="none")
+    loss, lam = sft_loss(model, x, answer, t=torch.tensor([1.0]))          # t = 1: the whole answer
+    assert torch.allclose(loss, ce[2:].sum() / 1.0 / 4) and lam.tolist() == [1.0]
+    with torch.no_grad():
+        model.logits.zero_()                                               # every CE = log 8
+    loss, _ = sft_loss(model, x, answer, t=torch.tensor([0.5]))           # k = 2 of 4: 2 log 8 / 4 / 0.5
+    assert torch.allclose(loss, torch.tensor(math.log(8)))
+
+
+def test_sft_mask_counts_and_never_touches_the_prompt():
+    answer = torch.zeros(3, 10, dtype=torch.bool)
+    answer[:, 4:] = True
+    masked, p = sft_mask(answer, torch.tensor([0.01, 0.5, 1.0]))
+    assert masked.sum(1).tolist() == [1, 3, 6] and not masked[:, :4].any() and torch.equal(p, torch.tensor([0.01, 0.5, 1.0]))
+    masked, p = sft_mask(answer.repeat(200, 1), torch.full((600,), 0.3), exact=False)
+    assert not masked[:, :4].any() and abs(masked.float().sum(1).mean() / 6 - p[0]) < 0.02
+
+
+def test_the_one_over_p_weighting_is_unbiased():
+    """E[Σ_masked CE_i / p] / L = mean_i CE_i for any p: checked over many draws of t and masks."""
+    torch.manual_seed(0)
+    model, L = Uniform(12), 12
+    x = torch.randint(0, 6, (1, L))
+    exact = F.cross_entropy(model.logits.detach(), x[0]).item()
+    draws = [pretrain_loss(model, x.repeat(64, 1))[0].item() for _ in range(300)]
+    assert abs(sum(draws) / len(draws) - exact) < 0.02 * exact
+    answer = torch.ones(64, L, dtype=torch.bool)
+    draws = [sft_loss(model, x.repeat(64, 1), answer, exact=False)[0].item() for _ in range(300)]
+    assert abs(sum(draws) / len(draws) - exact) < 0.02 * exact
+
+
+def test_pad_sft():
+    ids, answer = pad_sft([1, 2], [3, 4, 9], 7, eos_token_id=9)
+    assert ids.tolist() == [1, 2, 3, 4, 9, 9, 9] and answer.tolist() == [False, False] + [True] * 5
+    assert pad_sft([1, 2, 3], [4, 5], 4, 9) is None
+
+
+# ------------------------------------------------------------------ likelihood
+def test_one_token_likelihood_is_the_exact_log_probability():
+    model = random_model(LLaDAConfig.tiny()).eval()
+    prompt, answer = torch.tensor([4, 8, 15, 16]), torch.tensor([23])
+    got = log_likelihood(model, prompt, answer, mc_num=8, batch_size=4)
+    logits = model(torch.tensor([[4, 8, 15, 16, MASK]]), noise_level=torch.tensor([1.0]))
+    assert got == pytest.approx(float(logits[0, 4].double().log_softmax(-1)[23]), abs=1e-6)
+
+
+def test_likelihood_uses_stratified_counts_and_lambda():
+    stub = Stub()
+    log_likelihood(stub, [1, 2, 3], [4, 5, 6, 7, 8], mc_num=8, batch_size=4)
+    for x, lam in stub.calls:
+        m = (x[:, 3:] == MASK).sum(1)
+        assert not (x[:, :3] == MASK).any() and m.min() >= 1
+        assert torch.allclose(lam, m.float() / 5)
+        assert len(set(m.tolist())) >= 3                                   # strata spread over 1..La
+    with pytest.raises(ValueError, match="multiple of batch_size"):
+        log_likelihood(stub, [1], [2], mc_num=10, batch_size=4)
