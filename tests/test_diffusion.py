@@ -229,7 +229,7 @@ def test_one_token_likelihood_is_the_exact_log_probability():
     prompt, answer = torch.tensor([4, 8, 15, 16]), torch.tensor([23])
     got = log_likelihood(model, prompt, answer, mc_num=8, batch_size=4)
     logits = model(torch.tensor([[4, 8, 15, 16, MASK]]), noise_level=torch.tensor([1.0]))
-    assert got == pytest.approx(float(logits[0, 4].double().log_softmax(-1)[23]), abs=1e-6)
+    assert got == pytest.approx(float(logits[0, 4].detach().double().log_softmax(-1)[23]), abs=1e-6)
 
 
 def test_likelihood_uses_stratified_counts_and_lambda():
