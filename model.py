@@ -90,26 +90,18 @@ class LLaDAConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config file not found")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e})") from None
+        raw = dict(_read_json(path))
         for key, ok in cls.SUPPORTED.items():
             if key in raw and raw[key] not in (ok if isinstance(ok, tuple) else (ok,)):
                 raise ValueError(f"{path}: {key}={raw[key]!r} is not supported by this LLaDA "
                                  f"implementation (only {ok!r})")
-        raw = dict(raw)
-        if raw.get("n_kv_heads") is None:
-            raw["n_kv_heads"] = raw.get("n_heads")
-        if raw.get("embedding_size") is None:
-            raw["embedding_size"] = raw.get("vocab_size")
-        kw = {}
-        for f in fields(cls):
-            if f.name not in raw:
-                raise ValueError(f"{path}: required key {f.name!r} is missing")
-            kw[f.name] = raw[f.name]
+        raw["n_kv_heads"] = raw.get("n_kv_heads") or raw.get("n_heads")            # null means MHA
+        raw["embedding_size"] = raw.get("embedding_size") or raw.get("vocab_size")
+        missing = [f.name for f in fields(cls) if f.name not in raw]
+        if missing:
+            raise ValueError(f"{path}: required key {missing[0]!r} is missing")
         try:
-            return cls(**kw)
+            return cls(**{f.name: raw[f.name] for f in fields(cls)})
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 

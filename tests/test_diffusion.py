@@ -38,9 +38,10 @@ class NoMask(nn.Module):
     """A real tiny LLaDA that cannot predict the mask id."""
     def __init__(self, model):
         super().__init__()
-        self.model, self.config = model, model.config
+        self.model, self.config, self.seen = model, model.config, []
 
     def forward(self, x, attention_mask=None, noise_level=None):
+        self.seen.append(x.clone())
         logits = self.model(x, attention_mask, noise_level=noise_level)
         logits[..., MASK] = -1e4                                        # finite: CFG subtracts logits
         return logits
@@ -76,12 +77,16 @@ def test_transfer_counts(n, steps, expect):
 
 
 # ------------------------------------------------------------------ the sampler
-@pytest.mark.parametrize("steps, gen, block", [(8, 8, 8), (8, 16, 4), (16, 16, 8), (6, 12, 4)])
-def test_greedy_tokens_equal_the_reference_sampler(steps, gen, block):
+@pytest.mark.parametrize("steps, gen, block", [(8, 8, 8), (8, 16, 4), (16, 16, 8), (6, 12, 4), (8, 4, 4)])
+def test_greedy_tokens_equal_the_reference_sampler_step_for_step(steps, gen, block):
     model = NoMask(random_model().eval())
     prompt = torch.tensor([[3, 14, 15, 92, 65]])
     ours = generate(model, prompt, steps=steps, gen_length=gen, block_length=block)
+    our_steps, model.seen = model.seen, []
     assert torch.equal(ours, reference_generate(model, prompt, steps, gen, block))
+    ref_steps = model.seen        # the reference also calls the model on steps that commit nothing
+    ref_steps = [s for i, s in enumerate(ref_steps) if i == 0 or not torch.equal(s, ref_steps[i - 1])]
+    assert len(our_steps) == len(ref_steps) and all(torch.equal(a, b) for a, b in zip(our_steps, ref_steps))
 
 
 def test_blocks_fill_left_to_right_and_the_prompt_is_untouched():

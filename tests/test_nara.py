@@ -256,3 +256,13 @@ def test_five_bin_multi_lora_is_a_rank_5r_nara_layer():
         multi = layer(x, {"lam": torch.tensor([lam])})
         ours = single(x, {"core": C[k].float()})
         assert torch.allclose(multi, ours, atol=1e-4)
+
+
+def test_activation_checkpointing_keeps_the_hypernetwork_gradient():
+    grads = []
+    for ckpt in (False, True):
+        model = randomise_adapters(adapted("nara", dropout=0.0)).train()
+        model.gradient_checkpointing = ckpt
+        model(IDS, noise_level=LAM).square().mean().backward()
+        grads.append(model.noise_nets["nara"].net[0].weight.grad)
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
