@@ -19,6 +19,7 @@ Departures from the reference code, on purpose:
       already decoded position instead of a masked one); `logits_eos_inf` removes EOS before
       sampling, at any temperature.
     - Sequences that are finished (`till_eos`) are filled with EOS and cost no further steps.
+    - The sampler never predicts the mask id itself, so no mask can survive to the output.
 """
 import math
 
@@ -136,6 +137,7 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
             else:
                 logits = model(x, attention_mask, noise_level=lam)
                 calls += 1
+            logits[:, :, mask_id] = -torch.inf                              # [MASK] is never an answer
             if logits_eos_inf:
                 logits[:, :, eos] = -torch.inf
             x0 = add_gumbel_noise(logits, temperature).argmax(-1)             # (B, L)

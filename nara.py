@@ -101,16 +101,16 @@ class LoRALinear(nn.Module):
         return self.lora_A, None, self.lora_B
 
     def update(self, x, cond):
-        """s · B C A x for x (B, L, d_in) -> (B, L, d_out), in the adapter dtype."""
-        A, C, B = self.factors(cond)
-        a = self.dropout(x).to(A.dtype) @ A.transpose(-1, -2)             # (B, L, r)
+        """s · B C A x for x (B, L, d_in) -> (B, L, d_out). Computed in x's dtype: the fp32 factors
+        are cast (r x d, cheap) rather than the activations (B x L x d), as autocast would do."""
+        A, C, B = (None if t is None else t.to(x.dtype) for t in self.factors(cond))
+        a = self.dropout(x) @ A.transpose(-1, -2)                         # (B, L, r)
         if C is not None:
             a = a @ C.transpose(-1, -2)                                   # (B, L, r) @ (B, r, r)
         return self.s * (a @ B.transpose(-1, -2))                         # (B, L, d_out)
 
     def forward(self, x, cond=None):
-        h = F.linear(x, self.weight)
-        return h + self.update(x, cond).to(h.dtype)
+        return F.linear(x, self.weight) + self.update(x, cond)
 
     def merged_weight(self, cond):
         """The weight this layer applies for a batch of one: W0 + s · B C A."""
@@ -157,7 +157,7 @@ class HiRALinear(LoRALinear):
         return self.weight.float() * (self.s * self.lora_B @ self.lora_A)      # (d_out, d_in)
 
     def update(self, x, cond):
-        return F.linear(self.dropout(x).to(self.lora_A.dtype), self.delta())
+        return F.linear(self.dropout(x), self.delta().to(x.dtype))
 
     def merged_weight(self, cond):
         return self.weight.float() + self.delta()

@@ -136,8 +136,35 @@ def main():
             mfu = 3 * flops_fwd / dt / 989e12 if device.type == "cuda" else 0
             add(f"train step {method}, checkpointing={ckpt}", f"{dt * 1e3:.0f} ms, peak GPU {peak:.1f} GiB, "
                 f"{L / dt:.0f} tok/s, MFU {100 * mfu:.0f} % of 989 TFLOP/s bf16")
-        nara.merge(model, 0.5)
-        model.eval()
+        if method == "lora":
+            nara.merge(model, 0.5)
+    # the recipe's update: 32 sequences of length L with NaRA, as one batch or as accumulated micro-batches
+    from diffusion import sft_loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    answer = torch.arange(L, device=device)[None] >= L // 4                     # prompt = first quarter
+    for micro, ckpt in ((1, True), (4, True), (8, True), (32, True), (8, False), (32, False)):
+        model.train().gradient_checkpointing = ckpt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        x = torch.randint(0, cfg.eos_token_id, (micro, L), device=device)
+
+        def update():
+            for _ in range(32 // micro):
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    loss, _ = sft_loss(model, x, answer.expand(micro, L))
+                (loss / (32 // micro)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        try:
+            dt = timed(update, device, repeats=2)
+        except torch.OutOfMemoryError:
+            add(f"recipe update 32 = {micro} x {32 // micro}, checkpointing={ckpt}", "out of memory")
+            continue
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0
+        add(f"recipe update 32 = {micro} x {32 // micro}, checkpointing={ckpt}",
+            f"{dt:.2f} s, {32 * L / dt:.0f} tok/s, peak GPU {peak:.1f} GiB")
     Path(args.out).write_text("\n".join(rows) + "\n")
     print(f"wrote {args.out}")
 

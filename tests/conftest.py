@@ -70,6 +70,7 @@ def train_tokenizer(directory, texts):
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
+    Path(directory).mkdir(parents=True, exist_ok=True)
     path = Path(directory) / "tokenizer.json"
     tok.save(str(path))
     return path

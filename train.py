@@ -1,0 +1,280 @@
+"""Fine-tune a LLaDA model with NaRA (or a baseline) by the masked-diffusion SFT loss.
+
+    python train.py                                  # the small default run on CPU: bundled base + task
+    python train.py --model ~/LLaDA-8B-Instruct --data commonsense_170k.json --lr 1e-4
+    torchrun --nproc_per_node=4 train.py --model ... --data ...      # DistributedDataParallel
+
+One update = grad_accum micro-batches of batch_size sequences (per process). Each sequence gets its
+own t, and λ = t reaches every adapter (diffusion.sft_loss). With --model given, every default is the
+NaRA authors' recipe (SPEC §4): chat template on `instruction`, answer = `output` + EOS padded to 512,
+longer examples skipped and counted, 128 held out, validation every 64 updates with the best adapter
+kept, AdamW (0.9, 0.95) wd 0.05, 5 % warm-up then linear decay, clip 1.0, r = 32, η = 0.1, batch 32
+sequences per update. Without --model, the preset DEFAULT_RUN below replaces the recipe's sizes.
+
+The run directory holds: metrics.jsonl (one line per update), checkpoint.pt (adapter, optimizer,
+schedule, step, RNG: --resume continues from it bit for bit), best/ and adapter/ (nara.save_adapter).
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import nara
+from diffusion import pad_sft, sft_loss
+from model import LLaDA, _atomic, load_tokenizer, sft_pair
+
+HERE = Path(__file__).resolve().parent
+RECIPE = dict(max_length=512, val_size=128, eval_every=64, lr=1e-4, epochs=1, batch_size=32, grad_accum=1,
+              r=32, max_updates=None)
+DEFAULT_RUN = dict(model=str(HERE / "data" / "base"), data=str(HERE / "data" / "arith" / "train.json"),
+                   test=str(HERE / "data" / "arith" / "test.json"), max_length=64,
+                   val_size=30, eval_every=20, lr=2e-3, epochs=60, batch_size=16, grad_accum=1, r=8, max_updates=None)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="LLaDA directory (or a hub id, with huggingface_hub and a network)")
+    ap.add_argument("--data", help="LLM-Adapters .json, GSM8K-style .jsonl (question/answer) or CodeFeedback-style (query/answer)")
+    ap.add_argument("--test", help="held-out LLM-Adapters .json scored by generation at the end (math scoring)")
+    ap.add_argument("--out", help="run directory (default runs/<data name>-<method>)")
+    ap.add_argument("--method", default="nara", choices=nara.METHODS, help="adapter method")
+    ap.add_argument("--adapter-rank", dest="r", type=int, help="adapter rank r (recipe: 32)")
+    ap.add_argument("--alpha", type=float, default=None, help="LoRA alpha, s = alpha/r (default: s = 1)")
+    ap.add_argument("--eta", type=float, default=0.1, help="NaRA core scale η")
+    ap.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapters' input")
+    ap.add_argument("--embedding", default="fourier", choices=("fourier", "mlp", "raw"), help="NaRA λ embedding")
+    ap.add_argument("--bins", type=int, default=5, help="Multi-LoRA noise bins K")
+    ap.add_argument("--targets", default="q_proj,k_proj,v_proj,attn_out", help="comma-separated layer names")
+    ap.add_argument("--max-length", type=int, help="prompt + answer tokens (recipe: 512)")
+    ap.add_argument("--val-size", type=int, help="examples held out for the validation loss (recipe: 128)")
+    ap.add_argument("--eval-every", type=int, help="validate (and keep the best adapter) every N updates (recipe: 64)")
+    ap.add_argument("--lr", type=float, help="peak learning rate (recipe: 1e-4)")
+    ap.add_argument("--epochs", type=float, help="passes over the training data (recipe: 1)")
+    ap.add_argument("--max-updates", type=int, help="stop after this many updates (overrides --epochs)")
+    ap.add_argument("--batch-size", type=int, help="sequences per micro-batch and process (recipe: 32)")
+    ap.add_argument("--grad-accum", type=int, help="micro-batches per update (authors: batch 1 x 32 accumulation)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (data split, order, masks, init)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    ap.add_argument("--stop-at", type=int, default=None, help="stop after this update, as if killed (time-boxed jobs)")
+    args = ap.parse_args(argv)
+    default_run = args.model is None
+    preset = DEFAULT_RUN if default_run else RECIPE
+    for k, v in preset.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if args.data is None:
+        ap.error("--data is required with --model")
+    if args.out is None:                                  # a fresh directory: runs/<name>, runs/<name>-2, ...
+        name = "default" if default_run else f"{Path(args.data).stem}-{args.method}"
+        args.out = next(f"runs/{name}{'' if k == 1 else f'-{k}'}" for k in range(1, 10**6)
+                        if not Path(f"runs/{name}{'' if k == 1 else f'-{k}'}").exists())
+    return args
+
+
+def load_examples(path):
+    """[(instruction, output)] from an LLM-Adapters .json, a GSM8K-style or CodeFeedback-style file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: data file not found")
+    text = path.read_text()
+    if not text.strip():
+        raise ValueError(f"{path}: the data file is empty")
+    try:
+        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON or JSON lines ({e})") from None
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: item {i} is not an object")
+        fields = next((f for f in (("instruction", "output"), ("question", "answer"), ("query", "answer"))
+                       if f[0] in row), ("instruction", "output"))
+        for f in fields:
+            if not isinstance(row.get(f), str):
+                raise ValueError(f"{path}: item {i} has no string field {f!r}")
+        prompt = row[fields[0]] + (f"\n\n{row['input']}" if row.get("input") else "")
+        out.append((prompt, row[fields[1]]))
+    return out
+
+
+def resolve_model(name):
+    if Path(name).is_dir():
+        return name
+    if "/" in name and not Path(name).exists():
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise ValueError(f"--model {name}: not a directory, and huggingface_hub is not installed to fetch it") from None
+        try:
+            return snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
+        except Exception as e:
+            raise ValueError(f"--model {name}: could not download it ({type(e).__name__}); download it on a "
+                             "machine with a network and pass the directory") from None
+    raise ValueError(f"--model {name}: no such model directory")
+
+
+def lr_factor(step, total, warmup):
+    """Linear warm-up over `warmup` updates, then linear decay to 0 at `total`."""
+    return (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+
+
+@torch.no_grad()
+def validation_loss(model, ids, answer, batch_size, seed):
+    """Mean SFT loss over the held-out rows with fixed masks (its own RNG; training's is untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        losses = [sft_loss(model, ids[i:i + batch_size], answer[i:i + batch_size])[0].item() * len(ids[i:i + batch_size])
+                  for i in range(0, len(ids), batch_size)]
+    return sum(losses) / len(ids)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    out = Path(args.out)
+    if rank == 0 and not args.resume and (out / "metrics.jsonl").exists():
+        raise ValueError(f"--out {out} already holds a run: pass --resume to continue it, or another --out")
+    if args.resume and not (out / "checkpoint.pt").is_file():
+        raise ValueError(f"--resume: {out / 'checkpoint.pt'} not found")
+    torch.manual_seed(args.seed)
+
+    model_dir = resolve_model(args.model)
+    model = LLaDA.from_pretrained(model_dir, device=device)
+    tok = load_tokenizer(model_dir)
+    eos = model.config.eos_token_id
+    rows, skipped = [], 0
+    for prompt, answer in tqdm(load_examples(args.data), desc="tokenizing", disable=rank != 0 or None, leave=False):
+        row = pad_sft(*sft_pair(tok, prompt, answer, eos), args.max_length, eos)
+        skipped += row is None
+        rows += [row] if row is not None else []
+    if len(rows) <= args.val_size:
+        raise ValueError(f"--data {args.data}: {len(rows)} usable examples ({skipped} longer than "
+                         f"--max-length {args.max_length}), not more than --val-size {args.val_size}")
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    ids = torch.stack([r[0] for r in rows])[perm]                                # (N, L), host memory
+    answer = torch.stack([r[1] for r in rows])[perm]                              # (N, L) bool
+    val_ids, val_answer, ids, answer = ids[:args.val_size], answer[:args.val_size], ids[args.val_size:], answer[args.val_size:]
+    say(f"data: {len(ids)} train, {len(val_ids)} held out, {skipped} skipped (longer than {args.max_length} tokens)")
+
+    nara.add_adapters(model, args.method, r=args.r, targets=args.targets.split(","), alpha=args.alpha,
+                      dropout=args.dropout, eta=args.eta, embedding=args.embedding, bins=args.bins, verbose=rank == 0)
+    model.gradient_checkpointing = args.grad_checkpointing
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05, eps=1e-8)
+    per_update = args.batch_size * args.grad_accum * world
+    total = args.max_updates or max(1, math.ceil(args.epochs * len(ids) / per_update))
+    warmup = max(1, round(0.05 * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
+    # the order of every example the run will see, fixed by the seed: a resumed run sees the same
+    g = torch.Generator().manual_seed(args.seed + 1)
+    order = torch.cat([torch.randperm(len(ids), generator=g) for _ in range(math.ceil(total * per_update / len(ids)) + 1)])
+    step, best = 0, math.inf
+    if args.resume:
+        ck = torch.load(out / "checkpoint.pt", weights_only=True, map_location=device)
+        if set(ck["adapter"]) != set(nara.adapter_state(model)):
+            raise ValueError(f"--resume: {out / 'checkpoint.pt'} holds other adapters than --method {args.method} builds")
+        model.load_state_dict(ck["adapter"], strict=False)                      # exactly the adapter keys
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        step, best = ck["step"], ck["best"]
+        torch.set_rng_state(ck["rng"])
+        if rank == 0:                                 # forget the metrics of updates after the checkpoint
+            lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+            (out / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+        say(f"resumed {out} at update {step}/{total}")
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp.config = model.config
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if world > 1:                                         # decorrelate the ranks' masks and noise levels
+        torch.manual_seed(args.seed + 7919 * rank + step)
+    model.train()
+    bar = tqdm(total=total, initial=step, desc="training", disable=rank != 0 or None)
+    t0, tokens = time.time(), 0
+    while step < total and (args.stop_at is None or step < args.stop_at):
+        loss_sum = 0.0
+        for micro in range(args.grad_accum):
+            start = ((step * args.grad_accum + micro) * world + rank) * args.batch_size
+            idx = order[start:start + args.batch_size]
+            sync = world == 1 or micro == args.grad_accum - 1     # all-reduce once per update
+            with autocast, (contextlib.nullcontext() if sync else ddp.no_sync()):
+                loss, _ = sft_loss(ddp, ids[idx].to(device), answer[idx].to(device))
+                (loss / args.grad_accum).backward()
+            loss_sum += loss.item() / args.grad_accum
+            tokens += idx.numel() * ids.shape[1] * world
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"update {step + 1}: loss is {loss_sum}; stopped, the last checkpoint in {out} is intact")
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.time() - t0
+        record = {"step": step, "loss": loss_sum, "lr": sched.get_last_lr()[0], "tokens_per_s": tokens / elapsed,
+                  "elapsed_s": elapsed}
+        if step % args.eval_every == 0 or step == total:
+            model.eval()
+            record["val_loss"] = validation_loss(ddp, val_ids.to(device), val_answer.to(device), args.batch_size, args.seed)
+            model.train()
+            if record["val_loss"] < best and rank == 0:
+                best = record["val_loss"]
+                nara.save_adapter(model, out / "best")
+        if rank == 0:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.update(1)
+            bar.set_postfix_str(f"loss {loss_sum:.3f} | lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s"
+                                + (f" | val {record['val_loss']:.3f}" if "val_loss" in record else ""))
+            if step % args.eval_every == 0 or step == total or step == args.stop_at:
+                ck = {"adapter": nara.adapter_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                      "step": step, "best": best, "rng": torch.get_rng_state()}
+                _atomic(out / "checkpoint.pt", lambda tmp: torch.save(ck, tmp))
+    bar.close()
+    if world > 1:
+        sums = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
+        torch.distributed.all_gather(sums, sum(p.double().sum() for p in params).reshape(1))
+        say(f"adapter checksum on {world} ranks: {'identical' if all(torch.equal(s, sums[0]) for s in sums) else 'DIFFERENT'}")
+        torch.distributed.destroy_process_group()
+    if rank == 0 and step == total:
+        nara.save_adapter(model, out / "adapter")
+        say(f"adapter saved to {out / 'adapter'} (best validation loss {best:.4f} in {out / 'best'})")
+        if args.test:
+            report(model, tok, args)
+    return model
+
+
+def report(model, tok, args):
+    """Held-out accuracy of the base model (adapters switched off) and of the fine-tuned one."""
+    from eval import accuracy
+    examples = json.loads(Path(args.test).read_text())
+    tuned, _ = accuracy(model.eval(), tok, examples)
+    base = LLaDA.from_pretrained(resolve_model(args.model), device=next(model.parameters()).device).eval()
+    plain, _ = accuracy(base, tok, examples)
+    print(f"held-out accuracy on {len(examples)} items: base {100 * plain:.1f} % -> {args.method} {100 * tuned:.1f} %")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+    except torch.cuda.OutOfMemoryError:
+        sys.exit("error: out of GPU memory: lower --batch-size and raise --grad-accum by the same factor, "
+                 "and/or add --grad-checkpointing (README: measured memory per setting)")
