@@ -107,10 +107,10 @@ class LoRALinear(nn.Module):
         a = self.dropout(x) @ A.transpose(-1, -2)                         # (B, L, r)
         if C is not None:
             a = a @ C.transpose(-1, -2)                                   # (B, L, r) @ (B, r, r)
-        return self.s * (a @ B.transpose(-1, -2))                         # (B, L, d_out)
+        return (self.s * a) @ B.transpose(-1, -2)                         # (B, L, d_out); s on the small side
 
     def forward(self, x, cond=None):
-        return F.linear(x, self.weight) + self.update(x, cond)
+        return F.linear(x, self.weight).add_(self.update(x, cond))        # in place: W0 x is not kept for backward
 
     def merged_weight(self, cond):
         """The weight this layer applies for a batch of one: W0 + s · B C A."""
