@@ -320,21 +320,14 @@ def _checkpoint_files(path, expected):
         index, single = None, path / "model.safetensors"
         if not single.is_file():
             raise FileNotFoundError(f"{path}: neither model.safetensors.index.json nor model.safetensors found")
-        files = {single: list(expected)}
+        files = {single: list(expected)}                    # checked against the header below
     total = 0
     for file, keys in files.items():
         if not file.is_file():
             raise FileNotFoundError(f"{file}: shard listed in {index.name} not found")
         with safe_open(str(file), framework="pt") as f:
-            present = set(f.keys())
-            if index is None:
-                _check_keys(file, present, expected)
-            stray = sorted(present - set(keys))
-            if stray:
-                raise ValueError(f"{file}: unexpected key {stray[0]!r} (not mapped to this file by {index.name})")
+            _check_keys(file, f.keys(), keys)
             for key in keys:
-                if key not in present:
-                    raise ValueError(f"{file}: key {key!r} is missing from this file")
                 sl = f.get_slice(key)
                 shape = tuple(sl.get_shape())
                 if shape != expected[key]:
@@ -351,12 +344,11 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 
 def _check_keys(file, keys, expected):
-    missing = sorted(set(expected) - set(keys))
-    unexpected = sorted(set(keys) - set(expected))
+    missing, unexpected = sorted(set(expected) - set(keys)), sorted(set(keys) - set(expected))
     if missing:
-        raise ValueError(f"{file}: {len(missing)} key(s) missing, e.g. {missing[:3]}")
+        raise ValueError(f"{file}: key {missing[0]!r} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if unexpected:
-        raise ValueError(f"{file}: {len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
+        raise ValueError(f"{file}: unexpected key {unexpected[0]!r}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
 
 
 def _atomic(target, write):

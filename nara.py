@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Linear
+from model import Linear, _atomic, _check_keys
 
 METHODS = ("lora", "nara", "nara-c", "multi-lora", "hira", "dora", "nara-dora")
 NOISE_AWARE = ("nara", "multi-lora", "nara-dora")
@@ -255,10 +255,15 @@ def adapter_state(model):
     return {k: v for k, v in model.state_dict().items() if k not in base}
 
 
+def _cond_at(model, lam):
+    """What the adapted layers receive for a batch of one sequence at noise level `lam`."""
+    return model.condition(torch.tensor([float(lam)], device=next(model.parameters()).device))
+
+
 def merge(model, lam):
     """Fold every adapter into its base weight at one fixed λ: W0 <- W0 + ΔW(λ); the model becomes a
     plain LLaDA (only possible at a fixed λ, since NaRA's update depends on it)."""
-    cond = model.condition(torch.tensor([float(lam)], device=next(model.parameters()).device))
+    cond = _cond_at(model, lam)
     for name, layer in list(model.named_modules()):
         if isinstance(layer, LoRALinear):
             plain = Linear(layer.weight.shape[1], layer.weight.shape[0]).to(layer.weight.device)
@@ -272,21 +277,24 @@ def merge(model, lam):
 
 def delta_weights(model, lam):
     """{layer name: ΔW(λ) = merged weight − W0} for every adapted layer, in fp32."""
-    cond = model.condition(torch.tensor([float(lam)], device=next(model.parameters()).device))
+    cond = _cond_at(model, lam)
     return {n: m.merged_weight(cond) - m.weight.float() for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 # ---------------------------------------------------------------- adapter checkpoints
-def save_adapter(model, directory):
-    """adapter.safetensors (adapter tensors only) + adapter_config.json, each written atomically."""
+def _write(directory, tensor_file, tensors, body):
+    """tensors as safetensors and body as JSON in `directory`, each file written atomically."""
     from safetensors.torch import save_file
-    from model import _atomic
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state(model).items()}
-    body = {**model.adapter_config, "base_shapes": _shape_id(model)}
-    _atomic(directory / "adapter.safetensors", lambda tmp: save_file(tensors, tmp))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic(directory / tensor_file, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _atomic(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(body, indent=2)))
+
+
+def save_adapter(model, directory):
+    """adapter.safetensors (adapter tensors only) + adapter_config.json."""
+    _write(directory, "adapter.safetensors", adapter_state(model), {**model.adapter_config, "base_shapes": _shape_id(model)})
 
 
 def load_adapter(model, directory, verbose=True):
@@ -302,10 +310,8 @@ def load_adapter(model, directory, verbose=True):
         raise ValueError(f"{cfg_file}: saved for a model with different shapes than this one")
     add_adapters(model, **config, verbose=verbose)
     tensors, expected = load_file(str(file)), adapter_state(model)
-    for k in sorted(set(expected) | set(tensors)):
-        if k not in tensors or k not in expected:
-            raise ValueError(f"{file}: key {k!r} is {'missing' if k not in tensors else 'not expected'} "
-                             f"for {config['method']} adapters")
+    _check_keys(f"{file} ({config['method']} adapters)", tensors, expected)
+    for k in tensors:
         if tensors[k].shape != expected[k].shape:
             raise ValueError(f"{file}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(expected[k].shape)}")
     model.load_state_dict(tensors, strict=False)                          # exactly the adapter keys, checked above
@@ -323,28 +329,22 @@ PEFT_PREFIX = "base_model.model.model."
 def export_peft(model, directory, lam=None):
     """LoRA in PEFT's layout (adapter_model.safetensors + adapter_config.json). NaRA, NaRA-C and
     Multi-LoRA export "LoRA at a fixed λ": B' = B C(λ) (the bin's LoRA for Multi-LoRA)."""
-    from safetensors.torch import save_file
-    from model import _atomic
     cfg = model.adapter_config
     if cfg["method"] not in ("lora", "nara", "nara-c", "multi-lora"):
         raise ValueError(f"{cfg['method']} is not a low-rank additive update: PEFT's LoRA layout cannot hold it")
     if cfg["method"] in NOISE_AWARE and lam is None:
         raise ValueError(f"{cfg['method']} depends on λ: pass lam= to export LoRA at that noise level")
-    cond = model.condition(torch.tensor([float(lam if lam is not None else 0.0)], device=next(model.parameters()).device))
+    cond = _cond_at(model, 0.0 if lam is None else lam)
     tensors = {}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
             A, C, B = (None if t is None else _first(t) for t in m.factors(cond))
             B = B if C is None else B @ C
-            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.detach().contiguous().cpu()
-            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.detach().contiguous().cpu()
+            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = A, B
     s = 1.0 if cfg["alpha"] is None else cfg["alpha"] / cfg["r"]
-    body = {"peft_type": "LORA", "r": cfg["r"], "lora_alpha": s * cfg["r"], "lora_dropout": cfg["dropout"],
-            "target_modules": cfg["targets"], "bias": "none", "exported_from": cfg["method"], "noise_level": lam}
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _atomic(directory / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(body, indent=2)))
+    _write(directory, "adapter_model.safetensors", tensors, {
+        "peft_type": "LORA", "r": cfg["r"], "lora_alpha": s * cfg["r"], "lora_dropout": cfg["dropout"],
+        "target_modules": cfg["targets"], "bias": "none", "exported_from": cfg["method"], "noise_level": lam})
 
 
 def load_peft(model, directory, verbose=True):
@@ -356,16 +356,10 @@ def load_peft(model, directory, verbose=True):
                  dropout=body.get("lora_dropout", 0.0), verbose=verbose)
     file = directory / "adapter_model.safetensors"
     tensors = load_file(str(file))
-    state = {}
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            for ours in ("lora_A", "lora_B"):
-                key = f"{PEFT_PREFIX}{name}.{ours}.weight"
-                if key not in tensors:
-                    raise ValueError(f"{file}: key {key!r} is missing")
-                state[f"{name}.{ours}"] = tensors.pop(key)
-    if tensors:
-        raise ValueError(f"{file}: unexpected key {sorted(tensors)[0]!r}")
+    names = {f"{PEFT_PREFIX}{n}.{ab}.weight": f"{n}.{ab}" for n, m in model.named_modules()
+             if isinstance(m, LoRALinear) for ab in ("lora_A", "lora_B")}
+    _check_keys(file, tensors, names)
+    state = {names[k]: v for k, v in tensors.items()}
     model.load_state_dict(state, strict=False)
     return model
 
