@@ -251,12 +251,14 @@ def main(argv=None):
         sums = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
         torch.distributed.all_gather(sums, sum(p.double().sum() for p in params).reshape(1))
         say(f"adapter checksum on {world} ranks: {'identical' if all(torch.equal(s, sums[0]) for s in sums) else 'DIFFERENT'}")
-        torch.distributed.destroy_process_group()
     if rank == 0 and step == total:
         nara.save_adapter(model, out / "adapter")
         say(f"adapter saved to {out / 'adapter'} (best validation loss {best:.4f} in {out / 'best'})")
         if args.test:
             report(model, tok, args)
+    if world > 1:                                         # nobody leaves while rank 0 still works
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return model
 
 
