@@ -162,3 +162,20 @@ def test_cli_writes_complete_results(tiny, tmp_path, monkeypatch):
     assert len(rows) == 3 and set(rows[0]) == {"prompt", "generation", "extracted", "gold", "correct"}
     assert len((tmp_path / "res" / "results.csv").read_text().splitlines()) == 3   # header + base + adapter
     assert len((tmp_path / "res" / "noise_curve.csv").read_text().splitlines()) == 11
+
+
+def test_multiple_choice_by_likelihood_picks_the_most_likely_label(tiny, monkeypatch):
+    model, tok = tiny
+    seen = []
+
+    def fake(model, prompt, answer, mc_num, batch_size):
+        seen.append(tok.decode(answer))
+        return 1.0 if tok.decode(answer).endswith("option2") else -1.0
+    monkeypatch.setattr(ev, "log_likelihood", fake)
+    assert ev.choose_by_likelihood(model, tok, "winogrande", "Which?", mc_num=4) == "option2"
+    assert [s.split()[-1] for s in seen] == ["option1", "option2"]
+    seen.clear()
+    ev.choose_by_likelihood(model, tok, "ARC-Easy", "Which?", mc_num=4)
+    assert [s.split()[-1] for s in seen] == [f"answer{k}" for k in range(1, 6)]
+    monkeypatch.undo()                                                     # and with the real estimator
+    assert ev.choose_by_likelihood(model, tok, "boolq", "Is it?", mc_num=4) in ("true", "false")

@@ -138,3 +138,19 @@ def test_bundled_base_loads_in_the_real_layout():
     assert model.config.mask_token_id != model.config.eos_token_id
     size = sum(f.stat().st_size for f in (ROOT / "data").rglob("*") if f.is_file())
     assert size < 25 * 2**20
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch):
+    real, calls = train.sft_loss, []
+
+    def poisoned(model, x, answer, **kw):
+        loss, lam = real(model, x, answer, **kw)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 5 else loss), lam      # the 5th training batch
+    monkeypatch.setattr(train, "sft_loss", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(FloatingPointError, match="update 4: loss is nan"):
+        train.main(args(setup, out, "--max-updates", "8"))     # calls: updates 1-3, validation at 3, update 4
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 3 and all(torch.isfinite(v).all() for v in ck["adapter"].values())
+    assert not (out / "adapter").exists()
