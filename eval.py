@@ -92,7 +92,8 @@ def load_items(task, path):
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: test file not found")
-    text = (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)).read()
+    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
+        text = f.read()
     try:
         rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
     except json.JSONDecodeError as e:
@@ -378,5 +379,5 @@ def score(name, model, tok, items, args, out):
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
