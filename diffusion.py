@@ -137,10 +137,11 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
             else:
                 logits = model(x, attention_mask, noise_level=lam)
                 calls += 1
+            logits = logits[:, lo:hi]                                         # only this block can commit
             logits[:, :, mask_id] = -torch.inf                              # [MASK] is never an answer
             if logits_eos_inf:
                 logits[:, :, eos] = -torch.inf
-            x0 = add_gumbel_noise(logits, temperature).argmax(-1)             # (B, L)
+            x0 = add_gumbel_noise(logits, temperature).argmax(-1)             # (B, block)
             if remasking == "low_confidence":
                 conf = torch.gather(F.softmax(logits.double(), -1), -1, x0[..., None])[..., 0]
             else:
@@ -148,12 +149,12 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
             if confidence_eos_eot_inf:                                        # ranked below all others
                 stop = (x0 == eos) if eot_token_id is None else (x0 == eos) | (x0 == eot_token_id)
                 conf = torch.where(stop, conf - 2, conf)
-            conf[:, hi:] = -torch.inf                                         # never beyond this block
+            masked = masked[:, lo:hi]
             conf = torch.where(masked, conf, -torch.inf)
             commit = torch.zeros_like(masked)
             for j in range(B):                                                # rows may differ in k
                 commit[j, torch.topk(conf[j], k=int(counts[j, i])).indices] = True
-            x = torch.where(commit & masked, x0, x)
+            x[:, lo:hi] = torch.where(commit & masked, x0, x[:, lo:hi])
         if till_eos:
             has_eos = (x[:, lo:hi] == eos).any(1)
             eos_block = torch.where(has_eos & (eos_block == num_blocks), nb, eos_block)
