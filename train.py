@@ -193,7 +193,9 @@ def main(argv=None):
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         step, best = ck["step"], ck["best"]
-        torch.set_rng_state(ck["rng"])
+        torch.set_rng_state(ck["rng"].cpu())
+        if device.type == "cuda" and ck["cuda_rng"].numel():
+            torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), device)
         if rank == 0:                                 # forget the metrics of updates after the checkpoint
             lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
             (out / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
@@ -244,7 +246,8 @@ def main(argv=None):
                                 + (f" | val {record['val_loss']:.3f}" if "val_loss" in record else ""))
             if step % args.eval_every == 0 or step == total or step == args.stop_at:
                 ck = {"adapter": nara.adapter_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "step": step, "best": best, "rng": torch.get_rng_state()}
+                      "step": step, "best": best, "rng": torch.get_rng_state(),
+                      "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0)}
                 _atomic(out / "checkpoint.pt", lambda tmp: torch.save(ck, tmp))
     bar.close()
     if world > 1:
