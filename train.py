@@ -9,7 +9,7 @@ own t, and λ = t reaches every adapter (diffusion.sft_loss). With --model given
 NaRA authors' recipe (SPEC §4): chat template on `instruction`, answer = `output` + EOS padded to 512,
 longer examples skipped and counted, 128 held out, validation every 64 updates with the best adapter
 kept, AdamW (0.9, 0.95) wd 0.05, 5 % warm-up then linear decay, clip 1.0, r = 32, η = 0.1, batch 32
-sequences per update. Without --model, the preset DEFAULT_RUN below replaces the recipe's sizes.
+sequences per update. Without --model, the preset DEFAULT_RUN in train.py replaces the recipe's sizes.
 
 The run directory holds: metrics.jsonl (one line per update), checkpoint.pt (adapter, optimizer,
 schedule, step, RNG: --resume continues from it bit for bit), best/ and adapter/ (nara.save_adapter).
