@@ -19,8 +19,8 @@ Departures from the official `modeling_llada.py`, all on purpose:
       config class is refused with an error instead of being half-supported;
     - no KV cache, no ALiBi, no flash-attn path, no dropout (LLaDA-8B has 0 everywhere);
     - `attention_mask` masks keys only: an additive (B,1,1,L) bias of finfo(dtype).min at padding.
-      (The official code also merges in a causal bias when a mask has zeros; an all-ones mask, the
-      only case the released sampler uses, is identical.)
+      (The official code also merges in a causal bias when a mask has zeros; with no mask or an
+      all-ones mask the two are bit-identical.)
     - each linear layer takes an extra `cond` argument so adapters receive the noise level
       explicitly (no setter, no stale state); the bare layers ignore it.
 """
