@@ -79,6 +79,25 @@ def math_correct(generation, answer):
 
 
 # ---------------------------------------------------------------- test files
+def read_records(path, what="data"):
+    """The objects of a .json array or a JSON-lines file (optionally .gz), with errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: {what} file not found")
+    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
+        text = f.read()
+    if not text.strip():
+        raise ValueError(f"{path}: the {what} file is empty")
+    try:
+        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON or JSON lines ({e})") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: item {i} is not an object")
+    return rows
+
+
 def load_items(task, path):
     """[{prompt, gold, ...}] for a task, from its file in the released format."""
     if task == "humaneval" and path is None:
@@ -89,15 +108,7 @@ def load_items(task, path):
         path = Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
     if path is None:
         raise ValueError(f"--task {task}: --data is required")
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: test file not found")
-    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
-        text = f.read()
-    try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON or JSON lines ({e})") from None
+    rows = read_records(path, "test")
     need = {"gsm8k-jsonl": ("question", "answer"), "humaneval": ("prompt", "test", "entry_point"),
             "mbpp": ("text", "test_list")}.get(task, ("instruction", "answer"))
     items = []
@@ -251,7 +262,7 @@ def update_magnitude(model, lams):
     out = {}
     for lam in lams:
         cond = model.condition(torch.tensor([lam], device=next(model.parameters()).device))
-        cores = [(c.reshape(-1, *c.shape[-2:])[0] - torch.eye(c.shape[-1], device=c.device)).norm().item()
+        cores = [(nara._first(c) - torch.eye(c.shape[-1], device=c.device)).norm().item()
                  for k, c in cond.items() if k != "lam"]
         deltas = [d.norm().item() for d in nara.delta_weights(model, lam).values()]
         out[lam] = (sum(cores) / len(cores) if cores else None, sum(deltas) / max(1, len(deltas)))

@@ -168,7 +168,8 @@ class DoRALinear(NaRALinear):
     With key set (NaRA-DoRA, Appendix M) the direction update is B C(λ) A, per sequence."""
     def __init__(self, base, r, s=1.0, dropout=0.05, key=None):
         super().__init__(base, r, s, dropout, key)
-        self.magnitude = nn.Parameter(self.weight.float().square().sum(1).sqrt())   # m = ‖W0‖_row
+        self.register_buffer("w0_sq", self.weight.float().square().sum(1), persistent=False)   # ‖W0‖² per row, fixed
+        self.magnitude = nn.Parameter(self.w0_sq.sqrt())                  # m = ‖W0‖_row
 
     def factors(self, cond):
         return LoRALinear.factors(self, cond) if self.key is None else super().factors(cond)
@@ -180,7 +181,7 @@ class DoRALinear(NaRALinear):
         A, C, B = self.factors(cond)
         W0 = self.weight.float()
         BC = B if C is None else B @ C                                    # (d_out, r) or (B, d_out, r)
-        sq = (W0.square().sum(1) + 2 * self.s * (BC * (W0 @ A.T)).sum(-1)
+        sq = (self.w0_sq + 2 * self.s * (BC * (W0 @ A.T)).sum(-1)
               + self.s ** 2 * ((BC @ (A @ A.T)) * BC).sum(-1))
         return (self.magnitude / sq.sqrt().detach()).reshape(-1, W0.shape[0])
 

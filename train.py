@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import nara
 from diffusion import pad_sft, sft_loss
+from eval import read_records
 from model import LLaDA, _atomic, load_tokenizer, sft_pair
 
 HERE = Path(__file__).resolve().parent
@@ -82,20 +83,8 @@ def parse_args(argv=None):
 
 def load_examples(path):
     """[(instruction, output)] from an LLM-Adapters .json, a GSM8K-style or CodeFeedback-style file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: data file not found")
-    text = path.read_text()
-    if not text.strip():
-        raise ValueError(f"{path}: the data file is empty")
-    try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON or JSON lines ({e})") from None
     out = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}: item {i} is not an object")
+    for i, row in enumerate(read_records(path)):
         fields = next((f for f in (("instruction", "output"), ("question", "answer"), ("query", "answer"))
                        if f[0] in row), ("instruction", "output"))
         for f in fields:

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import LLaDA, LLaDAConfig  # noqa: E402
 import nara  # noqa: E402
 
+# The released checkpoint groups tensors by kind, not by layer (see its model.safetensors.index.json).
 SHARD_OF_KIND = {"attn_out": 1, "wte": 1, "ln_f": 1, "ff_out": 2, "head": 2, "attn_norm": 3, "ff_norm": 3,
                  "q_proj": 3, "k_proj": 3, "v_proj": 4, "ff_proj": 4, "up_proj": 5}
 

@@ -15,9 +15,7 @@ from model import LLaDA, LLaDAConfig  # noqa: E402
 
 REFERENCE = Path(__file__).parent / "reference"      # the real LLaDA-8B-Instruct config.json and index
 
-# The released checkpoint groups tensors by kind, not by layer (see reference/model.safetensors.index.json).
-SHARD_OF_KIND = {"attn_out": 1, "wte": 1, "ln_f": 1, "ff_out": 2, "head": 2, "attn_norm": 3, "ff_norm": 3,
-                 "q_proj": 3, "k_proj": 3, "v_proj": 4, "ff_proj": 4, "up_proj": 5}
+from benchmarks.gpu_check import SHARD_OF_KIND  # noqa: E402  (the released grouping of tensors into shards)
 
 
 def random_model(config=None, seed=0):
