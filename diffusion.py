@@ -36,8 +36,8 @@ def pretrain_loss(model, x, eps=1e-3, t=None):
     p_mask = ((1 - eps) * t + eps)[:, None].expand(B, L)                    # (B, L)
     masked = torch.rand(B, L, device=x.device) < p_mask
     noisy = torch.where(masked, model.config.mask_token_id, x)
-    logits = model(noisy, noise_level=t)
-    ce = F.cross_entropy(logits[masked].float(), x[masked], reduction="none") / p_mask[masked]
+    logits = model(noisy, noise_level=t, positions=masked)                  # (N, V): the masked positions only
+    ce = F.cross_entropy(logits.float(), x[masked], reduction="none") / p_mask[masked]
     return ce.sum() / (B * L), t
 
 
@@ -61,9 +61,11 @@ def sft_loss(model, x, answer, exact=True, t=None, attention_mask=None):
     sequence). x (B, L) prompt + answer + EOS padding; answer (B, L) bool. Returns (loss, λ)."""
     t = 1 - torch.rand(x.shape[0], device=x.device) if t is None else t
     masked, p = sft_mask(answer, t, exact)
-    logits = model(torch.where(masked, model.config.mask_token_id, x), attention_mask, noise_level=t)
-    ce = F.cross_entropy(logits.float().transpose(1, 2), x, reduction="none") * masked   # (B, L)
-    return (ce.sum(1) / p / answer.sum(1)).mean(), t
+    noisy = torch.where(masked, model.config.mask_token_id, x)
+    logits = model(noisy, attention_mask, noise_level=t, positions=masked)  # (N, V): the masked positions only
+    ce = F.cross_entropy(logits.float(), x[masked], reduction="none")       # (N,), row-major like masked
+    per_seq = torch.zeros(x.shape[0], device=x.device).index_add(0, masked.nonzero()[:, 0], ce)   # (B,)
+    return (per_seq / p / answer.sum(1)).mean(), t
 
 
 def pad_sft(prompt, answer, length, eos_token_id):
@@ -96,12 +98,15 @@ def add_gumbel_noise(logits, temperature):
 @torch.no_grad()
 def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128,
              temperature=0., cfg_scale=0., remasking="low_confidence", logits_eos_inf=False,
-             confidence_eos_eot_inf=False, till_eos=False, eot_token_id=None, stats=None):
+             confidence_eos_eot_inf=False, till_eos=False, eot_token_id=None, stats=None, lam_over="answer"):
     """LLaDA's semi-autoregressive sampler. prompt (B, P), left-padded with EOS when the lengths
     differ, with attention_mask (B, P). The answer starts as gen_length masks, split into blocks
     decoded left to right, each in steps/num_blocks steps; each step commits the transfer_counts
     most confident (or random) predictions among the masked positions of the current block.
-    Every call passes λ = (masked positions of the answer) / gen_length per sequence.
+    Every call passes λ = (masked positions of the answer) / gen_length per sequence (lam_over="answer",
+    the default, which runs from 1 to 0 like the training λ); lam_over="sequence" divides the masked
+    count by prompt + gen_length instead (the default of the authors' lm-eval wrapper, which never
+    reaches 1), to measure what that mismatch costs.
     till_eos: once a fully decoded block holds EOS, decode one more block, fill the rest with EOS.
     Returns (B, P + gen_length); `stats` (a dict), when given, receives the number of model calls."""
     mask_id, eos = model.config.mask_token_id, model.config.eos_token_id
@@ -110,6 +115,8 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
                          f"and steps={steps} a multiple of the number of blocks")
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"remasking={remasking!r}: choose low_confidence or random")
+    if lam_over not in ("answer", "sequence"):
+        raise ValueError(f"lam_over={lam_over!r}: choose answer or sequence")
     B, P = prompt.shape
     x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=prompt.device)
     x[:, :P] = prompt
@@ -117,27 +124,29 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
         attention_mask = torch.cat([attention_mask, torch.ones_like(x[:, P:])], dim=1)
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
+    real = torch.full((B,), float(P), device=x.device) if attention_mask is None else attention_mask[:, :P].sum(1).float()
+    lam_den = torch.full((B,), float(gen_length), device=x.device) if lam_over == "answer" else real + gen_length
     eos_block = torch.full((B,), num_blocks, device=x.device)              # first block holding EOS
     calls = 0
     for nb in range(num_blocks):
         lo, hi = P + nb * block_length, P + (nb + 1) * block_length
+        block = slice(lo, hi)                                                 # only this block can commit
         counts = transfer_counts(x[:, lo:hi] == mask_id, steps_per_block)   # (B, steps)
         for i in range(steps_per_block):
             if not counts[:, i].any():
                 continue
             masked = x == mask_id                                             # (B, P + gen)
-            lam = masked[:, P:].sum(1).float() / gen_length                  # (B,)
+            lam = masked[:, P:].sum(1).float() / lam_den                     # (B,)
             if cfg_scale > 0:                                                 # second pass, prompt masked
                 un_x = x.clone()
                 un_x[:, :P] = mask_id
                 am = None if attention_mask is None else attention_mask.repeat(2, 1)
-                cond, uncond = model(torch.cat([x, un_x]), am, noise_level=lam.repeat(2)).chunk(2)
+                cond, uncond = model(torch.cat([x, un_x]), am, noise_level=lam.repeat(2), positions=block).chunk(2)
                 logits = uncond + (cfg_scale + 1) * (cond - uncond)
                 calls += 2
             else:
-                logits = model(x, attention_mask, noise_level=lam)
+                logits = model(x, attention_mask, noise_level=lam, positions=block)   # (B, block, V)
                 calls += 1
-            logits = logits[:, lo:hi]                                         # only this block can commit
             logits[:, :, mask_id] = -torch.inf                              # [MASK] is never an answer
             if logits_eos_inf:
                 logits[:, :, eos] = -torch.inf
@@ -190,13 +199,13 @@ def log_likelihood(model, prompt, answer, mc_num=128, batch_size=16, cfg_scale=0
         masked = torch.cat([torch.zeros(b, P, dtype=torch.bool, device=dev), chosen], dim=1)
         noisy = torch.where(masked, mask_id, seq)
         lam = m.float() / La
-        logits = model(noisy, noise_level=lam)
+        logits = model(noisy, noise_level=lam, positions=masked)             # (N, V): the masked answer positions
         if cfg_scale > 0:
             un = noisy.clone()
             un[:, :P] = mask_id
-            uncond = model(un, noise_level=lam)
+            uncond = model(un, noise_level=lam, positions=masked)
             logits = uncond + (cfg_scale + 1) * (logits - uncond)
-        ce = F.cross_entropy(logits[masked].double(), seq[masked], reduction="none")
+        ce = F.cross_entropy(logits.double(), seq[masked], reduction="none")
         weight = (La / m.double())[:, None].expand(b, P + La)[masked]
         losses.append(float((ce * weight).sum()) / b)
     return -math.fsum(losses) / len(losses)

@@ -250,8 +250,9 @@ def noise_curve(model, ids, answer, lams, batch_size=16, seed=0):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(torch.randint(0, 2**31, (), generator=g)))
                 masked, _ = sft_mask(a, torch.full((len(x),), lam))
-            logits = model(torch.where(masked, model.config.mask_token_id, x), noise_level=torch.full((len(x),), lam))
-            total += float(torch.nn.functional.cross_entropy(logits[masked].double(), x[masked], reduction="sum"))
+            logits = model(torch.where(masked, model.config.mask_token_id, x), noise_level=torch.full((len(x),), lam),
+                           positions=masked)                                # (N, V): the masked positions only
+            total += float(torch.nn.functional.cross_entropy(logits.double(), x[masked], reduction="sum"))
             count += int(masked.sum())
         curve[lam] = total / count
     return curve
@@ -283,6 +284,8 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the paper)")
     ap.add_argument("--remasking", default="low_confidence", choices=("low_confidence", "random"), help="remasking rule")
     ap.add_argument("--no-early-stop", action="store_true", help="decode every block even after EOS")
+    ap.add_argument("--sampling-lambda", default="answer", choices=("answer", "sequence"),
+                    help="λ fed to noise-aware adapters: masked fraction of the answer (default) or of prompt + answer")
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
     ap.add_argument("--mc", action="store_true", help="commonsense: score labels by Monte-Carlo likelihood")
     ap.add_argument("--mc-num", type=int, default=32, help="Monte-Carlo samples per label with --mc")
@@ -352,7 +355,8 @@ def report_noise(models, tok, items, args, out):
 def score(name, model, tok, items, args, out):
     t0 = time.time()
     gen = dict(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
-               temperature=args.temperature, remasking=args.remasking, till_eos=not args.no_early_stop)
+               temperature=args.temperature, remasking=args.remasking, till_eos=not args.no_early_stop,
+               lam_over=args.sampling_lambda)
     if args.mc:
         if args.task not in LABELS:
             raise ValueError(f"--mc scores the commonsense label sets, not --task {args.task}")

@@ -90,7 +90,7 @@ class LLaDAConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config file not found")
-        raw = dict(_read_json(path))
+        raw = dict(read_json(path))
         for key, ok in cls.SUPPORTED.items():
             if key in raw and raw[key] not in (ok if isinstance(ok, tuple) else (ok,)):
                 raise ValueError(f"{path}: {key}={raw[key]!r} is not supported by this LLaDA "
@@ -200,37 +200,53 @@ class LLaDA(nn.Module):
         ))
         # Shared noise networks (NaRA's hypernetwork F_phi); nara.add_adapters registers them here.
         self.noise_nets = nn.ModuleDict()
+        self.prompt = None                       # Prompt Tuning / P-Tuning virtual tokens (nara.py)
         self.adapter_config = None               # set by nara.add_adapters
         self.gradient_checkpointing = False
 
-    def condition(self, noise_level):
+    def condition(self, noise_level, input_ids=None, attention_mask=None, density=None):
         """What every adapted layer receives, computed once per forward: the noise level itself and
-        the output of each shared noise network at it (NaRA's C(lam), shape (B, r, r))."""
-        return {"lam": noise_level, **{name: net(noise_level) for name, net in self.noise_nets.items()}}
+        the output of each shared noise network (NaRA's C(λ), shape (B, r, r)). A network conditioned
+        on the noise density reads it from the masked positions of input_ids (or `density` as given)."""
+        masked = None if input_ids is None else input_ids == self.config.mask_token_id
+        return {"lam": noise_level, **{name: net(noise_level, masked, attention_mask, density)
+                                       for name, net in self.noise_nets.items()}}
 
-    def forward(self, input_ids, attention_mask=None, noise_level=None):
+    def forward(self, input_ids, attention_mask=None, noise_level=None, positions=None):
         """input_ids (B, L) long; attention_mask (B, L) of 1 = token, 0 = padding (keys only);
-        noise_level (B,) float, one lam per sequence. Returns logits (B, L, V) in the parameter dtype."""
+        noise_level (B,) float, one λ per sequence. positions: where to compute the LM head, which
+        costs d_model x vocab per position (4096 x 126464 in LLaDA-8B): None = everywhere, logits
+        (B, L, V); a bool (B, L) mask = only there, (N, V) in the order of logits[mask]; a slice of
+        the L positions = (B, len, V). Logits come out in the parameter dtype."""
         B, L = input_ids.shape
         if noise_level is not None:
             noise_level = torch.as_tensor(noise_level, dtype=torch.float, device=input_ids.device)
             if noise_level.shape != (B,):
                 raise ValueError(f"noise_level must have shape ({B},), one per sequence, got {tuple(noise_level.shape)}")
-        key_pad = None
+        pad = None
         if attention_mask is not None:
             if attention_mask.shape != (B, L):
                 raise ValueError(f"attention_mask must have shape {(B, L)}, got {tuple(attention_mask.shape)}")
             if not bool(attention_mask.all()):          # an all-ones mask is exactly no mask
-                key_pad = (attention_mask == 0).view(B, 1, 1, L)
+                pad = attention_mask == 0
+        if isinstance(positions, torch.Tensor) and (positions.dtype != torch.bool or positions.shape != (B, L)):
+            raise ValueError(f"positions must be a bool mask of shape {(B, L)}, got {positions.dtype} {tuple(positions.shape)}")
         x = self.transformer.wte(input_ids)                                     # (B, L, d)
-        sin, cos = rope_table(L, self.config.d_model // self.config.n_heads, self.config.rope_theta, x.device)
-        cond = self.condition(noise_level)
+        cond = self.condition(noise_level, input_ids, attention_mask)
+        if self.prompt is not None:                     # Prompt/P-Tuning: n virtual tokens join the input
+            x, pad, real = self.prompt.insert(x, pad)                           # (B, n + L, d)
+        key_pad = None if pad is None else pad.view(B, 1, 1, -1)
+        sin, cos = rope_table(x.shape[1], self.config.d_model // self.config.n_heads, self.config.rope_theta, x.device)
         for block in self.transformer.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, sin, cos, key_pad, cond, use_reentrant=False)
             else:
                 x = block(x, sin, cos, key_pad, cond)
-        return self.transformer.ff_out(self.transformer.ln_f(x))                 # (B, L, V)
+        if self.prompt is not None:                     # back to the L real positions, in their order
+            x = x.gather(1, real[..., None].expand(-1, -1, x.shape[-1]))           # (B, L, d)
+        if positions is not None:
+            x = x[positions] if isinstance(positions, torch.Tensor) else x[:, positions]
+        return self.transformer.ff_out(self.transformer.ln_f(x))                 # (B, L, V) or (N, V)
 
     def base_shapes(self):
         """{checkpoint key: shape} of the backbone, the table the loader checks every file against."""
@@ -283,23 +299,34 @@ class LLaDA(nn.Module):
         names = (["model.safetensors"] if len(shards) == 1 else
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         for name, keys in zip(names, shards):
-            _atomic(path / name, lambda tmp, keys=keys: save_file({k: tensors[k] for k in keys}, tmp,
+            atomic_write(path / name, lambda tmp, keys=keys: save_file({k: tensors[k] for k in keys}, tmp,
                                                                    metadata={"format": "pt"}))
         index = path / "model.safetensors.index.json"
         if len(shards) > 1:
             body = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                     "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
-            _atomic(index, lambda tmp: Path(tmp).write_text(json.dumps(body, indent=2)))
+            atomic_write(index, lambda tmp: Path(tmp).write_text(json.dumps(body, indent=2)))
         else:
             index.unlink(missing_ok=True)      # a stale index would shadow the new single file
-        _atomic(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(self.config.to_json_dict(), indent=2)))
+        atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(self.config.to_json_dict(), indent=2)))
 
 
-def _read_json(file):
+def read_json(file):
+    """A JSON file's content, or a one-line error naming the file."""
     try:
         return json.loads(Path(file).read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file}: invalid JSON ({e})") from None
+
+
+def read_safetensors(file):
+    """All tensors of a safetensors file, or a one-line error naming the file when it is truncated,
+    empty or not safetensors at all."""
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(file))
+    except Exception as e:                      # SafetensorError, OSError: the file, not the caller, is at fault
+        raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
 def _checkpoint_files(path, expected):
@@ -309,10 +336,10 @@ def _checkpoint_files(path, expected):
     from safetensors import safe_open
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: no 'weight_map' object")
-        _check_keys(index, weight_map, expected)
+        check_keys(index, weight_map, expected)
         files = {}
         for key, name in weight_map.items():
             files.setdefault(path / name, []).append(key)
@@ -326,7 +353,7 @@ def _checkpoint_files(path, expected):
         if not file.is_file():
             raise FileNotFoundError(f"{file}: shard listed in {index.name} not found")
         with safe_open(str(file), framework="pt") as f:
-            _check_keys(file, f.keys(), keys)
+            check_keys(file, f.keys(), keys)
             for key in keys:
                 sl = f.get_slice(key)
                 shape = tuple(sl.get_shape())
@@ -334,7 +361,7 @@ def _checkpoint_files(path, expected):
                     raise ValueError(f"{file}: {key} has shape {shape}, expected {expected[key]}")
                 total += math.prod(shape) * _DTYPE_BYTES[sl.get_dtype()]
     if index is not None:
-        declared = _read_json(index).get("metadata", {}).get("total_size")
+        declared = read_json(index).get("metadata", {}).get("total_size")
         if declared is not None and declared != total:
             raise ValueError(f"{index}: metadata.total_size={declared} but the shards hold {total} bytes of tensors")
     return files
@@ -343,7 +370,7 @@ def _checkpoint_files(path, expected):
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def _check_keys(file, keys, expected):
+def check_keys(file, keys, expected):
     missing, unexpected = sorted(set(expected) - set(keys)), sorted(set(keys) - set(expected))
     if missing:
         raise ValueError(f"{file}: key {missing[0]!r} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -351,7 +378,7 @@ def _check_keys(file, keys, expected):
         raise ValueError(f"{file}: unexpected key {unexpected[0]!r}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
 
 
-def _atomic(target, write):
+def atomic_write(target, write):
     """Call write(tmp) then rename tmp -> target, so a crash never leaves a half-written file."""
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     try:

@@ -19,6 +19,7 @@ argument: LLaDA.forward computes `cond = {"lam": λ, name: net(λ) for each shar
 hands it to every adapted layer; a noise-aware layer without λ raises instead of reusing an old one.
 Not included: the "noise density" conditioning ablation, Prompt Tuning and P-Tuning.
 """
+import contextlib
 import json
 import math
 import os
@@ -28,58 +29,123 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Linear, _atomic, _check_keys
+from model import Linear, atomic_write, check_keys, read_json, read_safetensors
 
-METHODS = ("lora", "nara", "nara-c", "multi-lora", "hira", "dora", "nara-dora")
+METHODS = ("lora", "nara", "nara-c", "multi-lora", "hira", "dora", "nara-dora", "prompt-tuning", "p-tuning")
 NOISE_AWARE = ("nara", "multi-lora", "nara-dora")
+PROMPT = ("prompt-tuning", "p-tuning")
 
 
 # ---------------------------------------------------------------- the shared noise networks
+def core(raw, r, eta):
+    """C = I_r + η · unvec(raw): the r² numbers are read column-major (the mathematical vec
+    convention), so C = Mᵀ for M = raw.view(r, r). The authors' layer computes ((x Aᵀ) M) Bᵀ, i.e.
+    ΔW = B Mᵀ A: with this reading ΔW(λ) = B C(λ) A holds as the paper writes it, and the authors'
+    tensors give the authors' numbers. (..., r²) -> (..., r, r)."""
+    M = raw.unflatten(-1, (r, r))                                           # row-major view: the authors' M
+    return torch.eye(r, device=raw.device, dtype=raw.dtype) + eta * M.transpose(-1, -2)
+
+
+def mask_density(masked, valid=None, radius=5):
+    """Noise density (the paper's conditioning-signal ablation; the authors' input_mode "nd"): for
+    each masked position, the fraction of masked tokens among its ±radius neighbours (itself
+    excluded, padding and positions outside the sequence not counted), averaged over the masked
+    positions of the sequence; 0 for a sequence without masks. masked, valid (B, L) bool -> (B,)."""
+    valid = torch.ones_like(masked) if valid is None else valid.bool()
+    m, v = (masked & valid).float()[:, None], valid.float()[:, None]        # (B, 1, L)
+    kernel = torch.ones(1, 1, 2 * radius + 1, device=masked.device)
+    kernel[..., radius] = 0.0                                             # the position itself is not a neighbour
+    near = F.conv1d(m, kernel, padding=radius) / F.conv1d(v, kernel, padding=radius).clamp(min=1.0)
+    return (near * m).sum((1, 2)) / m.sum((1, 2)).clamp(min=1.0)
+
+
 class Hypernetwork(nn.Module):
-    """C(λ) = I_r + η · F_φ(e_λ), computed once per forward pass for the whole batch: (B,) -> (B, r, r)."""
-    def __init__(self, r, eta=0.1, embedding="fourier"):
+    """C(λ) = I_r + η · unvec F_φ(e_λ), computed once per forward pass for the whole batch: (B,) -> (B, r, r).
+    condition: "lambda" (the paper), "density" (the noise density of the input) or "both" (their two
+    embeddings concatenated); embedding: fixed Gaussian "fourier" [sin(vW), cos(vW)], W ~ N(0, 16²),
+    learnable "mlp" Linear(1 -> width) + SiLU, or the "raw" value; init: "zero_last" (the paper: C = I
+    at step 0), "kaiming" (every layer kaiming-uniform, biases zero) or "zero_all"."""
+    INPUTS = {"lambda": ("lam",), "density": ("density",), "both": ("lam", "density")}
+
+    def __init__(self, r, eta=0.1, embedding="fourier", width=64, hidden=(256, 512), init="zero_last",
+                 condition="lambda", radius=5):
         super().__init__()
-        self.r, self.eta, self.embedding = r, eta, embedding
-        if embedding == "fourier":        # fixed, saved, not trained; no 2π factor (authors' code)
-            self.register_buffer("W", torch.randn(1, 32) * 16.0)
-            width = 64
-        elif embedding == "mlp":          # learnable: Linear(1 -> 64) + SiLU
-            self.embed = nn.Sequential(nn.Linear(1, 64), nn.SiLU())
-            width = 64
-        elif embedding == "raw":          # λ itself
-            width = 1
-        else:
-            raise ValueError(f"embedding={embedding!r}: choose fourier, mlp or raw")
-        self.net = nn.Sequential(nn.Linear(width, 256), nn.SiLU(), nn.Linear(256, 512), nn.SiLU(),
-                                 nn.Linear(512, r * r))
-        for layer in self.net[::2]:
+        if embedding not in ("fourier", "mlp", "raw") or condition not in self.INPUTS or init not in ("zero_last", "kaiming", "zero_all"):
+            raise ValueError(f"embedding={embedding!r}, condition={condition!r}, init={init!r}: choose embedding "
+                             "fourier|mlp|raw, condition lambda|density|both, init zero_last|kaiming|zero_all")
+        if embedding == "fourier" and width % 2:
+            raise ValueError(f"width={width}: a Fourier embedding needs an even width (sin and cos halves)")
+        self.r, self.eta, self.embedding, self.radius = r, eta, embedding, radius
+        self.inputs, self.bypass = self.INPUTS[condition], False            # bypass: see identity_cores
+        for name in self.inputs:                    # one embedding per input: W / embed for λ, *_density
+            suffix = "" if name == "lam" else "_density"
+            if embedding == "fourier":              # fixed, saved, not trained; no 2π factor (authors' code)
+                self.register_buffer("W" + suffix, torch.randn(1, width // 2) * 16.0)
+            elif embedding == "mlp":
+                setattr(self, "embed" + suffix, nn.Sequential(nn.Linear(1, width), nn.SiLU()))
+        sizes = [(1 if embedding == "raw" else width) * len(self.inputs), *hidden, r * r]
+        layers = [m for a, b in zip(sizes, sizes[1:]) for m in (nn.Linear(a, b), nn.SiLU())][:-1]
+        self.net = nn.Sequential(*layers)                                   # Linear, SiLU, ..., Linear
+        for layer in self.net[::2]:                 # hidden weights keep PyTorch's kaiming-uniform(a=√5)
             nn.init.zeros_(layer.bias)
-        nn.init.zeros_(self.net[-1].weight)  # F_φ = 0 at init: C = I and NaRA starts exactly as LoRA
+            if init == "zero_all":
+                nn.init.zeros_(layer.weight)
+        if init == "zero_last":
+            nn.init.zeros_(self.net[-1].weight)     # F_φ = 0 at init: C = I and NaRA starts exactly as LoRA
+        elif init == "kaiming":
+            nn.init.kaiming_uniform_(self.net[-1].weight, a=math.sqrt(5))
 
-    def embed_lambda(self, lam):
-        lam = lam.float()[:, None]                                         # (B, 1), fp32
+    def encode(self, v, name="lam"):
+        """e_v for one conditioning value per sequence, in fp32: (B,) -> (B, width)."""
+        v = v.float()[:, None]                                              # (B, 1)
+        suffix = "" if name == "lam" else "_density"
         if self.embedding == "fourier":
-            proj = lam @ self.W.float()                                   # (B, 32)
-            return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)  # (B, 64)
-        return self.embed(lam) if self.embedding == "mlp" else lam
+            proj = v @ getattr(self, "W" + suffix).float()                  # (B, width/2)
+            return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)    # (B, width)
+        return getattr(self, "embed" + suffix)(v) if self.embedding == "mlp" else v
 
-    def forward(self, lam):
-        if lam is None:
-            raise ValueError("this model has noise-aware adapters: call it with noise_level=λ (one per sequence)")
-        with torch.autocast(lam.device.type, enabled=False):
-            F_phi = self.net(self.embed_lambda(lam)).view(-1, self.r, self.r)   # (B, r, r), row-major
-            return torch.eye(self.r, device=lam.device) + self.eta * F_phi
+    def forward(self, lam, masked=None, valid=None, density=None):
+        if "density" in self.inputs and density is None and masked is not None:
+            density = mask_density(masked, valid, self.radius)              # (B,) from the input itself
+        values = {"lam": lam, "density": density}
+        for name in self.inputs:
+            if values[name] is None:
+                raise ValueError("this model has noise-aware adapters: call it with noise_level=λ (one per sequence)"
+                                 if name == "lam" else "density-conditioned NaRA needs the input ids (or density=)")
+        B = values[self.inputs[0]].shape[0]
+        device = values[self.inputs[0]].device
+        if self.bypass:                                                     # stage 1 of two-stage training
+            return torch.eye(self.r, device=device).expand(B, self.r, self.r)
+        with torch.autocast(device.type, enabled=False):
+            F_phi = self.net(torch.cat([self.encode(values[n], n) for n in self.inputs], dim=-1))   # (B, r²)
+            return core(F_phi, self.r, self.eta)                            # (B, r, r)
 
 
 class StaticCore(nn.Module):
-    """NaRA-C: C = I + η·P with one learnable P (zero at init), shared by all layers, blind to λ."""
+    """NaRA-C: C = I + η·unvec(P) with one learnable r x r P (zero at init), shared by all layers,
+    blind to λ; P is read column-major like F_φ's output, so the authors' `constant_c` loads as is."""
     def __init__(self, r, eta=0.1):
         super().__init__()
-        self.eta = eta
+        self.eta, self.bypass = eta, False
         self.P = nn.Parameter(torch.zeros(r, r))
 
-    def forward(self, lam):
-        return torch.eye(self.P.shape[0], device=self.P.device) + self.eta * self.P      # (r, r)
+    def forward(self, lam, masked=None, valid=None, density=None):
+        r = self.P.shape[0]
+        return torch.eye(r, device=self.P.device) if self.bypass else core(self.P.flatten(), r, self.eta)   # (r, r)
+
+
+@contextlib.contextmanager
+def identity_cores(model):
+    """Stage 1 of the authors' two-stage training: inside this block every shared core is C = I and
+    its network gets no gradient (NaRA trains as LoRA); leaving the block always restores it."""
+    nets = list(model.noise_nets.values())
+    for net in nets:
+        net.bypass = True
+    try:
+        yield model
+    finally:
+        for net in nets:
+            net.bypass = False
 
 
 # ---------------------------------------------------------------- adapted linear layers
@@ -194,20 +260,101 @@ class DoRALinear(NaRALinear):
         return self.scale(cond)[0][:, None] * super().merged_weight(cond)
 
 
+# ---------------------------------------------------------------- virtual tokens
+class VirtualTokens(nn.Module):
+    """Prompt Tuning (Lester et al., 2021) and P-Tuning (Liu et al., 2021), the paper's prompt-based
+    baselines: n trainable input embeddings join every sequence. Prompt Tuning trains them directly,
+    initialised from the embeddings of a text's tokens (`init_ids`, repeated to n) or of n random
+    vocabulary rows; P-Tuning produces them with PEFT's MLP prompt encoder, Linear(d, h) -> ReLU ->
+    Linear(h, h) -> ReLU -> Linear(h, d) applied to a free N(0, 1) table, h = encoder_hidden.
+
+    They are never masked, scored or committed: LLaDA.forward inserts them and takes them out again
+    before the LM head. Departure from PEFT (which puts them before everything): they go right before
+    each row's first real token, after its left padding, so a left-padded batch gives each row what
+    it gives alone. They are attended to from the first step, so unlike the low-rank methods the
+    model does NOT start equal to the base; the real tokens' positions move by n, which RoPE's
+    relative form leaves without effect on the real tokens among themselves."""
+    def __init__(self, wte, n, vocab_size, init_ids=None, encoder_hidden=None):
+        super().__init__()
+        d, dev = wte.weight.shape[1], wte.weight.device
+        if encoder_hidden is None:                                          # Prompt Tuning
+            ids = (torch.tensor(init_ids).repeat(math.ceil(n / len(init_ids)))[:n] if init_ids
+                   else torch.randint(0, vocab_size, (n,)))
+            self.embedding = nn.Parameter(wte.weight.detach()[ids.to(dev)].float().clone())   # (n, d)
+            self.encoder = None
+        else:                                                               # P-Tuning
+            self.embedding = nn.Parameter(torch.randn(n, d, device=dev))
+            self.encoder = nn.Sequential(nn.Linear(d, encoder_hidden), nn.ReLU(), nn.Linear(encoder_hidden, encoder_hidden),
+                                         nn.ReLU(), nn.Linear(encoder_hidden, d)).to(dev)
+
+    def tokens(self):
+        return self.embedding if self.encoder is None else self.encoder(self.embedding)   # (n, d)
+
+    def insert(self, x, pad):
+        """x (B, L, d), pad (B, L) bool or None -> (x' (B, n + L, d), pad' or None, real (B, L)):
+        the n tokens sit after each row's leading padding; real[b, j] is where token j went."""
+        B, L, d = x.shape
+        n = self.embedding.shape[0]
+        lead = torch.zeros(B, 1, dtype=torch.long, device=x.device) if pad is None else pad.long().cumprod(1).sum(1, keepdim=True)
+        k = torch.arange(n + L, device=x.device)                                    # positions of x'
+        order = torch.where(k < lead, n + k, torch.where(k < lead + n, k - lead, k))   # (B, n + L) into [tokens, x]
+        both = torch.cat([self.tokens().to(x.dtype).expand(B, n, d), x], dim=1)
+        x = both.gather(1, order[..., None].expand(-1, -1, d))
+        if pad is not None:
+            pad = torch.cat([torch.zeros_like(pad[:, :1]).expand(B, n), pad], dim=1).gather(1, order)
+        j = torch.arange(L, device=x.device)
+        return x, pad, j + n * (j >= lead)
+
+
 # ---------------------------------------------------------------- putting adapters on a model
 def add_adapters(model, method, r=32, targets=("q_proj", "k_proj", "v_proj", "attn_out"), alpha=None,
-                 dropout=0.05, eta=0.1, embedding="fourier", groups=None, bins=5, verbose=True):
-    """Freeze `model` and replace each linear layer inside transformer.blocks whose name ends with a
-    target by the adapter of `method`. s = alpha / r (alpha=None: s = 1, as NaRA's authors).
-    groups (NaRA only): {"qk": ("q_proj", "k_proj"), ...} gives one hypernetwork per group instead
-    of one global. The LM head `transformer.ff_out` is never adapted (the block MLP's ff_out is)."""
+                 dropout=0.05, eta=0.1, embedding="fourier", groups=None, bins=5, verbose=True, *,
+                 width=64, hidden=(256, 512), init="zero_last", condition="lambda", radius=5,
+                 virtual_tokens=20, prompt_init=None, encoder_hidden=None):
+    """Freeze `model` and add the adapters of `method`.
+
+    Low-rank methods replace each linear layer inside transformer.blocks whose name ends with a
+    target; s = alpha / r (alpha=None: s = 1, as NaRA's authors). The LM head `transformer.ff_out`
+    is never adapted (the block MLP's ff_out is). NaRA's switches (the authors' ablations): groups
+    {"qk": ("q_proj", "k_proj"), ...} gives one hypernetwork per group instead of one global;
+    embedding, width (of e_λ), hidden (the hypernetwork's widths), init, condition and radius: see
+    Hypernetwork. Prompt methods add `virtual_tokens` input embeddings instead (see VirtualTokens;
+    prompt_init: token ids of an initial text, else random vocabulary rows; encoder_hidden:
+    P-Tuning's MLP width, default d_model)."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}: choose one of {', '.join(METHODS)}")
     if getattr(model, "adapter_config", None):
         raise ValueError(f"this model already has {model.adapter_config['method']} adapters")
+    for name, value in (("r", r), ("bins", bins), ("virtual_tokens", virtual_tokens), ("radius", radius), ("width", width)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: must be a positive integer")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout={dropout!r}: must be in [0, 1)")
+    hidden = tuple(hidden)
     config = dict(method=method, r=r, targets=list(targets), alpha=alpha, dropout=dropout, eta=eta,
-                  embedding=embedding, groups=groups, bins=bins)
-    s = 1.0 if alpha is None else alpha / r
+                  embedding=embedding, groups=groups, bins=bins, width=width, hidden=list(hidden), init=init,
+                  condition=condition, radius=radius, virtual_tokens=virtual_tokens, prompt_init=prompt_init,
+                  encoder_hidden=encoder_hidden)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    device = next(model.parameters()).device
+    if method in PROMPT:
+        model.prompt = VirtualTokens(model.transformer.wte, virtual_tokens, model.config.vocab_size, prompt_init,
+                                     (encoder_hidden or model.config.d_model) if method == "p-tuning" else None)
+        what = f"{virtual_tokens} virtual tokens"
+    else:
+        what = _add_low_rank(model, method, r, targets, 1.0 if alpha is None else alpha / r, dropout, eta, groups,
+                             bins, dict(embedding=embedding, width=width, hidden=hidden, init=init, condition=condition,
+                                        radius=radius), device)
+    model.adapter_config = config
+    if verbose:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        print(f"{method}: {what}; trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f} %)")
+    return model
+
+
+def _add_low_rank(model, method, r, targets, s, dropout, eta, groups, bins, hyper, device):
     linears = {n: m for n, m in model.named_modules() if n.startswith("transformer.blocks.") and isinstance(m, Linear)}
     for t in targets:
         if not any(n.endswith("." + t) for n in linears):
@@ -218,15 +365,12 @@ def add_adapters(model, method, r=32, targets=("q_proj", "k_proj", "v_proj", "at
         group_of = {t: f"nara_{g}" for g, members in groups.items() for t in members}
         if set(group_of) != set(targets):
             raise ValueError(f"groups {groups} must cover the targets {list(targets)} exactly once")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    device = next(model.parameters()).device
     if method in ("nara", "nara-dora"):
         for key in sorted(set(group_of.values())):
-            model.noise_nets[key] = Hypernetwork(r, eta, embedding).to(device)
+            model.noise_nets[key] = Hypernetwork(r, eta, **hyper).to(device)
     elif method == "nara-c":
         model.noise_nets["nara"] = StaticCore(r, eta).to(device)
-    matched = []
+    matched = 0
     for name, base in linears.items():
         t = next((t for t in targets if name.endswith("." + t)), None)
         if t is None:
@@ -240,14 +384,37 @@ def add_adapters(model, method, r=32, targets=("q_proj", "k_proj", "v_proj", "at
                  "nara-dora": lambda: DoRALinear(base, r, s, dropout, group_of[t])}[method]()
         parent, child = name.rsplit(".", 1)
         setattr(model.get_submodule(parent), child, layer)
-        matched.append(name)
-    model.adapter_config = config
-    if verbose:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
-        print(f"{method}: adapted {len(matched)} layers ({', '.join(targets)} in {len(model.transformer.blocks)} blocks); "
-              f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f} %)")
-    return model
+        matched += 1
+    return f"adapted {matched} layers ({', '.join(targets)} in {len(model.transformer.blocks)} blocks)"
+
+
+def freeze(model, parts):
+    """Freeze parts of the adapters (the authors' train_a / train_b / train_mapper switches):
+    any of "A", "B", "hypernetwork"."""
+    names = {"A": ".lora_A", "B": ".lora_B"}
+    for part in parts:
+        if part not in ("A", "B", "hypernetwork"):
+            raise ValueError(f"freeze {part!r}: choose among A, B, hypernetwork")
+        for n, p in model.named_parameters():
+            if (part == "hypernetwork" and n.startswith("noise_nets.")) or (part in names and n.endswith(names[part])):
+                p.requires_grad_(False)
+
+
+def warm_start(model, directory):
+    """Copy A and B from a saved LoRA adapter (ours, or PEFT's layout) into this model's adapters
+    (the authors' warm start of NaRA from LoRA); every A and B must be found with its shape."""
+    from safetensors.torch import load_file
+    directory = Path(directory)
+    file = next((directory / f for f in ("adapter.safetensors", "adapter_model.safetensors") if (directory / f).is_file()), None)
+    if file is None:
+        raise FileNotFoundError(f"{directory}: no adapter.safetensors or adapter_model.safetensors to warm-start from")
+    saved = {k.removeprefix("base_model.model.model.").removesuffix(".weight"): v for k, v in read_safetensors(file).items()}
+    want = {k: v for k, v in adapter_state(model).items() if k.endswith((".lora_A", ".lora_B"))}
+    check_keys(file, [k for k in saved if k in want], want)
+    for k, v in want.items():
+        if saved[k].shape != v.shape:
+            raise ValueError(f"{file}: {k} has shape {tuple(saved[k].shape)}, this model's is {tuple(v.shape)}")
+        v.copy_(saved[k])
 
 
 def adapter_state(model):
@@ -256,15 +423,20 @@ def adapter_state(model):
     return {k: v for k, v in model.state_dict().items() if k not in base}
 
 
-def _cond_at(model, lam):
-    """What the adapted layers receive for a batch of one sequence at noise level `lam`."""
-    return model.condition(torch.tensor([float(lam)], device=next(model.parameters()).device))
+def cond_at(model, lam, density=None):
+    """What the adapted layers receive for a batch of one sequence at noise level `lam` (and, for a
+    density-conditioned NaRA, noise density `density`)."""
+    dev = next(model.parameters()).device
+    return model.condition(torch.tensor([float(lam)], device=dev),
+                           density=None if density is None else torch.tensor([float(density)], device=dev))
 
 
-def merge(model, lam):
+def merge(model, lam, density=None):
     """Fold every adapter into its base weight at one fixed λ: W0 <- W0 + ΔW(λ); the model becomes a
     plain LLaDA (only possible at a fixed λ, since NaRA's update depends on it)."""
-    cond = _cond_at(model, lam)
+    if model.prompt is not None:
+        raise ValueError(f"{model.adapter_config['method']} adds input tokens, not a weight update: nothing to merge")
+    cond = cond_at(model, lam, density)
     for name, layer in list(model.named_modules()):
         if isinstance(layer, LoRALinear):
             plain = Linear(layer.weight.shape[1], layer.weight.shape[0]).to(layer.weight.device)
@@ -276,42 +448,49 @@ def merge(model, lam):
     return model
 
 
-def delta_weights(model, lam):
+def delta_weights(model, lam, density=None):
     """{layer name: ΔW(λ) = merged weight − W0} for every adapted layer, in fp32."""
-    cond = _cond_at(model, lam)
+    cond = cond_at(model, lam, density)
     return {n: m.merged_weight(cond) - m.weight.float() for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 # ---------------------------------------------------------------- adapter checkpoints
-def _write(directory, tensor_file, tensors, body):
-    """tensors as safetensors and body as JSON in `directory`, each file written atomically."""
+def write_adapter_files(directory, tensor_file, tensors, body, metadata=None):
+    """tensors as safetensors and body as adapter_config.json in `directory`, each written atomically."""
     from safetensors.torch import save_file
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(directory / tensor_file, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(body, indent=2)))
+    atomic_write(directory / tensor_file, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})}))
+    atomic_write(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(body, indent=2)))
 
 
 def save_adapter(model, directory):
     """adapter.safetensors (adapter tensors only) + adapter_config.json."""
-    _write(directory, "adapter.safetensors", adapter_state(model), {**model.adapter_config, "base_shapes": _shape_id(model)})
+    write_adapter_files(directory, "adapter.safetensors", adapter_state(model), {**model.adapter_config, "base_shapes": _shape_id(model)})
 
 
 def load_adapter(model, directory, verbose=True):
-    """Put the saved adapters onto a plain `model` and load their tensors, checking every key and shape."""
-    from safetensors.torch import load_file
+    """Put the saved adapters onto a plain `model` and load their tensors, checking every key and shape.
+    A directory written by the NaRA authors' code (adapter_model.bin, peft_type NARA) is read too."""
     directory = Path(directory)
     cfg_file, file = directory / "adapter_config.json", directory / "adapter.safetensors"
+    if cfg_file.is_file() and not file.is_file():
+        import interop
+        if interop.is_authors_checkpoint(directory):
+            return interop.load_authors(model, directory, verbose)
     for f in (cfg_file, file):
         if not f.is_file():
             raise FileNotFoundError(f"{f}: adapter file not found")
-    config = json.loads(cfg_file.read_text())
+    config = read_json(cfg_file)
     if config.pop("base_shapes", None) != _shape_id(model):
         raise ValueError(f"{cfg_file}: saved for a model with different shapes than this one")
-    add_adapters(model, **config, verbose=verbose)
-    tensors, expected = load_file(str(file)), adapter_state(model)
-    _check_keys(f"{file} ({config['method']} adapters)", tensors, expected)
+    try:
+        add_adapters(model, **config, verbose=verbose)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_file}: {e}") from None
+    tensors, expected = read_safetensors(file), adapter_state(model)
+    check_keys(f"{file} ({config['method']} adapters)", tensors, expected)
     for k in tensors:
         if tensors[k].shape != expected[k].shape:
             raise ValueError(f"{file}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(expected[k].shape)}")
@@ -324,45 +503,16 @@ def _shape_id(model):
     return f"d_model={c.d_model} n_layers={c.n_layers} n_heads={c.n_heads} n_kv_heads={c.n_kv_heads} mlp={c.mlp_hidden_size}"
 
 
-PEFT_PREFIX = "base_model.model.model."
-
-
 def export_peft(model, directory, lam=None):
-    """LoRA in PEFT's layout (adapter_model.safetensors + adapter_config.json). NaRA, NaRA-C and
-    Multi-LoRA export "LoRA at a fixed λ": B' = B C(λ) (the bin's LoRA for Multi-LoRA)."""
-    cfg = model.adapter_config
-    if cfg["method"] not in ("lora", "nara", "nara-c", "multi-lora"):
-        raise ValueError(f"{cfg['method']} is not a low-rank additive update: PEFT's LoRA layout cannot hold it")
-    if cfg["method"] in NOISE_AWARE and lam is None:
-        raise ValueError(f"{cfg['method']} depends on λ: pass lam= to export LoRA at that noise level")
-    cond = _cond_at(model, 0.0 if lam is None else lam)
-    tensors = {}
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            A, C, B = (None if t is None else _first(t) for t in m.factors(cond))
-            B = B if C is None else B @ C
-            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = A, B
-    s = 1.0 if cfg["alpha"] is None else cfg["alpha"] / cfg["r"]
-    _write(directory, "adapter_model.safetensors", tensors, {
-        "peft_type": "LORA", "r": cfg["r"], "lora_alpha": s * cfg["r"], "lora_dropout": cfg["dropout"],
-        "target_modules": cfg["targets"], "bias": "none", "exported_from": cfg["method"], "noise_level": lam})
+    """PEFT's LoRA layout, at a fixed λ for the noise-aware methods: see interop.export_peft."""
+    import interop
+    return interop.export_peft(model, directory, lam)
 
 
 def load_peft(model, directory, verbose=True):
-    """Load a PEFT-layout LoRA (ours or PEFT's own) onto a plain model as method 'lora'."""
-    from safetensors.torch import load_file
-    directory = Path(directory)
-    body = json.loads((directory / "adapter_config.json").read_text())
-    add_adapters(model, "lora", r=body["r"], targets=body["target_modules"], alpha=body["lora_alpha"],
-                 dropout=body.get("lora_dropout", 0.0), verbose=verbose)
-    file = directory / "adapter_model.safetensors"
-    tensors = load_file(str(file))
-    names = {f"{PEFT_PREFIX}{n}.{ab}.weight": f"{n}.{ab}" for n, m in model.named_modules()
-             if isinstance(m, LoRALinear) for ab in ("lora_A", "lora_B")}
-    _check_keys(file, tensors, names)
-    state = {names[k]: v for k, v in tensors.items()}
-    model.load_state_dict(state, strict=False)
-    return model
+    """A LoRA adapter in PEFT's layout onto a plain model: see interop.load_peft."""
+    import interop
+    return interop.load_peft(model, directory, verbose)
 
 
 # ---------------------------------------------------------------- Theorem 4.1, constructively

@@ -29,7 +29,7 @@ from tqdm import tqdm
 import nara
 from diffusion import pad_sft, sft_loss
 from eval import read_records
-from model import LLaDA, _atomic, load_tokenizer, sft_pair
+from model import LLaDA, atomic_write, load_tokenizer, sft_pair
 
 HERE = Path(__file__).resolve().parent
 RECIPE = dict(max_length=512, val_size=128, eval_every=64, lr=1e-4, epochs=1, batch_size=32, grad_accum=1,
@@ -51,7 +51,21 @@ def parse_args(argv=None):
     ap.add_argument("--eta", type=float, default=0.1, help="NaRA core scale η")
     ap.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapters' input")
     ap.add_argument("--embedding", default="fourier", choices=("fourier", "mlp", "raw"), help="NaRA λ embedding")
+    ap.add_argument("--embedding-width", type=int, default=64, help="NaRA: width of the λ (and density) embedding")
+    ap.add_argument("--hyper-hidden", default="256,512", help="NaRA: the hypernetwork's hidden widths, comma-separated")
+    ap.add_argument("--hyper-init", default="zero_last", choices=("zero_last", "kaiming", "zero_all"),
+                    help="NaRA: hypernetwork init (zero_last: C = I at step 0)")
+    ap.add_argument("--condition", default="lambda", choices=("lambda", "density", "both"),
+                    help="NaRA: condition C on λ, on the input's noise density, or both")
+    ap.add_argument("--density-radius", type=int, default=5, help="NaRA: neighbours on each side for the noise density")
+    ap.add_argument("--groups", default=None, help="NaRA: one hypernetwork per group, e.g. qk=q_proj+k_proj,vo=v_proj+attn_out")
+    ap.add_argument("--stage1", type=float, default=0.0, help="NaRA: fraction of updates trained with C = I and the hypernetwork frozen")
+    ap.add_argument("--freeze", default="", help="adapter parts kept at their init: any of A,B,hypernetwork")
+    ap.add_argument("--warm-start", default=None, help="adapter directory of a saved LoRA: start A and B from it")
     ap.add_argument("--bins", type=int, default=5, help="Multi-LoRA noise bins K")
+    ap.add_argument("--virtual-tokens", type=int, default=20, help="prompt-tuning / p-tuning: number of virtual tokens")
+    ap.add_argument("--prompt-init-text", default=None, help="prompt-tuning: initial text (default: random vocabulary rows)")
+    ap.add_argument("--encoder-hidden", type=int, default=None, help="p-tuning: prompt encoder width (default d_model)")
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,attn_out", help="comma-separated layer names")
     ap.add_argument("--max-length", type=int, help="prompt + answer tokens (recipe: 512)")
     ap.add_argument("--val-size", type=int, help="examples held out for the validation loss (recipe: 128)")
@@ -111,6 +125,19 @@ def resolve_model(name):
     raise ValueError(f"--model {name}: no such model directory")
 
 
+def adapter_options(args, tok):
+    """add_adapters' keyword arguments from the command line."""
+    groups = None
+    if args.groups:
+        groups = {g: tuple(members.split("+")) for g, members in (item.split("=", 1) for item in args.groups.split(","))}
+    return dict(r=args.r, targets=args.targets.split(","), alpha=args.alpha, dropout=args.dropout, eta=args.eta,
+                embedding=args.embedding, bins=args.bins, width=args.embedding_width, groups=groups,
+                hidden=tuple(int(h) for h in args.hyper_hidden.split(",")), init=args.hyper_init,
+                condition=args.condition, radius=args.density_radius, virtual_tokens=args.virtual_tokens,
+                prompt_init=tok.encode(args.prompt_init_text, add_special_tokens=False).ids if args.prompt_init_text else None,
+                encoder_hidden=args.encoder_hidden)
+
+
 def lr_factor(step, total, warmup):
     """Linear warm-up over `warmup` updates, then linear decay to 0 at `total`."""
     return (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
@@ -161,8 +188,10 @@ def main(argv=None):
     val_ids, val_answer, ids, answer = ids[:args.val_size], answer[:args.val_size], ids[args.val_size:], answer[args.val_size:]
     say(f"data: {len(ids)} train, {len(val_ids)} held out, {skipped} skipped (longer than {args.max_length} tokens)")
 
-    nara.add_adapters(model, args.method, r=args.r, targets=args.targets.split(","), alpha=args.alpha,
-                      dropout=args.dropout, eta=args.eta, embedding=args.embedding, bins=args.bins, verbose=rank == 0)
+    nara.add_adapters(model, args.method, **adapter_options(args, tok), verbose=rank == 0)
+    nara.freeze(model, [p for p in args.freeze.split(",") if p])
+    if args.warm_start:
+        nara.warm_start(model, args.warm_start)
     model.gradient_checkpointing = args.grad_checkpointing
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05, eps=1e-8)
@@ -189,13 +218,15 @@ def main(argv=None):
             lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
             (out / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
         say(f"resumed {out} at update {step}/{total}")
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=args.stage1 > 0) if world > 1 else model
     ddp.config = model.config
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     if world > 1:                                         # decorrelate the ranks' masks and noise levels
         torch.manual_seed(args.seed + 7919 * rank + step)
+    stage1 = round(args.stage1 * total)                   # updates trained with C = I (two-stage training)
+    stage = lambda: nara.identity_cores(model) if step < stage1 else contextlib.nullcontext()  # noqa: E731
     model.train()
     bar = tqdm(total=total, initial=step, desc="training", disable=rank != 0 or None)
     t0, tokens = time.time(), 0
@@ -205,7 +236,7 @@ def main(argv=None):
             start = ((step * args.grad_accum + micro) * world + rank) * args.batch_size
             idx = order[start:start + args.batch_size]
             sync = world == 1 or micro == args.grad_accum - 1     # all-reduce once per update
-            with autocast, (contextlib.nullcontext() if sync else ddp.no_sync()):
+            with autocast, stage(), (contextlib.nullcontext() if sync else ddp.no_sync()):
                 loss, _ = sft_loss(ddp, ids[idx].to(device), answer[idx].to(device))
                 (loss / args.grad_accum).backward()
             loss_sum += loss.item() / args.grad_accum
@@ -222,7 +253,8 @@ def main(argv=None):
                   "elapsed_s": elapsed}
         if step % args.eval_every == 0 or step == total:
             model.eval()
-            record["val_loss"] = validation_loss(ddp, val_ids.to(device), val_answer.to(device), args.batch_size, args.seed)
+            with stage():
+                record["val_loss"] = validation_loss(ddp, val_ids.to(device), val_answer.to(device), args.batch_size, args.seed)
             model.train()
             if record["val_loss"] < best and rank == 0:
                 best = record["val_loss"]
@@ -237,7 +269,7 @@ def main(argv=None):
                 ck = {"adapter": nara.adapter_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                       "step": step, "best": best, "rng": torch.get_rng_state(),
                       "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0)}
-                _atomic(out / "checkpoint.pt", lambda tmp: torch.save(ck, tmp))
+                atomic_write(out / "checkpoint.pt", lambda tmp: torch.save(ck, tmp))
     bar.close()
     if world > 1:
         sums = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]

@@ -14,6 +14,13 @@ from model import LLaDAConfig
 MASK, EOS = 126, 125          # LLaDAConfig.tiny()'s ids
 
 
+def select(logits, positions):
+    """What LLaDA.forward returns for `positions` (None, a bool mask or a slice), from full logits."""
+    if positions is None:
+        return logits
+    return logits[positions] if isinstance(positions, torch.Tensor) else logits[:, positions]
+
+
 class Stub(nn.Module):
     """logits = table[token] + bias[position]; never predicts the mask id; records every call."""
     def __init__(self, vocab=128, favour=None, seed=0):
@@ -25,13 +32,13 @@ class Stub(nn.Module):
         self.w = nn.Parameter(torch.zeros(1))
         self.calls = []
 
-    def forward(self, x, attention_mask=None, noise_level=None):
+    def forward(self, x, attention_mask=None, noise_level=None, positions=None):
         self.calls.append((x.clone(), None if noise_level is None else noise_level.clone()))
         logits = self.table[x] + self.bias[:x.shape[1]] + self.w
         for pos, tok in self.favour.items():
             logits[:, pos, tok] += 100.0
         logits[..., MASK] = -torch.inf
-        return logits
+        return select(logits, positions)
 
 
 class NoMask(nn.Module):
@@ -40,9 +47,9 @@ class NoMask(nn.Module):
         super().__init__()
         self.model, self.config, self.seen = model, model.config, []
 
-    def forward(self, x, attention_mask=None, noise_level=None):
+    def forward(self, x, attention_mask=None, noise_level=None, positions=None):
         self.seen.append(x.clone())
-        logits = self.model(x, attention_mask, noise_level=noise_level)
+        logits = self.model(x, attention_mask, noise_level=noise_level, positions=positions)
         logits[..., MASK] = -1e4                                        # finite: CFG subtracts logits
         return logits
 
@@ -184,8 +191,8 @@ class Uniform(nn.Module):
         self.config = SimpleNamespace(mask_token_id=7, eos_token_id=6)
         self.logits = nn.Parameter(torch.randn(L, vocab, generator=torch.Generator().manual_seed(1)))
 
-    def forward(self, x, attention_mask=None, noise_level=None):
-        return self.logits.expand(x.shape[0], -1, -1)
+    def forward(self, x, attention_mask=None, noise_level=None, positions=None):
+        return select(self.logits.expand(x.shape[0], -1, -1), positions)
 
 
 def test_sft_loss_matches_a_hand_computed_value():
