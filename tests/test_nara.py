@@ -270,3 +270,22 @@ def test_activation_checkpointing_keeps_the_hypernetwork_gradient():
         model(IDS, noise_level=LAM).square().mean().backward()
         grads.append(model.noise_nets["nara"].net[0].weight.grad)
     assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_theorem_4_1_by_training():
+    """Fitting 5 targets of joint rank r = 4 (benchmarks/theorem.py): static LoRA stalls at the
+    theorem's floor (the best single matrix for the family); NaRA, with a hypernetwork of about
+    LoRA's size, fits them; Multi-LoRA does too with one bin per λ, at 5 times the parameters.
+    With joint rank r + 1, NaRA's rank-r error stays above the Eckart-Young bound."""
+    from benchmarks.theorem import family, fit, rank_bound, static_floor
+    targets = family(4)
+    floor = static_floor(targets)
+    lora, n_lora = fit("lora", targets)
+    ours, n_nara = fit("nara", targets)
+    multi, n_multi = fit("multi-lora", targets)
+    assert floor > 0.5 and floor - 1e-4 <= lora[-1] <= 1.01 * floor
+    assert ours[-1] < 1e-3 * floor and n_nara < 1.6 * n_lora
+    assert multi[-1] < 1e-2 * floor and n_multi == 5 * n_lora
+    wider = family(5)
+    bound = rank_bound(wider, 4)
+    assert bound > 0.05 and fit("nara", wider)[0][-1] >= bound
