@@ -14,22 +14,17 @@ A-E. Code (HumanEval, MBPP): pass@1 of the greedy completion, run as prompt + co
 check(entry_point) in a separate, limited process (`run_untrusted`). `--mc` scores commonsense sets by
 the Monte-Carlo likelihood of each label instead of generation.
 
-Sandbox. Each program runs in a fresh interpreter in a throw-away directory, as user `nobody` when
-started as root, with wall-clock, CPU, memory, file-size and process limits (no child processes),
-Python-level guards against writes outside its directory, and counts as passed only if it prints a
-random token that the harness prints after the checks returned: exit codes are never trusted. This
-contains mistakes and crashes, not a determined attacker; use a container for that.
+Generated code is untrusted: sandbox.py (its docstring has the threat model) runs only the completion
+in a jail (user, mount, PID and network namespaces; read-only system, no network, no capabilities,
+limits) and the benchmark's tests in a separate judge that receives return values as plain data, so
+nothing the program prints, exits with or returns as an object can forge a pass.
 """
 import argparse
 import csv
 import gzip
 import json
-import os
 import re
-import secrets
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +34,7 @@ from tqdm import tqdm
 import nara
 from diffusion import generate, log_likelihood, pad_sft, sft_mask
 from model import LLaDA, chat_ids, load_tokenizer, sft_pair
+from sandbox import SandboxUnavailable, available, run_untrusted  # noqa: F401  (run_untrusted: eval's public name)
 
 HERE = Path(__file__).resolve().parent
 LABELS = {"boolq": "true|false", "piqa": "solution1|solution2", "social_i_qa": "answer[1-5]",
@@ -118,14 +114,15 @@ def load_items(task, path):
             raise ValueError(f"{path}: item {i} has no field {missing[0]!r} (expected for --task {task})")
         if task == "gsm8k-jsonl":
             items.append({"prompt": r["question"], "gold": r["answer"].split("####")[-1].strip().replace(",", "")})
-        elif task == "humaneval":
+        elif task == "humaneval":             # the prompt's helpers are trusted; the entry point is judged
             items.append({"prompt": f"Complete the following Python function.\n```python\n{r['prompt']}```",
-                          "code_prefix": r["prompt"], "gold": "pass",
+                          "code_prefix": r["prompt"], "gold": "pass", "setup": r["prompt"], "names": [r["entry_point"]],
                           "tests": f"{r['test']}\ncheck({r['entry_point']})\n", "canonical": r.get("canonical_solution")})
         elif task == "mbpp":
-            tests = "\n".join(r["test_list"])
+            tests, setup = "\n".join(r["test_list"]), r.get("test_setup_code", "")
             items.append({"prompt": f"{r['text']}\nYour code should pass these tests:\n{tests}", "code_prefix": "",
-                          "gold": "pass", "tests": f"{r.get('test_setup_code', '')}\n{tests}\n", "canonical": r.get("code")})
+                          "gold": "pass", "setup": setup, "names": called_names(tests, setup), "tests": tests + "\n",
+                          "canonical": r.get("code")})
         else:
             items.append({"prompt": r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else ""), "gold": r["answer"],
                           "output": r.get("output")})
@@ -133,65 +130,15 @@ def load_items(task, path):
 
 
 # ---------------------------------------------------------------- untrusted code
-HARNESS = r"""
-import builtins, os, shutil, subprocess, sys
-token = sys.stdin.readline().strip()
-source = open(sys.argv[1]).read()
-here = os.path.realpath(os.getcwd()) + os.sep
-real_open = builtins.open
-def guarded_open(file, mode="r", *args, **kwargs):
-    if any(c in mode for c in "wax+") and not os.path.realpath(file).startswith(here):
-        raise PermissionError(f"writing outside the sandbox directory: {file}")
-    return real_open(file, mode, *args, **kwargs)
-builtins.open = guarded_open
-for name in ("fork", "forkpty", "system", "popen", "spawnv", "spawnl", "execv", "execve", "execl", "kill", "killpg",
-             "remove", "unlink", "rmdir", "removedirs", "rename", "replace", "truncate", "chmod", "chown", "symlink", "link"):
-    setattr(os, name, None)
-subprocess.Popen = shutil.rmtree = shutil.move = None
-exec(compile(source, "solution.py", "exec"), {"__name__": "__main__"})
-print(token, flush=True)
-"""
-
-
-def _limits(seconds, memory_mb):
-    import resource
-    if os.getuid() == 0:                         # as root, drop to nobody so the process limit applies
-        os.setgid(65534)
-        os.setuid(65534)
-    resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds))
-    resource.setrlimit(resource.RLIMIT_AS, (memory_mb * 2**20, memory_mb * 2**20))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 2**20, 16 * 2**20))
-    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
-def _interpreter():
-    """This Python, or (as root, where programs run as nobody) a python3 that nobody may execute."""
-    if os.getuid() != 0:
-        return sys.executable
-    for exe in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
-        p = Path(exe).resolve()
-        if p.exists() and all(os.stat(d).st_mode & 0o001 for d in [p, *p.parents]):
-            return str(p)
-    raise ValueError("running as root, and no python3 is executable by user nobody for the sandbox: run as a normal user")
-
-
-def run_untrusted(program, timeout=10, memory_mb=1024):
-    """True only if `program` ran to its end (the harness then prints a fresh random token)."""
-    token = secrets.token_hex(16)
-    with tempfile.TemporaryDirectory(prefix="nara-sandbox-") as d:
-        os.chmod(d, 0o777)
-        (Path(d) / "solution.py").write_text(program)
-        proc = subprocess.Popen([_interpreter(), "-I", "-c", HARNESS, "solution.py"], cwd=d, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=lambda: _limits(timeout + 1, memory_mb), env={"PATH": "/usr/bin:/bin"})
-        try:
-            out, _ = proc.communicate((token + "\n").encode(), timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.communicate()
-            return False
-    return token.encode() in out.splitlines()
+def called_names(tests, setup=""):
+    """The functions a test calls by name that neither Python nor the setup code defines: the names
+    the judge takes from the completion (MBPP's tests call the solution by its name)."""
+    import ast
+    import builtins
+    defined = {n.name for n in ast.walk(ast.parse(setup)) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    defined |= {t.id for n in ast.walk(ast.parse(setup)) if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    calls = [n.func.id for n in ast.walk(ast.parse(tests)) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    return sorted({c for c in calls if c not in defined and not hasattr(builtins, c)})
 
 
 def completion_code(text):
@@ -290,6 +237,9 @@ def main(argv=None):
     ap.add_argument("--mc", action="store_true", help="commonsense: score labels by Monte-Carlo likelihood")
     ap.add_argument("--mc-num", type=int, default=32, help="Monte-Carlo samples per label with --mc")
     ap.add_argument("--noise-curve", action="store_true", help="only the per-λ loss and update-size tables")
+    ap.add_argument("--allow-unsandboxed-code", action="store_true",
+                    help="code tasks where no sandbox can be made (no user namespaces): run generated code with "
+                         "resource limits only, at your own risk")
     ap.add_argument("--out", default="runs/eval", help="folder for the item JSONL, summaries and results.csv")
     args = ap.parse_args(argv)
     small = args.task == "arith"
@@ -367,8 +317,9 @@ def score(name, model, tok, items, args, out):
     records = []
     for it, g in zip(items, generations):
         if "tests" in it:
-            program = it["code_prefix"] + completion_code(g) + "\n" + it["tests"]
-            pred = "pass" if run_untrusted(program) else "fail"
+            ok = run_untrusted(it["code_prefix"] + completion_code(g), it["tests"], it["names"], it["setup"],
+                               allow_unsandboxed=args.allow_unsandboxed_code)
+            pred = "pass" if ok else "fail"
         else:
             pred = extract(args.task, g)
         records.append({"prompt": it["prompt"], "generation": g, "extracted": pred, "gold": it["gold"],
