@@ -21,3 +21,18 @@ def test_ratio_benchmarks_run_quickly(tmp_path):
     for section in ("## Adapted layer", "## Training step", "## Sampling step", "## Early termination", "## Size at LLaDA-8B",
                     "| nara | 34,227,968 | 0.4252 |", "NaRA / LoRA per training step"):
         assert section in text
+
+
+def test_methods_comparison_runs_end_to_end_and_reuses_finished_runs(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "methods.py"), "--smoke", "--runs", str(tmp_path / "runs"),
+           "--results", str(tmp_path / "res")]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    table = (tmp_path / "res" / "arith.md").read_text()
+    assert "| lora | 16,384 |" in table and "| nara |" in table and "Figure 1" in table and "Figure 3" in table
+    for name in ("arith_figure1.csv", "arith_figure3.csv", "arith.json"):
+        assert (tmp_path / "res" / name).exists()
+    results = sorted((tmp_path / "runs").rglob("result.json"))
+    assert len(results) == 6                                              # 2 arms x (2 rates + 1 more seed)
+    stamp = [r.stat().st_mtime for r in results]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)      # a second call reuses every run
+    assert [r.stat().st_mtime for r in results] == stamp
