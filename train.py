@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from tqdm import tqdm
 import nara
 from diffusion import pad_sft, sft_loss
 from eval import read_records
-from model import LLaDA, atomic_write, load_tokenizer, sft_pair
+from model import LLaDA, atomic_write, load_tokenizer, read_json, sft_pair
 
 HERE = Path(__file__).resolve().parent
 RECIPE = dict(max_length=512, val_size=128, eval_every=64, lr=1e-4, epochs=1, batch_size=32, grad_accum=1,
@@ -88,11 +89,41 @@ def parse_args(argv=None):
             setattr(args, k, v)
     if args.data is None:
         ap.error("--data is required with --model")
+    check_args(args)
+    if args.out is None and args.resume:
+        raise ValueError("--resume needs --out RUN_DIR: the run to continue")
     if args.out is None:                                  # a fresh directory: runs/<name>, runs/<name>-2, ...
         name = "default" if default_run else f"{Path(args.data).stem}-{args.method}"
         args.out = next(f"runs/{name}{'' if k == 1 else f'-{k}'}" for k in range(1, 10**6)
                         if not Path(f"runs/{name}{'' if k == 1 else f'-{k}'}").exists())
     return args
+
+
+def check_args(args):
+    """A one-line error for every impossible value, before anything is loaded."""
+    flag = lambda name: "--" + {"r": "adapter-rank"}.get(name, name.replace("_", "-"))  # noqa: E731
+    for name in ("r", "batch_size", "grad_accum", "eval_every", "max_length", "bins", "virtual_tokens", "density_radius",
+                 "embedding_width", "max_updates", "stop_at", "encoder_hidden", "val_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{flag(name)} must be at least 1, got {value}")
+    for name, ok, what in (("lr", args.lr > 0, "positive"), ("epochs", args.epochs > 0, "positive"),
+                           ("dropout", 0 <= args.dropout < 1, "in [0, 1)"), ("stage1", 0 <= args.stage1 <= 1, "in [0, 1]"),
+                           ("eta", math.isfinite(args.eta), "finite")):
+        if not ok:
+            raise ValueError(f"{flag(name)} must be {what}, got {getattr(args, name)}")
+    try:
+        hidden = [int(h) for h in args.hyper_hidden.split(",")]
+        assert hidden and min(hidden) >= 1
+    except (ValueError, AssertionError):
+        raise ValueError(f"--hyper-hidden {args.hyper_hidden!r}: give positive widths, e.g. 256,512") from None
+    if args.groups and not all(item.count("=") == 1 and all(item.split("=")) for item in args.groups.split(",")):
+        raise ValueError(f"--groups {args.groups!r}: write name=layer+layer,..., e.g. qk=q_proj+k_proj,vo=v_proj+attn_out")
+    bad = [p for p in args.freeze.split(",") if p and p not in ("A", "B", "hypernetwork")]
+    if bad:
+        raise ValueError(f"--freeze {bad[0]!r}: choose among A, B, hypernetwork")
+    if not all(args.targets.split(",")):
+        raise ValueError(f"--targets {args.targets!r}: give comma-separated layer names")
 
 
 def load_examples(path):
@@ -110,9 +141,11 @@ def load_examples(path):
 
 
 def resolve_model(name):
+    """A local model directory, or a hub id ("org/name") fetched with huggingface_hub."""
     if Path(name).is_dir():
         return name
-    if "/" in name and not Path(name).exists():
+    local = name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).exists()
+    if not local:
         try:
             from huggingface_hub import snapshot_download
         except ImportError:
@@ -138,6 +171,48 @@ def adapter_options(args, tok):
                 encoder_hidden=args.encoder_hidden)
 
 
+RESUMABLE = ("out", "resume", "stop_at", "test", "grad_checkpointing")   # what may change when a run is resumed
+
+
+def run_settings(args, model_dir, world, device):
+    """What makes a run this run: every flag but RESUMABLE, the data file's hash, model, devices."""
+    import hashlib
+    with open(args.data, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE}
+    return {**settings, "model": str(Path(model_dir).resolve()), "data": str(Path(args.data).resolve()),
+            "data_sha256": digest, "world_size": world, "device": device.type}
+
+
+def prepare_run_dir(out, args, settings, rank):
+    """A fresh run, a clean restart of a run killed before its first checkpoint, or a resume whose
+    settings match the recorded ones; never a change to a finished run. True when resuming."""
+    record, checkpoint = out / "run.json", out / "checkpoint.pt"
+    if (out / "adapter").exists():
+        raise ValueError(f"--out {out} holds a finished run (its adapter is in {out / 'adapter'}): "
+                         "choose another --out")
+    if not checkpoint.is_file():
+        if args.resume and (out / "metrics.jsonl").exists():
+            print(f"{out} has no checkpoint yet: starting it again from the beginning")
+        if rank == 0:
+            for stale in (out / "metrics.jsonl", record):
+                stale.unlink(missing_ok=True)
+            shutil.rmtree(out / "best", ignore_errors=True)
+        return False
+    if not args.resume:
+        raise ValueError(f"--out {out} already holds a run: pass --resume to continue it, or another --out")
+    if not record.is_file():
+        raise ValueError(f"--resume: {record} not found, so the settings cannot be checked: start a new run")
+    saved = read_json(record)
+    for key in sorted(set(saved) | set(settings)):
+        if saved.get(key) != settings.get(key):
+            what = {"data_sha256": "--data (the file changed since the run started)", "world_size": "the number of processes",
+                    "device": "--device"}.get(key, "--" + {"r": "adapter-rank"}.get(key, key.replace("_", "-")))
+            raise ValueError(f"--resume: {out} was run with {what} = {saved.get(key)!r}, not {settings.get(key)!r}; "
+                             f"only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE[2:])} may change on resume")
+    return True
+
+
 def lr_factor(step, total, warmup):
     """Linear warm-up over `warmup` updates, then linear decay to 0 at `total`."""
     return (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
@@ -153,6 +228,18 @@ def validation_loss(model, ids, answer, batch_size, seed):
     return sum(losses) / len(ids)
 
 
+def save_checkpoint(file, model, opt, sched, step, best, device):
+    """Everything --resume needs to continue bit for bit, written atomically."""
+    ck = {"adapter": nara.adapter_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+          "step": step, "best": best, "rng": torch.get_rng_state(),
+          "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0)}
+    atomic_write(file, lambda tmp: torch.save(ck, tmp))
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training, with what was saved and how to continue."""
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -164,13 +251,19 @@ def main(argv=None):
             torch.cuda.set_device(device)
     say = print if rank == 0 else (lambda *a, **k: None)
     out = Path(args.out)
-    if rank == 0 and not args.resume and (out / "metrics.jsonl").exists():
-        raise ValueError(f"--out {out} already holds a run: pass --resume to continue it, or another --out")
-    if args.resume and not (out / "checkpoint.pt").is_file():
-        raise ValueError(f"--resume: {out / 'checkpoint.pt'} not found")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a run directory")
+    model_dir = resolve_model(args.model)
+    for path, what in ((args.data, "--data"), (args.test, "--test"), (args.warm_start, "--warm-start")):
+        if path and not Path(path).exists():
+            raise ValueError(f"{what} {path}: {what[2:]} file not found")
+    if args.test:
+        from eval import load_items
+        load_items("arith", args.test)                # a bad test file fails now, not after training
+    settings = run_settings(args, model_dir, world, device)
+    resume = prepare_run_dir(out, args, settings, rank)
     torch.manual_seed(args.seed)
 
-    model_dir = resolve_model(args.model)
     model = LLaDA.from_pretrained(model_dir, device=device)
     tok = load_tokenizer(model_dir)
     eos = model.config.eos_token_id
@@ -202,15 +295,18 @@ def main(argv=None):
     # the order of every example the run will see, fixed by the seed: a resumed run sees the same
     g = torch.Generator().manual_seed(args.seed + 1)
     order = torch.cat([torch.randperm(len(ids), generator=g) for _ in range(math.ceil(total * per_update / len(ids)) + 1)])
-    step, best = 0, math.inf
-    if args.resume:
-        ck = torch.load(out / "checkpoint.pt", weights_only=True, map_location=device)
+    step, best, saved_at = 0, math.inf, None
+    if resume:
+        try:
+            ck = torch.load(out / "checkpoint.pt", weights_only=True, map_location=device)
+        except Exception as e:
+            raise ValueError(f"{out / 'checkpoint.pt'}: not a readable checkpoint ({type(e).__name__}: {e})") from None
         if set(ck["adapter"]) != set(nara.adapter_state(model)):
             raise ValueError(f"--resume: {out / 'checkpoint.pt'} holds other adapters than --method {args.method} builds")
         model.load_state_dict(ck["adapter"], strict=False)                      # exactly the adapter keys
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        step, best = ck["step"], ck["best"]
+        step, best = saved_at, _ = ck["step"], ck["best"]
         torch.set_rng_state(ck["rng"].cpu())
         if device.type == "cuda" and ck["cuda_rng"].numel():
             torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), device)
@@ -223,6 +319,8 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=1)))
     if world > 1:                                         # decorrelate the ranks' masks and noise levels
         torch.manual_seed(args.seed + 7919 * rank + step)
     stage1 = round(args.stage1 * total)                   # updates trained with C = I (two-stage training)
@@ -230,46 +328,50 @@ def main(argv=None):
     model.train()
     bar = tqdm(total=total, initial=step, desc="training", disable=rank != 0 or None)
     t0, tokens = time.time(), 0
-    while step < total and (args.stop_at is None or step < args.stop_at):
-        loss_sum = 0.0
-        for micro in range(args.grad_accum):
-            start = ((step * args.grad_accum + micro) * world + rank) * args.batch_size
-            idx = order[start:start + args.batch_size]
-            sync = world == 1 or micro == args.grad_accum - 1     # all-reduce once per update
-            with autocast, stage(), (contextlib.nullcontext() if sync else ddp.no_sync()):
-                loss, _ = sft_loss(ddp, ids[idx].to(device), answer[idx].to(device))
-                (loss / args.grad_accum).backward()
-            loss_sum += loss.item() / args.grad_accum
-            tokens += idx.numel() * ids.shape[1] * world
-        if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"update {step + 1}: loss is {loss_sum}; stopped, the last checkpoint in {out} is intact")
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        elapsed = time.time() - t0
-        record = {"step": step, "loss": loss_sum, "lr": sched.get_last_lr()[0], "tokens_per_s": tokens / elapsed,
-                  "elapsed_s": elapsed}
-        if step % args.eval_every == 0 or step == total:
-            model.eval()
-            with stage():
-                record["val_loss"] = validation_loss(ddp, val_ids.to(device), val_answer.to(device), args.batch_size, args.seed)
-            model.train()
-            if record["val_loss"] < best and rank == 0:
-                best = record["val_loss"]
-                nara.save_adapter(model, out / "best")
-        if rank == 0:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.update(1)
-            bar.set_postfix_str(f"loss {loss_sum:.3f} | lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s"
-                                + (f" | val {record['val_loss']:.3f}" if "val_loss" in record else ""))
-            if step % args.eval_every == 0 or step == total or step == args.stop_at:
-                ck = {"adapter": nara.adapter_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "step": step, "best": best, "rng": torch.get_rng_state(),
-                      "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0)}
-                atomic_write(out / "checkpoint.pt", lambda tmp: torch.save(ck, tmp))
+    try:
+        while step < total and (args.stop_at is None or step < args.stop_at):
+            loss_sum = 0.0
+            for micro in range(args.grad_accum):
+                start = ((step * args.grad_accum + micro) * world + rank) * args.batch_size
+                idx = order[start:start + args.batch_size]
+                sync = world == 1 or micro == args.grad_accum - 1     # all-reduce once per update
+                with autocast, stage(), (contextlib.nullcontext() if sync else ddp.no_sync()):
+                    loss, _ = sft_loss(ddp, ids[idx].to(device), answer[idx].to(device))
+                    (loss / args.grad_accum).backward()
+                loss_sum += loss.item() / args.grad_accum
+                tokens += idx.numel() * ids.shape[1] * world
+            if not math.isfinite(loss_sum):
+                kept = f"the last checkpoint (update {saved_at}) in {out} is intact" if saved_at else "no checkpoint was written yet"
+                raise FloatingPointError(f"update {step + 1}: loss is {loss_sum}; stopped, {kept}")
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.time() - t0
+            record = {"step": step, "loss": loss_sum, "lr": sched.get_last_lr()[0], "tokens_per_s": tokens / elapsed,
+                      "elapsed_s": elapsed}
+            if step % args.eval_every == 0 or step == total:
+                model.eval()
+                with stage():
+                    record["val_loss"] = validation_loss(ddp, val_ids.to(device), val_answer.to(device), args.batch_size, args.seed)
+                model.train()
+                if record["val_loss"] < best and rank == 0:
+                    best = record["val_loss"]
+                    nara.save_adapter(model, out / "best")
+            if rank == 0:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.update(1)
+                bar.set_postfix_str(f"loss {loss_sum:.3f} | lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s"
+                                    + (f" | val {record['val_loss']:.3f}" if "val_loss" in record else ""))
+                if step % args.eval_every == 0 or step == total or step == args.stop_at:
+                    save_checkpoint(out / "checkpoint.pt", model, opt, sched, step, best, device)
+                    saved_at = step
+    except KeyboardInterrupt:
+        where = (f"the last checkpoint (update {saved_at}) is in {out}: continue with the same command and --resume "
+                 f"--out {out}") if saved_at else f"no checkpoint was written yet: run the command again with --out {out}"
+        raise Interrupted(f"interrupted at update {step}/{total}; {where}") from None
     bar.close()
     if world > 1:
         sums = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
@@ -299,6 +401,11 @@ def report(model, tok, args):
 if __name__ == "__main__":
     try:
         main()
+    except Interrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit("\ninterrupted before training started; nothing was saved")
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     except torch.cuda.OutOfMemoryError:

@@ -132,3 +132,52 @@ def test_multiple_choice_by_likelihood_picks_the_most_likely_label(tiny, monkeyp
     assert [s.split()[-1] for s in seen] == [f"answer{k}" for k in range(1, 6)]
     monkeypatch.undo()                                                     # and with the real estimator
     assert ev.choose_by_likelihood(model, tok, "boolq", "Is it?", mc_num=4) in ("true", "false")
+
+
+# ------------------------------------------------------------------ user mistakes and result files
+@pytest.mark.parametrize("extra, words", [
+    (["--limit", "0"], "--limit must be at least 1"),
+    (["--limit", "-1"], "--limit must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--gen-length", "10", "--block-length", "4"], "--gen-length 10 must be a multiple of --block-length 4"),
+    (["--adapter", "no/such/run/adapter"], "--adapter no/such/run/adapter: no such directory"),
+    (["--mc"], "--mc scores the commonsense label sets, not --task arith"),
+])
+def test_bad_eval_flags_are_named(tmp_path, extra, words):
+    with pytest.raises(ValueError, match=__import__("re").escape(words)):
+        ev.main(["--out", str(tmp_path / "res"), *extra])
+
+
+@pytest.mark.parametrize("rows, words", [
+    ([], "no test items"),
+    ([{"instruction": "q", "answer": "7"}, {"instruction": "q", "answer": "seven"}], "item 1 has the non-numeric answer 'seven'"),
+])
+def test_bad_test_files_are_named_before_any_model_loads(tmp_path, rows, words):
+    (tmp_path / "t.json").write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match=words):
+        ev.main(["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "t.json"), "--out", str(tmp_path / "r")])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        ev.main(["--out", str(tmp_path / "file")])
+
+
+def test_two_adapters_of_one_run_keep_their_own_results(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "m")
+    tok.save(str(tmp_path / "m" / "tokenizer.json"))
+    nara.add_adapters(model, "lora", r=2, verbose=False)
+    for sub in ("adapter", "best"):
+        nara.save_adapter(model, tmp_path / "runs" / "x" / sub)
+    (tmp_path / "t.json").write_text(json.dumps([{"instruction": "What is 1 plus 2?", "input": "", "answer": "3"}] * 2))
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", "m", "--adapter", "runs/x/adapter", "--adapter", "runs/x/best", "--data", "t.json", "--out", "res"]
+    ev.main(argv)
+    ev.main(argv)
+    assert {p.name for p in (tmp_path / "res").glob("*.summary.json")} == {
+        "arith-base.summary.json", "arith-x-adapter.summary.json", "arith-x-best.summary.json"}
+    lines = (tmp_path / "res" / "results.csv").read_text().splitlines()
+    assert lines[0].split(",") == ev.FIELDS and len(lines) == 1 + 6 and lines.count(lines[0]) == 1
+    (tmp_path / "res" / "results.csv").write_text("task,accuracy\narith,0.5\n")
+    with pytest.raises(ValueError, match="results.csv has other columns"):
+        ev.main(argv)
+    assert ev.labels(["a/run/adapter", "b/run/adapter"]) == ["a-run-adapter", "b-run-adapter"]

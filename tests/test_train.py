@@ -1,6 +1,8 @@
 import json
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,8 +151,126 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(setup, tm
         return (loss * float("nan") if len(calls) == 5 else loss), lam      # the 5th training batch
     monkeypatch.setattr(train, "sft_loss", poisoned)
     out = tmp_path / "nan"
-    with pytest.raises(FloatingPointError, match="update 4: loss is nan"):
+    with pytest.raises(FloatingPointError, match="update 4: loss is nan; stopped, the last checkpoint \\(update 3\\)"):
         train.main(args(setup, out, "--max-updates", "8"))     # calls: updates 1-3, validation at 3, update 4
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 3 and all(torch.isfinite(v).all() for v in ck["adapter"].values())
     assert not (out / "adapter").exists()
+
+
+# ------------------------------------------------------------------ user mistakes, each a one-line error
+def corrupt(path, how):
+    """Empty, cut in half, or garbage where the format's directory is (a safetensors file's JSON
+    header at the start, a torch.save zip's central directory at the end)."""
+    data = path.read_bytes()
+    garbage = data[:8] + b"{garbage" + data[16:-64] + b"x" * 64
+    path.write_bytes({"empty": b"", "truncated": data[:len(data) // 2], "header": garbage}[how])
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--grad-accum", "0"], "--grad-accum must be at least 1"),
+    (["--adapter-rank", "0"], "--adapter-rank must be at least 1"),
+    (["--adapter-rank", "-3"], "--adapter-rank must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--eval-every", "0"], "--eval-every must be at least 1"),
+    (["--val-size", "0"], "--val-size must be at least 1"),
+    (["--lr=-1e-3"], "--lr must be positive"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["--stage1", "2"], "--stage1 must be in [0, 1]"),
+    (["--hyper-hidden", "a,b"], "--hyper-hidden 'a,b'"),
+    (["--groups", "qk"], "--groups 'qk'"),
+    (["--freeze", "C"], "--freeze 'C'"),
+    (["--model", "./no/such/model"], "no such model directory"),
+    (["--test", "missing.json"], "missing.json: test file not found"),
+])
+def test_bad_flags_fail_before_any_work(setup, tmp_path, extra, words):
+    with pytest.raises(ValueError, match=__import__("re").escape(words)):
+        train.main(args(setup, tmp_path / "run", *extra))
+    assert not (tmp_path / "run").exists()                                # nothing started
+
+
+def test_a_bad_test_file_fails_before_training(setup, tmp_path):
+    (tmp_path / "t.json").write_text(json.dumps([{"instruction": "q", "answer": "7"}, {"instruction": "q", "answer": "seven"}]))
+    with pytest.raises(ValueError, match="item 1 has the non-numeric answer 'seven'"):
+        train.main(args(setup, tmp_path / "run", "--test", str(tmp_path / "t.json")))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change, words", [
+    (["--lr", "2e-2"], "--lr = 0.01, not 0.02"),
+    (["--seed", "1"], "--seed = 0, not 1"),
+    (["--max-updates", "9"], "--max-updates = 4, not 9"),
+    (["--adapter-rank", "2"], "--adapter-rank = 4, not 2"),
+    (["--method", "lora"], "--method = 'nara', not 'lora'"),
+])
+def test_resume_refuses_other_settings(setup, tmp_path, change, words):
+    out = tmp_path / "run"
+    train.main(args(setup, out, "--max-updates", "4", "--stop-at", "3"))
+    with pytest.raises(ValueError, match=__import__("re").escape(words)):
+        train.main(args(setup, out, "--max-updates", "4", "--resume", *change))
+    train.main(args(setup, out, "--max-updates", "4", "--resume", "--stop-at", "4"))   # --stop-at may change
+    assert (out / "adapter").exists()
+
+
+def test_resume_refuses_changed_data_and_never_touches_a_finished_run(setup, tmp_path):
+    data, out = tmp_path / "data.json", tmp_path / "run"
+    data.write_text((setup / "data.json").read_text())
+    run = lambda *extra: train.main([*args(setup, out, "--max-updates", "4"), "--data", str(data), *extra])  # noqa: E731
+    run("--stop-at", "3")
+    data.write_text(data.read_text().replace("Say", "Tell"))
+    with pytest.raises(ValueError, match="--data \\(the file changed since the run started\\)"):
+        run("--resume")
+    data.write_text(data.read_text().replace("Tell", "Say"))
+    run("--resume")
+    stamp = (out / "adapter" / "adapter.safetensors").stat().st_mtime
+    for extra in (["--resume"], []):
+        with pytest.raises(ValueError, match="holds a finished run"):
+            run(*extra)
+    assert (out / "adapter" / "adapter.safetensors").stat().st_mtime == stamp
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_cleanly(setup, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')     # what a kill at update 1 leaves
+    (out / "run.json").write_text("{}")
+    train.main(args(setup, out, "--max-updates", "4"))
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] and (out / "adapter").exists()
+    with pytest.raises(ValueError, match="--resume needs --out"):
+        train.parse_args(["--resume"])
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated", "header"])
+def test_corrupt_files_are_named(setup, tmp_path, how):
+    model = tmp_path / "model"
+    shutil.copytree(setup / "model", model)
+    shard = sorted(model.glob("*.safetensors"))[0]
+    corrupt(shard, how)
+    with pytest.raises(ValueError, match=f"{shard.name}: not a readable safetensors file"):
+        LLaDA.from_pretrained(model)
+    out = tmp_path / "run"
+    train.main(args(setup, out, "--max-updates", "4", "--stop-at", "3"))
+    corrupt(out / "checkpoint.pt", how)
+    with pytest.raises(ValueError, match="checkpoint.pt: not a readable checkpoint"):
+        train.main(args(setup, out, "--max-updates", "4", "--resume"))
+    corrupt(out / "best" / "adapter.safetensors", how)
+    with pytest.raises(ValueError, match="adapter.safetensors: not a readable safetensors file"):
+        nara.load_adapter(LLaDA.from_pretrained(setup / "model"), out / "best")
+    (out / "best" / "adapter_config.json").write_text('{"method": "nara",')
+    with pytest.raises(ValueError, match="adapter_config.json: invalid JSON"):
+        nara.load_adapter(LLaDA.from_pretrained(setup / "model"), out / "best")
+
+
+def test_ctrl_c_says_what_was_saved_and_how_to_resume(setup, tmp_path):
+    import signal
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args(setup, out, "--max-updates", "100000", "--eval-every", "2")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**_env(), "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoint.pt").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted at update" in err and "the last checkpoint (update" in err and "--resume" in err
