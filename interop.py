@@ -18,6 +18,7 @@ outputs. Departure: the authors share one embedding between mapper groups; here 
 hypernetwork holds its own copy (identical after loading).
 """
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -29,39 +30,119 @@ PEFT_PREFIX = "base_model.model.model."
 
 
 # ---------------------------------------------------------------- PEFT's LoRA layout
+# Fields that every PEFT release from 0.13 on knows (LoraConfig); export writes no other.
+PEFT_FIELDS = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "r", "lora_alpha",
+               "lora_dropout", "target_modules", "bias", "fan_in_fan_out", "init_lora_weights", "use_rslora", "use_dora",
+               "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform", "layers_pattern")
+# Read but without effect on the loaded model: provenance, how PEFT initialised A and B, settings of
+# features that are off (qalora_group_size without use_qalora), and what load_peft honours.
+PEFT_NEUTRAL = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+                "runtime_config", "peft_version", "megatron_core", "qalora_group_size", "eva_config", "r", "lora_alpha", "lora_dropout",
+                "target_modules", "exclude_modules", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern"}
+
+
 def export_peft(model, directory, lam=None):
-    """LoRA in PEFT's layout (adapter_model.safetensors + adapter_config.json). NaRA, NaRA-C and
-    Multi-LoRA export "LoRA at a fixed λ": B' = B C(λ) (the bin's LoRA for Multi-LoRA)."""
+    """The adapter as a PEFT LoRA (adapter_model.safetensors + adapter_config.json) that PeftModel
+    loads onto transformers' LLaDA, PEFT 0.13 and later: NaRA, NaRA-C and Multi-LoRA as "LoRA at a
+    fixed λ" (B' = B C(λ), the bin's LoRA), DoRA and NaRA-DoRA as PEFT's DoRA. The method and λ go
+    into the safetensors metadata (PEFT ignores it)."""
     cfg = model.adapter_config
-    if cfg["method"] not in ("lora", "nara", "nara-c", "multi-lora"):
+    if cfg["method"] in ("hira", *nara.PROMPT):
         raise ValueError(f"{cfg['method']} is not a low-rank additive update: PEFT's LoRA layout cannot hold it")
     if cfg["method"] in nara.NOISE_AWARE and lam is None:
         raise ValueError(f"{cfg['method']} depends on λ: pass lam= to export LoRA at that noise level")
-    cond = nara.cond_at(model, 0.0 if lam is None else lam)
-    tensors = {}
+    cond, tensors, ranks, alphas = nara.cond_at(model, 0.0 if lam is None else lam), {}, {}, {}
     for name, m in model.named_modules():
         if isinstance(m, nara.LoRALinear):
             A, C, B = (None if t is None else nara._first(t) for t in m.factors(cond))
-            B = B if C is None else B @ C
-            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = A, B
-    s = 1.0 if cfg["alpha"] is None else cfg["alpha"] / cfg["r"]
-    nara.write_adapter_files(directory, "adapter_model.safetensors", tensors, {
-        "peft_type": "LORA", "r": cfg["r"], "lora_alpha": s * cfg["r"], "lora_dropout": cfg["dropout"],
-        "target_modules": cfg["targets"], "bias": "none", "exported_from": cfg["method"], "noise_level": lam})
+            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A
+            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B if C is None else B @ C
+            if isinstance(m, nara.DoRALinear):
+                tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = m.magnitude
+            ranks[name], alphas[name] = m.r, m.s * m.r             # PEFT: s = lora_alpha / r
+    r = cfg["r"]
+    body = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": getattr(model, "source", None),
+            "revision": None, "inference_mode": True, "r": r, "lora_alpha": alphas[next(iter(alphas))],
+            "lora_dropout": cfg["dropout"], "target_modules": cfg["targets"], "bias": "none", "fan_in_fan_out": False,
+            "init_lora_weights": True, "use_rslora": False, "use_dora": cfg["method"] in ("dora", "nara-dora"),
+            "rank_pattern": {n: v for n, v in ranks.items() if v != r}, "modules_to_save": None,
+            "layers_to_transform": None, "layers_pattern": None}
+    body["alpha_pattern"] = {n: v for n, v in alphas.items() if v != body["lora_alpha"]}
+    nara.write_adapter_files(directory, "adapter_model.safetensors", tensors, body,
+                             metadata={"nara_method": cfg["method"], "nara_noise_level": str(lam)})
+
+
+def peft_targets(body, names, where):
+    """Our module names that PEFT's target_modules (and exclude_modules) select: a string is a
+    regular expression that must match the whole name, a list matches a name or its last parts;
+    names are PEFT's, i.e. transformers' LLaDA: model.transformer.blocks.{i}.{layer}."""
+    def matches(spec, name):
+        if isinstance(spec, str):
+            return re.fullmatch(spec, name) is not None
+        return name in spec or any(name.endswith("." + t) for t in spec)
+    targets = body.get("target_modules")
+    if not targets:
+        raise ValueError(f"{where}: no target_modules")
+    chosen = [n for n in names if matches(targets, "model." + n) and not
+              (body.get("exclude_modules") and matches(body["exclude_modules"], "model." + n))]
+    if not chosen:
+        raise ValueError(f"{where}: target_modules={targets!r} matches no layer of this model")
+    return chosen
+
+
+def pattern_value(pattern, name, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that ends the module name."""
+    key = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", name)), None)
+    return default if key is None else pattern[key]
 
 
 def load_peft(model, directory, verbose=True):
-    """Load a PEFT-layout LoRA (ours or PEFT's own) onto a plain model as method 'lora'."""
+    """A LoRA adapter in PEFT's layout (PEFT's own or export_peft's) onto a plain model, as "lora"
+    or, with use_dora, "dora" (the same formula as PEFT at inference). Honoured: r, lora_alpha,
+    rsLoRA, rank_pattern, alpha_pattern, target_modules as a list or a regex, exclude_modules,
+    lora_dropout. Anything else that would change the model is refused by name, never ignored."""
     directory = Path(directory)
-    body = read_json(directory / "adapter_config.json")
-    nara.add_adapters(model, "lora", r=body["r"], targets=body["target_modules"], alpha=body["lora_alpha"],
-                      dropout=body.get("lora_dropout", 0.0), verbose=verbose)
-    file = directory / "adapter_model.safetensors"
+    cfg_file, file = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    body = read_json(cfg_file)
+    if body.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_file}: peft_type={body['peft_type']!r}: only LORA adapters load here")
+    init = str(body.get("init_lora_weights", True)).lower()
+    if not init.startswith(("true", "false", "gaussian")):
+        raise ValueError(f"{cfg_file}: init_lora_weights={body['init_lora_weights']!r} changes the base weights: "
+                         "convert it to a plain LoRA with PEFT first (path_initial_model_for_weight_conversion)")
+    for key, value in body.items():
+        if key not in PEFT_NEUTRAL and key != "init_lora_weights" and value not in (None, False, "none", [], {}, ""):
+            raise ValueError(f"{cfg_file}: {key}={value!r} is not supported (it would change the model)")
+    linears = [n for n, m in model.named_modules() if n.startswith("transformer.") and isinstance(m, (nara.Linear, torch.nn.Linear))]
+    chosen = peft_targets(body, linears, cfg_file)
+    odd = [n for n in chosen if not n.startswith("transformer.blocks.")]
+    if odd:
+        raise ValueError(f"{cfg_file}: adapters on {odd[0]} (the LM head or embedding) are not supported")
+    r, alpha, rp, ap = body["r"], body.get("lora_alpha", 8), body.get("rank_pattern") or {}, body.get("alpha_pattern") or {}
+    for n in chosen:                                        # PEFT 0.13 took one key for both patterns
+        kr, ka = (next((k for k in pat if re.match(rf"(.*\.)?({k})$", "model." + n)), None) for pat in (rp, ap))
+        if kr is not None and ka is not None and kr != ka:
+            raise ValueError(f"{cfg_file}: rank_pattern key {kr!r} and alpha_pattern key {ka!r} both match {n}: "
+                             "PEFT releases disagree on what that means")
+    nara.add_adapters(model, "dora" if body.get("use_dora") else "lora", r=r, targets=chosen, alpha=alpha,
+                      dropout=body.get("lora_dropout", 0.0), rslora=bool(body.get("use_rslora")), verbose=verbose,
+                      rank_pattern={n: pattern_value(rp, "model." + n, r) for n in chosen},
+                      alpha_pattern={n: pattern_value(ap, "model." + n, alpha) for n in chosen})
     tensors = read_safetensors(file)
-    names = {f"{PEFT_PREFIX}{n}.{ab}.weight": f"{n}.{ab}" for n, m in model.named_modules()
-             if isinstance(m, nara.LoRALinear) for ab in ("lora_A", "lora_B")}
+    names = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nara.LoRALinear):
+            names.update({f"{PEFT_PREFIX}{n}.lora_A.weight": f"{n}.lora_A", f"{PEFT_PREFIX}{n}.lora_B.weight": f"{n}.lora_B"})
+            if isinstance(m, nara.DoRALinear):              # PEFT >= 0.10 saves it as a module's .weight
+                key = f"{PEFT_PREFIX}{n}.lora_magnitude_vector"
+                names[key + ".weight" if key + ".weight" in tensors else key] = f"{n}.magnitude"
     check_keys(file, tensors, names)
-    model.load_state_dict({names[k]: v for k, v in tensors.items()}, strict=False)
+    state = {names[k]: v for k, v in tensors.items()}
+    expected = nara.adapter_state(model)
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(f"{file}: the tensor for {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    model.load_state_dict(state, strict=False)
     return model
 
 

@@ -27,6 +27,7 @@ Departures from the official `modeling_llada.py`, all on purpose:
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -105,9 +106,21 @@ class LLaDAConfig:
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 
-    def to_json_dict(self):
+    def to_json_dict(self, base=None, local_code=False):
+        """config.json as the released checkpoints have it. `base` (the source's config.json) keeps its
+        other keys; transformers' AutoModel(..., trust_remote_code=True) needs `architectures` and an
+        `auto_map` to the official code: the files beside it (local_code) or the hub repository's."""
         out = {k: (v[0] if isinstance(v, tuple) else v) for k, v in self.SUPPORTED.items()}
-        return {"model_type": "llada", **out, **asdict(self)}
+        code = "" if local_code else f"{HUB_CODE}--"
+        auto = {"AutoConfig": f"{code}configuration_llada.LLaDAConfig", "AutoModel": f"{code}modeling_llada.LLaDAModelLM",
+                "AutoModelForCausalLM": f"{code}modeling_llada.LLaDAModelLM"}
+        return {**out, **(base or {}), "model_type": "llada", "architectures": ["LLaDAModelLM"], "auto_map": auto,
+                **asdict(self)}
+
+
+HUB_CODE = "GSAI-ML/LLaDA-8B-Instruct"                  # where the official remote code lives
+CODE_FILES = ("configuration_llada.py", "modeling_llada.py")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 class Linear(nn.Linear):
@@ -276,15 +289,26 @@ class LLaDA(nn.Module):
                 for key in keys:
                     state[key[len("model."):]] = f.get_tensor(key).to(device=device, dtype=dtype)
         model.load_state_dict(state, strict=True, assign=True)
+        model.source = str(path.resolve())               # save_pretrained copies code and tokenizer from here
         return model.eval()
 
     def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
-        """Write the backbone in the layout `from_pretrained` reads (and the official code reads):
-        config.json and model.safetensors, or shards plus an index when larger than max_shard_bytes.
-        Each file is written to a temporary name, then renamed; adapters are not saved here."""
+        """Write the backbone in the layout `from_pretrained` reads and transformers' AutoModel loads
+        (with trust_remote_code=True): config.json and model.safetensors, or shards plus an index when
+        larger than max_shard_bytes; from the directory the model was loaded from, the official code
+        files and the tokenizer files come along. Each file is written to a temporary name, then
+        renamed; adapters are not saved here (nara.merge folds them in first)."""
         from safetensors.torch import save_file
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        source = Path(self.source) if getattr(self, "source", None) else None
+        copied = []
+        if source is not None and source.resolve() != path.resolve():
+            for name in (*CODE_FILES, *TOKENIZER_FILES):
+                if (source / name).is_file():
+                    atomic_write(path / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
+                    copied.append(name)
+        base = read_json(source / "config.json") if source is not None and (source / "config.json").is_file() else None
         sd = self.state_dict()
         tensors = {k: sd[k[len("model."):]].detach().contiguous().cpu() for k in self.base_shapes()}
         shards, size = [[]], 0
@@ -307,7 +331,8 @@ class LLaDA(nn.Module):
             atomic_write(index, lambda tmp: Path(tmp).write_text(json.dumps(body, indent=2)))
         else:
             index.unlink(missing_ok=True)      # a stale index would shadow the new single file
-        atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(self.config.to_json_dict(), indent=2)))
+        body = self.config.to_json_dict(base, local_code=all(f in copied or (path / f).is_file() for f in CODE_FILES))
+        atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(body, indent=2)))
 
 
 def read_json(file):

@@ -310,7 +310,8 @@ class VirtualTokens(nn.Module):
 def add_adapters(model, method, r=32, targets=("q_proj", "k_proj", "v_proj", "attn_out"), alpha=None,
                  dropout=0.05, eta=0.1, embedding="fourier", groups=None, bins=5, verbose=True, *,
                  width=64, hidden=(256, 512), init="zero_last", condition="lambda", radius=5,
-                 virtual_tokens=20, prompt_init=None, encoder_hidden=None):
+                 virtual_tokens=20, prompt_init=None, encoder_hidden=None, rslora=False, rank_pattern=None,
+                 alpha_pattern=None):
     """Freeze `model` and add the adapters of `method`.
 
     Low-rank methods replace each linear layer inside transformer.blocks whose name ends with a
@@ -320,7 +321,8 @@ def add_adapters(model, method, r=32, targets=("q_proj", "k_proj", "v_proj", "at
     embedding, width (of e_λ), hidden (the hypernetwork's widths), init, condition and radius: see
     Hypernetwork. Prompt methods add `virtual_tokens` input embeddings instead (see VirtualTokens;
     prompt_init: token ids of an initial text, else random vocabulary rows; encoder_hidden:
-    P-Tuning's MLP width, default d_model)."""
+    P-Tuning's MLP width, default d_model). Per-layer ranks and scales as PEFT's LoRA has them (for
+    lora, dora and hira): rank_pattern / alpha_pattern {module name: r / alpha}, rslora: s = alpha/√r."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}: choose one of {', '.join(METHODS)}")
     if getattr(model, "adapter_config", None):
@@ -334,7 +336,10 @@ def add_adapters(model, method, r=32, targets=("q_proj", "k_proj", "v_proj", "at
     config = dict(method=method, r=r, targets=list(targets), alpha=alpha, dropout=dropout, eta=eta,
                   embedding=embedding, groups=groups, bins=bins, width=width, hidden=list(hidden), init=init,
                   condition=condition, radius=radius, virtual_tokens=virtual_tokens, prompt_init=prompt_init,
-                  encoder_hidden=encoder_hidden)
+                  encoder_hidden=encoder_hidden, rslora=rslora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    if (rank_pattern or alpha_pattern or rslora) and method not in ("lora", "dora", "hira"):
+        raise ValueError(f"per-layer ranks and scales (rank_pattern, alpha_pattern, rslora) are for lora, dora and hira, "
+                         f"not {method}: its core C is r x r in every layer")
     for p in model.parameters():
         p.requires_grad_(False)
     device = next(model.parameters()).device
@@ -343,10 +348,15 @@ def add_adapters(model, method, r=32, targets=("q_proj", "k_proj", "v_proj", "at
                                      (encoder_hidden or model.config.d_model) if method == "p-tuning" else None)
         what = f"{virtual_tokens} virtual tokens"
     else:
-        what = _add_low_rank(model, method, r, targets, 1.0 if alpha is None else alpha / r, dropout, eta, groups,
-                             bins, dict(embedding=embedding, width=width, hidden=hidden, init=init, condition=condition,
-                                        radius=radius), device)
+        def rank_scale(name):                           # PEFT's rules: s = alpha / r, or alpha / √r (rsLoRA)
+            r_i = (rank_pattern or {}).get(name, r)
+            a_i = (alpha_pattern or {}).get(name, alpha)
+            return r_i, 1.0 if a_i is None else a_i / (math.sqrt(r_i) if rslora else r_i)
+        what = _add_low_rank(model, method, r, targets, rank_scale, dropout, eta, groups, bins,
+                             dict(embedding=embedding, width=width, hidden=hidden, init=init, condition=condition,
+                                  radius=radius), device)
     model.adapter_config = config
+    model.train(model.training)                           # new layers follow the model's mode (eval: no dropout)
     if verbose:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
@@ -354,10 +364,11 @@ def add_adapters(model, method, r=32, targets=("q_proj", "k_proj", "v_proj", "at
     return model
 
 
-def _add_low_rank(model, method, r, targets, s, dropout, eta, groups, bins, hyper, device):
+def _add_low_rank(model, method, r, targets, rank_scale, dropout, eta, groups, bins, hyper, device):
     linears = {n: m for n, m in model.named_modules() if n.startswith("transformer.blocks.") and isinstance(m, Linear)}
+    hits = lambda n, t: n == t or n.endswith("." + t)  # noqa: E731   (a layer name, or a full module name)
     for t in targets:
-        if not any(n.endswith("." + t) for n in linears):
+        if not any(hits(n, t) for n in linears):
             names = sorted({n.rsplit(".", 1)[1] for n in linears})
             raise ValueError(f"target {t!r} matches no linear layer; available: {', '.join(names)}")
     group_of = {t: "nara" for t in targets}
@@ -372,9 +383,10 @@ def _add_low_rank(model, method, r, targets, s, dropout, eta, groups, bins, hype
         model.noise_nets["nara"] = StaticCore(r, eta).to(device)
     matched = 0
     for name, base in linears.items():
-        t = next((t for t in targets if name.endswith("." + t)), None)
+        t = next((t for t in targets if hits(name, t)), None)
         if t is None:
             continue
+        r, s = rank_scale(name)
         layer = {"lora": lambda: LoRALinear(base, r, s, dropout),
                  "nara": lambda: NaRALinear(base, r, s, dropout, group_of[t]),
                  "nara-c": lambda: NaRALinear(base, r, s, dropout, "nara"),

@@ -289,3 +289,13 @@ def test_theorem_4_1_by_training():
     wider = family(5)
     bound = rank_bound(wider, 4)
     assert bound > 0.05 and fit("nara", wider)[0][-1] >= bound
+
+
+def test_adapters_follow_the_mode_of_the_model_they_join(tmp_path):
+    model = random_model().eval()
+    nara.add_adapters(model, "nara", r=4, verbose=False)
+    assert not any(m.training for m in model.modules())                 # no dropout in an evaluated model
+    nara.save_adapter(randomise_adapters(model), tmp_path)
+    loaded = nara.load_adapter(random_model().eval(), tmp_path, verbose=False)
+    assert torch.equal(loaded(IDS, noise_level=LAM), loaded(IDS, noise_level=LAM))
+    assert torch.equal(loaded(IDS, noise_level=LAM), model(IDS, noise_level=LAM))
