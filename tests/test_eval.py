@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +182,32 @@ def test_two_adapters_of_one_run_keep_their_own_results(tiny, tmp_path, monkeypa
     with pytest.raises(ValueError, match="results.csv has other columns"):
         ev.main(argv)
     assert ev.labels(["a/run/adapter", "b/run/adapter"]) == ["a-run-adapter", "b-run-adapter"]
+
+
+def test_a_whole_table_of_the_paper_is_one_command(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "m")
+    tok.save(str(tmp_path / "m" / "tokenizer.json"))
+    for name in ev.SUITES["math"]:                                       # the math table's six sets, two items each
+        gold = "A" if name == "AQuA" else "3"
+        (tmp_path / "d" / name).mkdir(parents=True)
+        (tmp_path / "d" / name / "test.json").write_text(json.dumps([{"instruction": "What is 1 plus 2?", "answer": gold}] * 2))
+    monkeypatch.chdir(tmp_path)
+    ev.main(["--model", "m", "--task", "math", "--data", "d", "--out", "res", "--gen-length", "8", "--steps", "8",
+             "--block-length", "8"])
+    table = (tmp_path / "res" / "math-table.md").read_text().splitlines()
+    assert table[0] == "| model | AddSub | AQuA | gsm8k | MultiArith | SingleEq | SVAMP | avg |" and table[2].startswith("| base |")
+    assert len((tmp_path / "res" / "results.csv").read_text().splitlines()) == 1 + 6
+    with pytest.raises(ValueError, match="d/boolq/test.json: test file not found"):
+        ev.main(["--model", "m", "--task", "commonsense", "--data", "d", "--out", "res"])
+
+
+def test_download_says_where_to_put_what_it_cannot_fetch(tmp_path):
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, str(Path(ev.__file__).parent / "data" / "download.py"), "--only", "mbpp",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    if res.returncode == 0:                                               # a machine with a network
+        assert (tmp_path / "code" / "mbpp_test.jsonl").read_text().count("\n") == 500
+    else:
+        assert "Fetch it elsewhere and copy it to" in res.stderr and str(tmp_path / "code" / "mbpp_test.jsonl") in res.stderr
