@@ -182,7 +182,7 @@ class Block(nn.Module):
 
     def forward(self, x, sin, cos, key_pad, cond):
         B, L, C = x.shape
-        h = self.attn_norm(x)
+        h = recompute(cond, self.attn_norm, x)                       # keeps x, not its fp32 copy
         q = self.q_proj(h, cond).view(B, L, self.n_heads, -1).transpose(1, 2)      # (B, nh, L, hs)
         k = self.k_proj(h, cond).view(B, L, self.n_kv_heads, -1).transpose(1, 2)   # (B, nkv, L, hs)
         v = self.v_proj(h, cond).view(B, L, self.n_kv_heads, -1).transpose(1, 2)   # (B, nkv, L, hs)
@@ -196,8 +196,21 @@ class Block(nn.Module):
             bias = bias.masked_fill(key_pad, torch.finfo(q.dtype).min)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=False)
         x = x + self.attn_out(att.transpose(1, 2).contiguous().view(B, L, C), cond)
-        h = self.ff_norm(x)
-        return x + self.ff_out(F.silu(self.ff_proj(h, cond)) * self.up_proj(h, cond), cond)
+        h = recompute(cond, self.ff_norm, x)
+        return x + self.ff_out(recompute(cond, swiglu, self.ff_proj(h, cond), self.up_proj(h, cond)), cond)
+
+
+def swiglu(gate, up):
+    return F.silu(gate) * up
+
+
+def recompute(cond, fn, *args):
+    """fn(*args), keeping for backward only its inputs when cond["recompute"] (training): norms, SiLU
+    and the adapters' dropout are recomputed in backward (same values, same RNG: gradients are bit
+    for bit the same) instead of keeping their fp32 or per-layer copies. See BENCHMARKS.md."""
+    if cond.get("recompute") and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 class LLaDA(nn.Module):
@@ -215,15 +228,16 @@ class LLaDA(nn.Module):
         self.noise_nets = nn.ModuleDict()
         self.prompt = None                       # Prompt Tuning / P-Tuning virtual tokens (nara.py)
         self.adapter_config = None               # set by nara.add_adapters
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False      # whole blocks recomputed in backward (--grad-checkpointing)
+        self.recompute = True                    # cheap ops recomputed in backward (see `recompute`)
 
     def condition(self, noise_level, input_ids=None, attention_mask=None, density=None):
         """What every adapted layer receives, computed once per forward: the noise level itself and
         the output of each shared noise network (NaRA's C(λ), shape (B, r, r)). A network conditioned
         on the noise density reads it from the masked positions of input_ids (or `density` as given)."""
         masked = None if input_ids is None else input_ids == self.config.mask_token_id
-        return {"lam": noise_level, **{name: net(noise_level, masked, attention_mask, density)
-                                       for name, net in self.noise_nets.items()}}
+        return {"lam": noise_level, "recompute": self.recompute and self.training,
+                **{name: net(noise_level, masked, attention_mask, density) for name, net in self.noise_nets.items()}}
 
     def forward(self, input_ids, attention_mask=None, noise_level=None, positions=None):
         """input_ids (B, L) long; attention_mask (B, L) of 1 = token, 0 = padding (keys only);

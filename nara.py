@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Linear, atomic_write, check_keys, read_json, read_safetensors
+from model import Linear, atomic_write, check_keys, read_json, read_safetensors, recompute
 
 METHODS = ("lora", "nara", "nara-c", "multi-lora", "hira", "dora", "nara-dora", "prompt-tuning", "p-tuning")
 NOISE_AWARE = ("nara", "multi-lora", "nara-dora")
@@ -117,7 +117,8 @@ class Hypernetwork(nn.Module):
         if self.bypass:                                                     # stage 1 of two-stage training
             return torch.eye(self.r, device=device).expand(B, self.r, self.r)
         with torch.autocast(device.type, enabled=False):
-            F_phi = self.net(torch.cat([self.encode(values[n], n) for n in self.inputs], dim=-1))   # (B, r²)
+            e = torch.cat([self.encode(values[n], n) for n in self.inputs], dim=-1)                 # (B, inputs x width)
+            F_phi = self.net(e.to(self.net[0].weight.dtype))                                       # (B, r²)
             return core(F_phi, self.r, self.eta)                            # (B, r, r)
 
 
@@ -170,13 +171,18 @@ class LoRALinear(nn.Module):
         """s · B C A x for x (B, L, d_in) -> (B, L, d_out). Computed in x's dtype: the fp32 factors
         are cast (r x d, cheap) rather than the activations (B x L x d), as autocast would do."""
         A, C, B = (None if t is None else t.to(x.dtype) for t in self.factors(cond))
-        a = self.dropout(x) @ A.transpose(-1, -2)                         # (B, L, r)
+        a = recompute(cond, self.down, x, A)                              # (B, L, r)
         if C is not None:
             a = a @ C.transpose(-1, -2)                                   # (B, L, r) @ (B, r, r)
         return (self.s * a) @ B.transpose(-1, -2)                         # (B, L, d_out); s on the small side
 
+    def down(self, x, A):
+        """A dropout(x): (B, L, d_in) -> (B, L, r). Recomputed in backward when training, so q, k and v
+        keep their one shared input instead of a dropped copy and a mask each."""
+        return self.dropout(x) @ A.transpose(-1, -2)
+
     def forward(self, x, cond=None):
-        return F.linear(x, self.weight).add_(self.update(x, cond))        # in place: W0 x is not kept for backward
+        return F.linear(x, self.weight).add_(self.update(x, cond or {}))  # in place: W0 x is not kept for backward
 
     def merged_weight(self, cond):
         """The weight this layer applies for a batch of one: W0 + s · B C A."""
@@ -223,7 +229,7 @@ class HiRALinear(LoRALinear):
         return self.weight.float() * (self.s * self.lora_B @ self.lora_A)      # (d_out, d_in)
 
     def update(self, x, cond):
-        return F.linear(self.dropout(x), self.delta().to(x.dtype))
+        return F.linear(self.dropout(x), self.delta().to(x.dtype))        # full rank: recomputing would not pay
 
     def merged_weight(self, cond):
         return self.weight.float() + self.delta()
@@ -244,7 +250,7 @@ class DoRALinear(NaRALinear):
         """m / ‖W0 + s·B C A‖ per row, (B or 1, d_out), without building W0 + s·B C A per sequence:
         ‖w + s u‖² = ‖w‖² + 2s w·u + s²‖u‖², with u_i = (BC)_i A, so w·u = (BC)_i·(W0 Aᵀ)_i and
         ‖u_i‖² = (BC)_i (A Aᵀ) (BC)_iᵀ."""
-        A, C, B = self.factors(cond)
+        A, C, B = (None if t is None else t.float() for t in self.factors(cond))
         W0 = self.weight.float()
         BC = B if C is None else B @ C                                    # (d_out, r) or (B, d_out, r)
         sq = (self.w0_sq + 2 * self.s * (BC * (W0 @ A.T)).sum(-1)
@@ -252,6 +258,7 @@ class DoRALinear(NaRALinear):
         return (self.magnitude / sq.sqrt().detach()).reshape(-1, W0.shape[0])
 
     def forward(self, x, cond=None):
+        cond = cond or {}
         h = F.linear(x, self.weight)
         scale = self.scale(cond)[:, None, :]                              # (B or 1, 1, d_out)
         return (scale * (h.to(scale.dtype) + self.update(x, cond))).to(h.dtype)

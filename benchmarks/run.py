@@ -47,7 +47,7 @@ class Holder(torch.nn.Module):
         self.config = LLaDAConfig.tiny(d_model=d, n_heads=1, n_kv_heads=1, n_layers=1, mlp_hidden_size=8)
         self.transformer = torch.nn.ModuleDict(dict(blocks=torch.nn.ModuleList(
             [torch.nn.ModuleDict(dict(q_proj=Linear(d, d).to(dtype)))])))
-        self.noise_nets, self.adapter_config = torch.nn.ModuleDict(), None
+        self.noise_nets, self.adapter_config, self.recompute = torch.nn.ModuleDict(), None, True
 
     condition = LLaDA.condition
 
@@ -113,6 +113,12 @@ def step_table(batch, length, repeats):
         fns[m] = step
         if m == "nara":
             fns[f"nara, 1 x {batch} accumulation"] = lambda model=model, opt=opt: step(model, opt, micro=1)
+            torch.manual_seed(0)
+            kept = LLaDA(small_config())
+            nara.add_adapters(kept, "nara", r=32, verbose=False)
+            kept.recompute = False
+            opt2 = torch.optim.AdamW([p for p in kept.parameters() if p.requires_grad], lr=1e-4)
+            fns["nara, every intermediate kept"] = lambda model=kept, opt=opt2: step(model, opt)
     t = interleaved(fns, repeats)
     rows = [f"| {k} | {1e3 * v:.0f} | {batch * length / v:.0f} | {t['lora'] / v:.3f} |" for k, v in t.items()]
     return ["| method | ms / step | tokens/s | speed vs LoRA |", "|---|---|---|---|"] + rows, t, models
@@ -159,6 +165,104 @@ def early_stop_table(n_prompts):
     return rows, ("the default run's NaRA adapter" if runs else "the bare bundled base")
 
 
+def saved_for_backward(model, fn):
+    """{(where, shape, dtype): bytes} of the tensors autograd keeps while fn() runs its forward,
+    each storage once, parameters and buffers left out (they are resident anyway)."""
+    import collections
+    seen = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in [*model.parameters(), *model.buffers()]}
+    stack, kept, hooks = ["elsewhere"], collections.Counter(), []
+    for name, m in model.named_modules():
+        if name.startswith("transformer.blocks.1.") or name in ("transformer.blocks.1", "transformer.ln_f"):
+            short = name.replace("transformer.blocks.1.", "").replace("transformer.blocks.1", "block").replace("transformer.", "")
+            hooks.append(m.register_forward_pre_hook(lambda m, a, s=short: stack.append(s)))
+            hooks.append(m.register_forward_hook(lambda m, a, o: (stack.pop(), None)[1]))
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            kept[(stack[-1], tuple(t.shape), str(t.dtype)[6:])] += key[1]
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    for h in hooks:
+        h.remove()
+    return kept
+
+
+def account_table(tokens):
+    """What one block of LLaDA-8B's width keeps for backward per token (bf16, NaRA r = 32 on q/k/v/o,
+    dropout 0.05, block 1 of 2 so that its input needs a gradient), keeping every intermediate vs
+    recomputing norms, SiLU and the adapters' dropout."""
+    cfg = LLaDAConfig(d_model=4096, n_heads=32, n_kv_heads=32, n_layers=2, mlp_hidden_size=12288, vocab_size=512,
+                      embedding_size=512, max_sequence_length=tokens, mask_token_id=511, eos_token_id=510, pad_token_id=510)
+    torch.manual_seed(0)
+    model = LLaDA(cfg).to(torch.bfloat16)
+    nara.add_adapters(model, "nara", r=32, verbose=False)
+    model.train()
+    ids = torch.randint(0, 500, (1, tokens))
+    answer = torch.arange(tokens)[None] >= tokens // 4
+    per_token = {}
+    for recompute in (False, True):
+        model.recompute = recompute
+        torch.manual_seed(1)
+        kept = saved_for_backward(model, lambda: sft_loss(model, ids, answer, t=torch.tensor([0.5])))
+        per_token[recompute] = {k: v / tokens for k, v in kept.items()                 # what grows with tokens
+                                if k[0] not in ("elsewhere", "ln_f") and tokens in k[1]}
+    label = lambda k: f"{k[0]}: {k[2]} {'x'.join(str(n) for n in k[1] if n not in (1, tokens))}"  # noqa: E731
+    merged = {r: {} for r in per_token}
+    for r, kept in per_token.items():
+        for k, v in kept.items():
+            name = label(k) if max(per_token[False].get(k, 0), per_token[True].get(k, 0)) >= 512 else "smaller tensors"
+            merged[r][name] = merged[r].get(name, 0) + v
+    rows = ["| kept for backward (block 1, per token) | every intermediate | recomputed |", "|---|---|---|"]
+    for name in sorted(set(merged[False]) | set(merged[True]), key=lambda n: (n == "smaller tensors", n)):
+        rows.append(f"| {name} | " + " | ".join(f"{merged[r].get(name, 0) / 1024:.1f} KiB" for r in (False, True)) + " |")
+    totals = [sum(per_token[r].values()) / 1024 for r in (False, True)]
+    rows.append(f"| **one block** | **{totals[0]:.1f} KiB** | **{totals[1]:.1f} KiB** |")
+    return rows, totals
+
+
+def head_table(repeats, quick):
+    """The LM head at LLaDA's vocabulary (126,464) on a small model: everywhere vs only where read."""
+    V = 126464
+    cfg = LLaDAConfig(d_model=128 if quick else 256, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=256,
+                      vocab_size=V, embedding_size=V, max_sequence_length=512, mask_token_id=V - 1,
+                      eos_token_id=V - 2, pad_token_id=V - 2)
+    torch.manual_seed(0)
+    model = LLaDA(cfg)
+    nara.add_adapters(model, "nara", r=8, verbose=False)
+    ids = torch.randint(0, V - 2, (4, 64 if quick else 128))
+    answer = torch.arange(ids.shape[1]).expand_as(ids) >= ids.shape[1] // 4
+    t = torch.full((4,), 0.5)
+    masked, _ = __import__("diffusion").sft_mask(answer, t)
+    noisy = torch.where(masked, V - 1, ids)
+
+    def full():                                               # the previous sft_loss: head and CE everywhere
+        logits = model(noisy, noise_level=t)
+        ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none") * masked
+        return ce.sum() / masked.sum()
+
+    def selected():
+        logits = model(noisy, noise_level=t, positions=masked)
+        return torch.nn.functional.cross_entropy(logits.float(), ids[masked])
+    model.train()
+    step = {"full head": lambda: full().backward(), "selected positions": lambda: selected().backward()}
+    kept = {k: sum(saved_for_backward(model, f).values()) for k, f in (("full head", full), ("selected positions", selected))}
+    times = interleaved(step, repeats)
+    model.eval()
+    L, block = ids.shape[1], slice(ids.shape[1] - 8, ids.shape[1])
+    with torch.no_grad():
+        samp = interleaved({"full head": lambda: model(noisy, noise_level=t)[:, block],
+                            "selected positions": lambda: model(noisy, noise_level=t, positions=block)}, repeats)
+    rows = ["| head computed at | training step ms | kept for backward | sampling step ms (block of 8) |", "|---|---|---|---|"]
+    for k in step:
+        rows.append(f"| {k} ({int(masked.sum())} of {masked.numel()} positions are read) | {1e3 * times[k]:.0f} | "
+                    f"{kept[k] / 2**20:.0f} MiB | {1e3 * samp[k]:.1f} |" if k == "full head" else
+                    f"| {k} | {1e3 * times[k]:.0f} | {kept[k] / 2**20:.0f} MiB | {1e3 * samp[k]:.1f} |")
+    return rows, times, samp, kept
+
+
 def size_table():
     rows = ["| method (r = 32, q/k/v/o of 32 blocks) | trainable parameters | % of total | adapter file |",
             "|---|---|---|---|"]
@@ -185,6 +289,9 @@ def main():
     step, st, models = step_table(4, 32 if q else 128, 3 if q else 9)
     samp, sp = sampling_table(models, 4, 32 if q else 128, 3 if q else 15)
     early, which = early_stop_table(4 if q else 30)
+    head, ht, hs, hk = head_table(3 if q else 9, q)
+    account, totals = account_table(20 if q else 80)                  # a token count no width of the model has
+    per_token_8b = [t * 32 / 2**10 for t in totals]              # MiB per token over LLaDA-8B's 32 blocks
     lines = [
         "# Benchmarks", "",
         f"`python benchmarks/run.py` on {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread, "
@@ -196,9 +303,27 @@ def main():
         "## Sampling step: one denoising forward, same model, 4 x 128 tokens", "", *samp, "",
         f"## Early termination: 30 bundled questions, gen 64, block 8, 64 steps, {which}", "", *early, "",
         "## Size at LLaDA-8B (SPEC §3)", "", *size_table(), "",
+        "## The LM head only where it is read: LLaDA's vocabulary (126,464), a small model, 4 sequences, half the answer masked",
+        "", *head, "",
+        "## What one block keeps for backward, per token, at LLaDA-8B's width (NaRA r = 32, bf16, dropout 0.05)", "",
+        "Measured with autograd's saved-tensor hooks (each storage once; weights and the per-batch bf16 copies of A "
+        "and B left out). `recomputed` is the default (`model.recompute`): the norms keep their bf16 input instead "
+        "of its fp32 copy, SiLU(gate)·up keeps gate and up, and each adapter's dropout(x)·Aᵀ keeps only x, shared "
+        "by q, k and v, and the RNG state; backward recomputes them, and gradients are bit for bit the same "
+        "(tests/test_model.py). On CPU the dropout masks are kept in bf16; on CUDA they are bool (half).", "",
+        *account, "",
         "## Goals", "",
         f"- NaRA / LoRA per training step: {st['nara'] / st['lora']:.3f} (goal <= 1.05)",
         f"- NaRA / LoRA per sampling step: {sp['nara'] / sp['lora']:.3f} (goal <= 1.05)",
+        f"- Recomputing norms, SiLU and dropout / keeping them, training step: "
+        f"{st['nara'] / st['nara, every intermediate kept']:.3f}; memory kept per block {totals[1] / totals[0]:.2f}x",
+        f"- LM head only where read / everywhere: training step {ht['selected positions'] / ht['full head']:.3f}, "
+        f"kept for backward {hk['selected positions'] / hk['full head']:.2f}x, sampling step "
+        f"{hs['selected positions'] / hs['full head']:.3f}",
+        f"- Expected activation memory of the recipe's update (32 x 512 tokens, 32 blocks), from the table: "
+        f"{per_token_8b[0] * 16384 / 1024:.1f} GiB keeping everything, {per_token_8b[1] * 16384 / 1024:.1f} GiB "
+        "recomputed; plus 14.9 GiB of bf16 weights and the head's fp32 log-probabilities at the masked positions "
+        "(about 3.4 GiB at half of 450 answer tokens masked): see the GPU section for what was measured.",
         f"- NaRA / frozen base, adapted layer forward + backward: {lt['nara'] / lt['frozen base']:.3f} (goal <= 1.10); "
         f"{lt['nara, dropout 0'] / lt['frozen base']:.3f} without the adapter dropout. What limits it on a CPU is the "
         "dropout mask: drawing 2 M random numbers costs 5-8 ms on one thread (about 5 % of the base's "

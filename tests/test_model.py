@@ -257,3 +257,28 @@ def test_trained_tokenizer_round_trips_and_builds_sft_pairs(tmp_path):
     assert prompt == ids and answer[-1] == eos and tok.decode(answer[:-1]) == "solution1"
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         load_tokenizer(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("method", ["nara", "hira", "dora", "p-tuning"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recomputing_cheap_ops_changes_no_bit_of_the_loss_or_gradients(method, dtype):
+    """Norms, SiLU and the adapters' dropout recomputed in backward (model.recompute, the default)
+    against keeping every intermediate: the same loss and gradients, bit for bit, with dropout on."""
+    import nara
+    from diffusion import sft_loss
+    results = []
+    for recompute in (True, False):
+        model = random_model()
+        nara.add_adapters(model, method, r=4, verbose=False)
+        model.to(dtype).train()
+        model.recompute = recompute
+        torch.manual_seed(3)
+        ids = torch.randint(0, 120, (3, 12))
+        answer = torch.arange(12).expand(3, 12) >= 4
+        loss, _ = sft_loss(model, ids, answer)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad},
+                        torch.rand(1)))                                    # the RNG is where it would be
+    (l1, g1, r1), (l2, g2, r2) = results
+    assert torch.equal(l1, l2) and torch.equal(r1, r2) and g1.keys() == g2.keys()
+    assert all(torch.equal(g1[n], g2[n]) for n in g1), [n for n in g1 if not torch.equal(g1[n], g2[n])]
