@@ -220,8 +220,8 @@ def update_magnitude(model, lams):
     out = {}
     for lam in lams:
         cond = model.condition(torch.tensor([lam], device=next(model.parameters()).device))
-        cores = [(nara._first(c) - torch.eye(c.shape[-1], device=c.device)).norm().item()
-                 for k, c in cond.items() if k != "lam"]
+        cores = [(nara._first(cond[k]) - torch.eye(cond[k].shape[-1], device=cond[k].device)).norm().item()
+                 for k in model.noise_nets]
         deltas = [d.norm().item() for d in nara.delta_weights(model, lam).values()]
         out[lam] = (sum(cores) / len(cores) if cores else None, sum(deltas) / max(1, len(deltas)))
     return out

@@ -1,5 +1,7 @@
-"""Adapters to and from other code: PEFT's LoRA layout, and the NaRA authors' own checkpoints.
+"""Adapter files: this project's own, PEFT's LoRA layout, and the NaRA authors' checkpoints.
 
+    interop.save_adapter(model, dir)           # = nara.save_adapter: adapter.safetensors + adapter_config.json
+    interop.load_adapter(model, dir)           # = nara.load_adapter (also reads the authors' directories)
     interop.export_peft(model, dir, lam=0.5)   # LoRA (NaRA at a fixed λ) that PEFT's PeftModel loads
     interop.load_peft(model, dir)              # a PEFT LoRA adapter onto a plain LLaDA, as method "lora"
     interop.load_authors(model, dir)           # a directory saved by the authors' NaRA code
@@ -24,9 +26,74 @@ from pathlib import Path
 import torch
 
 import nara
-from model import check_keys, read_json, read_safetensors
+from model import atomic_write, check_keys, read_json, read_safetensors
 
 PEFT_PREFIX = "base_model.model.model."
+
+
+# ---------------------------------------------------------------- this project's adapter files
+def write_adapter_files(directory, tensor_file, tensors, body, metadata=None):
+    """tensors as safetensors and body as adapter_config.json in `directory`, each written atomically."""
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(directory / tensor_file, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})}))
+    atomic_write(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(body, indent=2)))
+
+
+def save_adapter(model, directory):
+    """adapter.safetensors (adapter tensors only) + adapter_config.json."""
+    write_adapter_files(directory, "adapter.safetensors", nara.adapter_state(model),
+                        {**model.adapter_config, "base_shapes": _shape_id(model)})
+
+
+def load_adapter(model, directory, verbose=True):
+    """Put the saved adapters onto a plain `model` and load their tensors, checking every key and shape.
+    A directory written by the NaRA authors' code (adapter_model.bin, peft_type NARA) is read too."""
+    directory = Path(directory)
+    cfg_file, file = directory / "adapter_config.json", directory / "adapter.safetensors"
+    if cfg_file.is_file() and not file.is_file():
+        if is_authors_checkpoint(directory):
+            return load_authors(model, directory, verbose)
+    for f in (cfg_file, file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: adapter file not found")
+    config = read_json(cfg_file)
+    if config.pop("base_shapes", None) != _shape_id(model):
+        raise ValueError(f"{cfg_file}: saved for a model with different shapes than this one")
+    try:
+        nara.add_adapters(model, **config, verbose=verbose)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_file}: {e}") from None
+    tensors, expected = read_safetensors(file), nara.adapter_state(model)
+    check_keys(f"{file} ({config['method']} adapters)", tensors, expected)
+    for k in tensors:
+        if tensors[k].shape != expected[k].shape:
+            raise ValueError(f"{file}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(expected[k].shape)}")
+    model.load_state_dict(tensors, strict=False)                          # exactly the adapter keys, checked above
+    return model
+
+
+def _shape_id(model):
+    c = model.config
+    return f"d_model={c.d_model} n_layers={c.n_layers} n_heads={c.n_heads} n_kv_heads={c.n_kv_heads} mlp={c.mlp_hidden_size}"
+
+
+def warm_start(model, directory):
+    """Copy A and B from a saved LoRA adapter (ours, or PEFT's layout) into this model's adapters
+    (the authors' warm start of NaRA from LoRA); every A and B must be found with its shape."""
+    directory = Path(directory)
+    file = next((directory / f for f in ("adapter.safetensors", "adapter_model.safetensors") if (directory / f).is_file()), None)
+    if file is None:
+        raise FileNotFoundError(f"{directory}: no adapter.safetensors or adapter_model.safetensors to warm-start from")
+    saved = {k.removeprefix("base_model.model.model.").removesuffix(".weight"): v for k, v in read_safetensors(file).items()}
+    want = {k: v for k, v in nara.adapter_state(model).items() if k.endswith((".lora_A", ".lora_B"))}
+    check_keys(file, [k for k in saved if k in want], want)
+    for k, v in want.items():
+        if saved[k].shape != v.shape:
+            raise ValueError(f"{file}: {k} has shape {tuple(saved[k].shape)}, this model's is {tuple(v.shape)}")
+        v.copy_(saved[k])
 
 
 # ---------------------------------------------------------------- PEFT's LoRA layout
@@ -68,7 +135,7 @@ def export_peft(model, directory, lam=None):
             "rank_pattern": {n: v for n, v in ranks.items() if v != r}, "modules_to_save": None,
             "layers_to_transform": None, "layers_pattern": None}
     body["alpha_pattern"] = {n: v for n, v in alphas.items() if v != body["lora_alpha"]}
-    nara.write_adapter_files(directory, "adapter_model.safetensors", tensors, body,
+    write_adapter_files(directory, "adapter_model.safetensors", tensors, body,
                              metadata={"nara_method": cfg["method"], "nara_noise_level": str(lam)})
 
 

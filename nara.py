@@ -20,16 +20,13 @@ hands it to every adapted layer; a noise-aware layer without λ raises instead o
 Not included: the "noise density" conditioning ablation, Prompt Tuning and P-Tuning.
 """
 import contextlib
-import json
 import math
-import os
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Linear, atomic_write, check_keys, read_json, read_safetensors, recompute
+from model import Linear, recompute
 
 METHODS = ("lora", "nara", "nara-c", "multi-lora", "hira", "dora", "nara-dora", "prompt-tuning", "p-tuning")
 NOISE_AWARE = ("nara", "multi-lora", "nara-dora")
@@ -419,23 +416,6 @@ def freeze(model, parts):
                 p.requires_grad_(False)
 
 
-def warm_start(model, directory):
-    """Copy A and B from a saved LoRA adapter (ours, or PEFT's layout) into this model's adapters
-    (the authors' warm start of NaRA from LoRA); every A and B must be found with its shape."""
-    from safetensors.torch import load_file
-    directory = Path(directory)
-    file = next((directory / f for f in ("adapter.safetensors", "adapter_model.safetensors") if (directory / f).is_file()), None)
-    if file is None:
-        raise FileNotFoundError(f"{directory}: no adapter.safetensors or adapter_model.safetensors to warm-start from")
-    saved = {k.removeprefix("base_model.model.model.").removesuffix(".weight"): v for k, v in read_safetensors(file).items()}
-    want = {k: v for k, v in adapter_state(model).items() if k.endswith((".lora_A", ".lora_B"))}
-    check_keys(file, [k for k in saved if k in want], want)
-    for k, v in want.items():
-        if saved[k].shape != v.shape:
-            raise ValueError(f"{file}: {k} has shape {tuple(saved[k].shape)}, this model's is {tuple(v.shape)}")
-        v.copy_(saved[k])
-
-
 def adapter_state(model):
     """Only the adapter tensors (the base keys are left out): what training changes."""
     base = {k[len("model."):] for k in model.base_shapes()}
@@ -473,65 +453,13 @@ def delta_weights(model, lam, density=None):
     return {n: m.merged_weight(cond) - m.weight.float() for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-# ---------------------------------------------------------------- adapter checkpoints
-def write_adapter_files(directory, tensor_file, tensors, body, metadata=None):
-    """tensors as safetensors and body as adapter_config.json in `directory`, each written atomically."""
-    from safetensors.torch import save_file
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(directory / tensor_file, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})}))
-    atomic_write(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(body, indent=2)))
-
-
-def save_adapter(model, directory):
-    """adapter.safetensors (adapter tensors only) + adapter_config.json."""
-    write_adapter_files(directory, "adapter.safetensors", adapter_state(model), {**model.adapter_config, "base_shapes": _shape_id(model)})
-
-
-def load_adapter(model, directory, verbose=True):
-    """Put the saved adapters onto a plain `model` and load their tensors, checking every key and shape.
-    A directory written by the NaRA authors' code (adapter_model.bin, peft_type NARA) is read too."""
-    directory = Path(directory)
-    cfg_file, file = directory / "adapter_config.json", directory / "adapter.safetensors"
-    if cfg_file.is_file() and not file.is_file():
+# ---------------------------------------------------------------- adapter files live in interop.py
+def __getattr__(name):
+    """nara.save_adapter, load_adapter, warm_start, export_peft and load_peft: see interop.py."""
+    if name in ("save_adapter", "load_adapter", "warm_start", "export_peft", "load_peft"):
         import interop
-        if interop.is_authors_checkpoint(directory):
-            return interop.load_authors(model, directory, verbose)
-    for f in (cfg_file, file):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: adapter file not found")
-    config = read_json(cfg_file)
-    if config.pop("base_shapes", None) != _shape_id(model):
-        raise ValueError(f"{cfg_file}: saved for a model with different shapes than this one")
-    try:
-        add_adapters(model, **config, verbose=verbose)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{cfg_file}: {e}") from None
-    tensors, expected = read_safetensors(file), adapter_state(model)
-    check_keys(f"{file} ({config['method']} adapters)", tensors, expected)
-    for k in tensors:
-        if tensors[k].shape != expected[k].shape:
-            raise ValueError(f"{file}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(expected[k].shape)}")
-    model.load_state_dict(tensors, strict=False)                          # exactly the adapter keys, checked above
-    return model
-
-
-def _shape_id(model):
-    c = model.config
-    return f"d_model={c.d_model} n_layers={c.n_layers} n_heads={c.n_heads} n_kv_heads={c.n_kv_heads} mlp={c.mlp_hidden_size}"
-
-
-def export_peft(model, directory, lam=None):
-    """PEFT's LoRA layout, at a fixed λ for the noise-aware methods: see interop.export_peft."""
-    import interop
-    return interop.export_peft(model, directory, lam)
-
-
-def load_peft(model, directory, verbose=True):
-    """A LoRA adapter in PEFT's layout onto a plain model: see interop.load_peft."""
-    import interop
-    return interop.load_peft(model, directory, verbose)
+        return getattr(interop, name)
+    raise AttributeError(f"module 'nara' has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------- Theorem 4.1, constructively
