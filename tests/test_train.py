@@ -129,14 +129,16 @@ def test_data_generator_is_deterministic(tmp_path):
     for name in ("a", "b"):
         subprocess.run([sys.executable, str(ROOT / "data" / "make_data.py"), "--out", str(tmp_path / name)],
                        check=True, capture_output=True)
-    for f in ("corpus.txt", "arith/train.json", "arith/test.json", "base/tokenizer.json"):
+    for f in ("corpus.txt", "arith/train.json", "arith/test.json", "base/tokenizer.json", "instruct/corpus.txt",
+              "instruct/sft.json", "instruct/train.json", "instruct/test.json", "instruct/base/tokenizer.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
-    assert (tmp_path / "a" / "arith" / "train.json").read_bytes() == (ROOT / "data" / "arith" / "train.json").read_bytes()
+        assert (tmp_path / "a" / f).read_bytes() == (ROOT / "data" / f).read_bytes(), f     # the bundled files
 
 
-def test_bundled_base_loads_in_the_real_layout():
-    model = LLaDA.from_pretrained(ROOT / "data" / "base")
-    assert (ROOT / "data" / "base" / "tokenizer.json").exists()
+@pytest.mark.parametrize("base", ["base", "instruct/base"])
+def test_bundled_bases_load_in_the_real_layout(base):
+    model = LLaDA.from_pretrained(ROOT / "data" / base)
+    assert (ROOT / "data" / base / "tokenizer.json").exists()
     assert model.config.mask_token_id != model.config.eos_token_id
     size = sum(f.stat().st_size for f in (ROOT / "data").rglob("*") if f.is_file())
     assert size < 25 * 2**20
