@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 import interop
 import nara
+from benchmarks.interop_check import wrap
 from conftest import REFERENCE, random_model, write_real_layout
 from model import LLaDA, LLaDAConfig, read_json
 
@@ -167,18 +168,6 @@ def test_what_load_peft_cannot_represent_is_refused_by_name(tmp_path, extra, wor
 
 
 # ------------------------------------------------------------------ through PEFT itself (optional)
-def wrapped(model):
-    """Our model under transformers' LLaDA module names (model.transformer...), as PEFT sees it."""
-    class HF(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, **kw):
-            return self.model(input_ids, **kw)
-    return HF()
-
-
 @pytest.mark.parametrize("options", [dict(), dict(use_rslora=True), dict(alpha_pattern={"v_proj": 32}),
                                      dict(rank_pattern={"q_proj": 2}), dict(target_modules=r".*\.blocks\.1\.(q_proj|attn_out)"),
                                      dict(use_dora=True)])
@@ -186,7 +175,7 @@ def test_peft_adapters_load_here_unchanged(tmp_path, options):
     peft = pytest.importorskip("peft")
     cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
                           **{"target_modules": ["q_proj", "v_proj"], **options})
-    pm = peft.get_peft_model(wrapped(random_model()), cfg).eval()
+    pm = peft.get_peft_model(wrap(random_model()), cfg).eval()
     pm.save_pretrained(tmp_path)
     ours = interop.load_peft(random_model(), tmp_path, verbose=False).eval()
     assert torch.allclose(ours(IDS), pm(IDS), atol=2e-5)
@@ -199,5 +188,5 @@ def test_exported_adapters_load_into_peft_unchanged(tmp_path, method):
     nara.export_peft(model, tmp_path, lam=0.5)
     config = peft.LoraConfig.from_pretrained(tmp_path)
     config.task_type = None                 # a bare PeftModel: ours is no transformers model (interop_check.py is)
-    pm = peft.PeftModel.from_pretrained(wrapped(random_model()), tmp_path, config=config).eval()
+    pm = peft.PeftModel.from_pretrained(wrap(random_model()), tmp_path, config=config).eval()
     assert torch.allclose(pm(IDS), model(IDS, noise_level=torch.full((2,), 0.5)), rtol=1e-4, atol=1e-4)
