@@ -255,3 +255,50 @@ def test_likelihood_uses_stratified_counts_and_lambda():
         assert len(set(m.tolist())) >= 3                                   # strata spread over 1..La
     with pytest.raises(ValueError, match="multiple of batch_size"):
         log_likelihood(stub, [1], [2], mc_num=10, batch_size=4)
+
+
+def test_the_head_at_selected_positions_changes_no_loss_or_likelihood():
+    """sft_loss, pretrain_loss and log_likelihood ask the model only for the positions they read;
+    the same numbers come out of the full-logits formulas they replaced (same masks, same draws)."""
+    model = random_model().eval()
+    nara.add_adapters(model, "nara", r=4, verbose=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2)
+    x = torch.randint(0, 120, (3, 10))
+    answer = torch.arange(10).expand(3, 10) >= 3
+    lam = torch.tensor([0.2, 0.5, 0.9])
+    assert model(x, noise_level=lam, positions=answer).shape == (21, 128)
+    assert torch.equal(model(x, noise_level=lam, positions=answer), model(x, noise_level=lam)[answer])
+    assert torch.equal(model(x, noise_level=lam, positions=slice(4, 7)), model(x, noise_level=lam)[:, 4:7])
+    torch.manual_seed(0)
+    new, _ = sft_loss(model, x, answer)
+    torch.manual_seed(0)                                                   # the previous sft_loss, written out
+    t = 1 - torch.rand(3)
+    masked, p = sft_mask(answer, t)
+    logits = model(torch.where(masked, MASK, x), noise_level=t)
+    old = ((F.cross_entropy(logits.float().transpose(1, 2), x, reduction="none") * masked).sum(1) / p / answer.sum(1)).mean()
+    assert torch.allclose(new, old, rtol=1e-6)
+    torch.manual_seed(1)
+    new, _ = pretrain_loss(model, x)
+    torch.manual_seed(1)
+    t = torch.rand(3)
+    p_mask = ((1 - 1e-3) * t + 1e-3)[:, None].expand(3, 10)
+    masked = torch.rand(3, 10) < p_mask
+    logits = model(torch.where(masked, MASK, x), noise_level=t)
+    old = (F.cross_entropy(logits[masked].float(), x[masked], reduction="none") / p_mask[masked]).sum() / 30
+    assert torch.allclose(new, old, rtol=1e-6)
+    torch.manual_seed(2)
+    new = log_likelihood(model, x[0, :4], x[0, 4:], mc_num=4, batch_size=4)
+    torch.manual_seed(2)                                                   # one round of the previous code
+    k = int(torch.randint(1, 7, ()))
+    m = ((torch.round(torch.linspace(float(k), k + 3 * 6 / 4, 4)).long() - 1) % 6 + 1)
+    chosen = torch.rand(4, 6).argsort(1) < m[:, None]
+    masked = torch.cat([torch.zeros(4, 4, dtype=torch.bool), chosen], dim=1)
+    seq = x[0][None].repeat(4, 1)
+    with torch.no_grad():
+        logits = model(torch.where(masked, MASK, seq), noise_level=m.float() / 6)
+    ce = F.cross_entropy(logits[masked].double(), seq[masked], reduction="none")
+    old = -float((ce * (6 / m.double())[:, None].expand(4, 10)[masked]).sum()) / 4
+    assert new == pytest.approx(old, rel=1e-9)
