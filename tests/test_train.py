@@ -276,3 +276,24 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(setup, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert "interrupted at update" in err and "the last checkpoint (update" in err and "--resume" in err
+
+
+def test_the_ablation_switches_reach_the_run(setup, tmp_path):
+    """--stage1 1.0 keeps the hypernetwork at its init (C = I all run long), --freeze A keeps A,
+    --warm-start starts A and B from a saved LoRA, and the prompt methods train."""
+    lora = train.main(args(setup, tmp_path / "lora", "--method", "lora", "--max-updates", "3"))
+    model = train.main(args(setup, tmp_path / "nara", "--max-updates", "3", "--stage1", "1.0", "--freeze", "A",
+                            "--warm-start", str(tmp_path / "lora" / "adapter")))
+    torch.manual_seed(0)                                                  # the run's own init (--seed 0)
+    init = nara.add_adapters(LLaDA.from_pretrained(setup / "model"), "nara", r=4, dropout=0.0, verbose=False)
+    for k, v in nara.adapter_state(model).items():
+        if k.startswith("noise_nets."):
+            assert torch.equal(v, init.state_dict()[k]), k                                # never trained
+        if k.endswith(".lora_A"):
+            assert torch.equal(v, nara.adapter_state(lora)[k]), k                         # warm start, then frozen
+    assert any(not torch.equal(v, nara.adapter_state(lora)[k]) for k, v in nara.adapter_state(model).items()
+               if k.endswith(".lora_B"))
+    for method in nara.PROMPT:
+        train.main(args(setup, tmp_path / method, "--method", method, "--max-updates", "2", "--virtual-tokens", "3",
+                        "--prompt-init-text", "Say red"))
+        assert (tmp_path / method / "adapter" / "adapter.safetensors").exists()
