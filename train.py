@@ -177,11 +177,13 @@ RESUMABLE = ("out", "resume", "stop_at", "test", "grad_checkpointing")   # what 
 def run_settings(args, model_dir, world, device):
     """What makes a run this run: every flag but RESUMABLE, the data file's hash, model, devices."""
     import hashlib
+    digest = hashlib.sha256()
     with open(args.data, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE}
     return {**settings, "model": str(Path(model_dir).resolve()), "data": str(Path(args.data).resolve()),
-            "data_sha256": digest, "world_size": world, "device": device.type}
+            "data_sha256": digest.hexdigest(), "world_size": world, "device": device.type}
 
 
 def prepare_run_dir(out, args, settings, rank):
