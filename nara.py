@@ -7,7 +7,8 @@ Glossary (code -> paper)
     W0 = weight          frozen pretrained weight of an adapted linear layer, (d_out, d_in)
     A = lora_A           down-projection, (r, d_in), kaiming-uniform(a=sqrt 5)
     B = lora_B           up-projection, (d_out, r), zero at init, so ΔW = 0 at step 0
-    C(λ)                 the r x r core: C(λ) = I + η F_φ(e_λ); one per sequence, (batch, r, r)
+    C(λ)                 the r x r core: C(λ) = I + η unvec F_φ(e_λ) (read column-major, see `core`);
+                         one per sequence, (batch, r, r)
     F_φ = Hypernetwork   64 -> 256 -> 512 -> r², SiLU, last layer zero: shared by ALL adapted layers
     e_λ                  Gaussian Fourier features [sin(λW), cos(λW)], W ~ N(0, 16²) of shape (1, 32)
     lam (λ)              the noise level of each sequence: t in training, the masked fraction in sampling
@@ -17,7 +18,8 @@ Every method is a drop-in for model.Linear that keeps the base `weight` key wher
 pretrained checkpoint loads unchanged and only adapter keys are new. The noise level travels as an
 argument: LLaDA.forward computes `cond = {"lam": λ, name: net(λ) for each shared noise net}` once and
 hands it to every adapted layer; a noise-aware layer without λ raises instead of reusing an old one.
-Not included: the "noise density" conditioning ablation, Prompt Tuning and P-Tuning.
+The prompt methods (Prompt Tuning, P-Tuning) add input embeddings instead (`VirtualTokens`); the
+adapter files (this project's, PEFT's, the authors') are read and written by interop.py.
 """
 import contextlib
 import math
