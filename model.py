@@ -22,7 +22,10 @@ Departures from the official `modeling_llada.py`, all on purpose:
       (The official code also merges in a causal bias when a mask has zeros; with no mask or an
       all-ones mask the two are bit-identical.)
     - each linear layer takes an extra `cond` argument so adapters receive the noise level
-      explicitly (no setter, no stale state); the bare layers ignore it.
+      explicitly (no setter, no stale state); the bare layers ignore it;
+    - `forward(..., positions=)` computes the LM head only where the caller reads it (the same numbers
+      at those positions); in training, norms and SiLU are recomputed in backward (`recompute`: the
+      same gradients, half the activations); Prompt/P-Tuning tokens are inserted here (nara.py).
 """
 import json
 import math
