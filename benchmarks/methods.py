@@ -161,7 +161,6 @@ def main():
     results.mkdir(parents=True, exist_ok=True)
     chosen_file = results / f"{name}.json"
     seeds = protocol["seeds"][:2] if args.quick else protocol["seeds"]
-    t0 = time.time()
     job = lambda arm, lr, seed, scored: dict(task=args.task, arm=arm, lr=lr, seed=seed, score=scored,  # noqa: E731
                                              train=protocol["train"], test_items=protocol["test_items"],
                                              dir=str(runs / slug(arm) / f"lr{lr:g}" / f"seed{seed}"))
@@ -182,7 +181,9 @@ def main():
     if not args.quick:
         body = {"lr": lr_of, "sweep": {a: {str(r["lr"]): r["best_val_loss"] for r in sweep if r["arm"] == a} for a in arms}}
         chosen_file.write_text(json.dumps(body, indent=1))
-    report(name + ("-quick" if args.quick else ""), args.task, arms, lr_of, records, base, results, time.time() - t0)
+    runs = {(r["arm"], r["lr"], r["seed"]): r for r in ([] if args.quick else sweep) + records}   # each run once
+    spent = sum(r["train_s"] + r.get("score_s", 0) for r in runs.values())
+    report(name + ("-quick" if args.quick else ""), args.task, arms, lr_of, records, base, results, spent / 60)
 
 
 # ---------------------------------------------------------------- tables and figures
@@ -190,12 +191,12 @@ def mean_std(xs):
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def report(name, task, arms, lr_of, records, base, results, elapsed):
+def report(name, task, arms, lr_of, records, base, results, run_minutes):
     by_arm = {a: sorted((r for r in records if r["arm"] == a), key=lambda r: r["seed"]) for a in arms}
     n = len(next(iter(by_arm.values())))
     lines = [f"# Methods side by side: `{task}` ({n} seeds; `python benchmarks/methods.py --task {task}`)", "",
-             f"Base model: accuracy {100 * base['accuracy']:.1f} %. {time.strftime('%Y-%m-%d')}, "
-             f"{elapsed / 60:.0f} minutes for this command (runs already finished are reused).", "",
+             f"Base model: accuracy {100 * base['accuracy']:.1f} %. {time.strftime('%Y-%m-%d')}. The runs took "
+             f"{run_minutes:.0f} minutes of wall time in all (the sum over runs; two run at a time, one thread each).", "",
              "| method | trainable | lr (sweep) | test accuracy % | best val loss | s per run |", "|---|---|---|---|---|---|"]
     for a, rs in by_arm.items():
         acc, val = mean_std([100 * r["accuracy"] for r in rs]), mean_std([r["best_val_loss"] for r in rs])
@@ -218,7 +219,12 @@ def report(name, task, arms, lr_of, records, base, results, elapsed):
         lines += [f"| {row[0]} | " + " | ".join(f"{row[1 + 2 * i]:.3f} / {row[2 + 2 * i]:.3f}" for i in range(len(sized))) + " |"
                   for row in rows3]
     (results / f"{name}.md").write_text("\n".join(lines) + "\n")
-    plot(results / f"{name}_figure1.png", arms, rows, f"{task}: loss reduction over the base")
+    plot(results / f"{name}_figure1.png", arms, rows, f"{task}: loss reduction over the base (Figure 1)",
+         "CE reduction per masked token")
+    if sized:
+        plot(results / f"{name}_figure3.png", [f"{a}: ‖{k}‖" for a in sized for k in ("C(λ) − I", "ΔW(λ)")],
+             [[r[0]] + [v for x in r[1:] for v in (x, 0.0)] for r in rows3], f"{task}: NaRA's update size (Figure 3)",
+             "Frobenius norm, mean over layers and seeds")
     print("\n".join(lines))
 
 
@@ -228,14 +234,14 @@ def write_csv(path, header, rows):
         csv.writer(f).writerows([header] + [[f"{v:.6g}" for v in row] for row in rows])
 
 
-def plot(path, arms, rows, title):
+def plot(path, arms, rows, title, ylabel):
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return print(f"(pip install matplotlib to draw {path.name})")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     lams = [row[0] for row in rows]
     for i, a in enumerate(arms):
         mean = [row[1 + 2 * i] for row in rows]
@@ -243,9 +249,9 @@ def plot(path, arms, rows, title):
         ax.plot(lams, mean, marker="o", ms=3, label=a)
         ax.fill_between(lams, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
     ax.set_xlabel("noise level λ (masked fraction of the answer)")
-    ax.set_ylabel("CE reduction per masked token")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
