@@ -24,7 +24,7 @@ Departures from the official `modeling_llada.py`, all on purpose:
     - each linear layer takes an extra `cond` argument so adapters receive the noise level
       explicitly (no setter, no stale state); the bare layers ignore it;
     - `forward(..., positions=)` computes the LM head only where the caller reads it (the same numbers
-      at those positions); in training, norms and SiLU are recomputed in backward (`recompute`: the
+      at those positions); training on CUDA recomputes norms and SiLU in backward (`recompute`: the
       same gradients, half the activations); Prompt/P-Tuning tokens are inserted here (nara.py).
 """
 import json
@@ -210,7 +210,9 @@ def swiglu(gate, up):
 def recompute(cond, fn, *args):
     """fn(*args), keeping for backward only its inputs when cond["recompute"] (training): norms, SiLU
     and the adapters' dropout are recomputed in backward (same values, same RNG: gradients are bit
-    for bit the same) instead of keeping their fp32 or per-layer copies. See BENCHMARKS.md."""
+    for bit the same) instead of keeping their fp32 or per-layer copies: half the activations, see
+    BENCHMARKS.md. model.recompute = None (default) does it on CUDA, where memory is what binds; on
+    a CPU with small models its Python overhead costs more than the memory is worth. True/False force it."""
     if cond.get("recompute") and torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
@@ -232,14 +234,15 @@ class LLaDA(nn.Module):
         self.prompt = None                       # Prompt Tuning / P-Tuning virtual tokens (nara.py)
         self.adapter_config = None               # set by nara.add_adapters
         self.gradient_checkpointing = False      # whole blocks recomputed in backward (--grad-checkpointing)
-        self.recompute = True                    # cheap ops recomputed in backward (see `recompute`)
+        self.recompute = None                    # cheap ops recomputed in backward: None = on CUDA only (`recompute`)
 
     def condition(self, noise_level, input_ids=None, attention_mask=None, density=None):
         """What every adapted layer receives, computed once per forward: the noise level itself and
         the output of each shared noise network (NaRA's C(λ), shape (B, r, r)). A network conditioned
         on the noise density reads it from the masked positions of input_ids (or `density` as given)."""
         masked = None if input_ids is None else input_ids == self.config.mask_token_id
-        return {"lam": noise_level, "recompute": self.recompute and self.training,
+        on = self.transformer.wte.weight.is_cuda if self.recompute is None else self.recompute
+        return {"lam": noise_level, "recompute": on and self.training,
                 **{name: net(noise_level, masked, attention_mask, density) for name, net in self.noise_nets.items()}}
 
     def forward(self, input_ids, attention_mask=None, noise_level=None, positions=None):

@@ -85,7 +85,7 @@ def main():
     args = ap.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     cfg = LLaDAConfig.tiny() if args.tiny else LLaDAConfig()
-    L = min(args.length, cfg.max_sequence_length)
+    L = 64 if args.tiny else min(args.length, cfg.max_sequence_length)
     rows = [f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
             f"length {L}; {time.strftime('%Y-%m-%d')}", "", "| what | figure |", "|---|---|"]
     add = lambda what, fig: (rows.append(f"| {what} | {fig} |"), print(what, "=", fig, flush=True))  # noqa: E731
