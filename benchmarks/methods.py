@@ -3,8 +3,8 @@
     python benchmarks/methods.py                          # the default run's task (arith), every method
     python benchmarks/methods.py --task instruct          # the instruct miniature (see data/make_data.py)
     python benchmarks/methods.py --quick                  # seeds 0-1 at the learning rates the full run chose
-    python benchmarks/methods.py --task instruct --arm nara --arm "nara --condition density" \\
-        --arm "nara --stage1 0.3" --name ablation-conditioning     # an ablation table, same protocol
+    python benchmarks/methods.py --task instruct --lr-from nara --arm nara --arm "nara --condition density" \\
+        --arm "nara --stage1 0.3" --name ablation     # an ablation table at nara's chosen learning rate
 
 The protocol, fixed before any result was seen, is the same for every arm (an arm is a method plus
 any train.py flags) and every task:
@@ -18,6 +18,9 @@ any train.py flags) and every task:
     masked token at λ = 0.1 ... 1.0 on the test answers (Figure 1; the same masks for every model);
     NaRA arms also give ‖C(λ) − I‖ and ‖ΔW(λ)‖ averaged over layers (Figure 3);
   - the table reports mean ± standard deviation over the 5 seeds and the mean wall time of a run.
+Added after the arith results, as reporting only (the same runs): each arm's best validation loss minus the
+first arm's at the same seed (a seed fixes the validation split), and, for ablations of one method,
+--lr-from ARM (no sweep: the rate the comparison chose for ARM) with --seeds N.
 Runs are cached under runs/methods/: finished runs are reused, an interrupted one starts over. Two
 worker processes of one thread each share the machine's 2 cores. Results go to benchmarks/results/.
 """
@@ -150,6 +153,9 @@ def main():
                     "(repeatable; default: every method)")
     ap.add_argument("--name", default=None, help="name of the result files (default: the task)")
     ap.add_argument("--quick", action="store_true", help="seeds 0-1 at the learning rates chosen by the full run")
+    ap.add_argument("--lr-from", default=None, metavar="ARM", help="no sweep: every arm runs at the learning rate "
+                    "the task's full comparison chose for ARM (for ablations of one method)")
+    ap.add_argument("--seeds", type=int, default=None, help="run only the first N seeds of the protocol")
     ap.add_argument("--smoke", action="store_true", help="a 4-update protocol that only checks the script runs")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs, one thread each")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "methods"), help="where runs are cached")
@@ -160,7 +166,9 @@ def main():
     runs, results = Path(args.runs) / args.task, Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     chosen_file = results / f"{name}.json"
-    seeds = protocol["seeds"][:2] if args.quick else protocol["seeds"]
+    seeds = protocol["seeds"][:2 if args.quick else args.seeds]
+    if args.seeds is not None and not 1 <= args.seeds <= len(protocol["seeds"]):
+        sys.exit(f"error: --seeds {args.seeds}: the protocol has seeds {protocol['seeds']}")
     job = lambda arm, lr, seed, scored: dict(task=args.task, arm=arm, lr=lr, seed=seed, score=scored,  # noqa: E731
                                              train=protocol["train"], test_items=protocol["test_items"],
                                              dir=str(runs / slug(arm) / f"lr{lr:g}" / f"seed{seed}"))
@@ -172,14 +180,21 @@ def main():
             lr_of = json.loads(chosen_file.read_text())["lr"]
             if set(arms) - set(lr_of):
                 sys.exit(f"error: {chosen_file} has no learning rate for {sorted(set(arms) - set(lr_of))}")
+        elif args.lr_from:
+            comparison = results / f"{args.task}.json"
+            lr = json.loads(comparison.read_text())["lr"].get(args.lr_from) if comparison.exists() else None
+            if lr is None:
+                sys.exit(f"error: --lr-from {args.lr_from}: {comparison} has no learning rate for it (run the comparison)")
+            lr_of, sweep = {a: lr for a in arms}, []
         else:
             sweep = run_all(pool, [job(a, lr, 0, False) for a in arms for lr in protocol["lrs"]], run_job,
                             "learning-rate sweep (seed 0)")
             lr_of = {a: min((r for r in sweep if r["arm"] == a), key=lambda r: r["best_val_loss"])["lr"] for a in arms}
         records = run_all(pool, [job(a, lr_of[a], s, True) for a in arms for s in seeds], run_job, "seeds")
         base = base.result()
-    if not args.quick:
-        body = {"lr": lr_of, "sweep": {a: {str(r["lr"]): r["best_val_loss"] for r in sweep if r["arm"] == a} for a in arms}}
+    if not (args.quick or args.lr_from):
+        body = {"lr": lr_of, "sweep": {a: {str(r["lr"]): r["best_val_loss"] for r in sorted(sweep, key=lambda r: r["lr"]) if r["arm"] == a}
+                                        for a in arms}}
         chosen_file.write_text(json.dumps(body, indent=1))
     runs = {(r["arm"], r["lr"], r["seed"]): r for r in ([] if args.quick else sweep) + records}   # each run once
     spent = sum(r["train_s"] + r.get("score_s", 0) for r in runs.values())
@@ -194,15 +209,22 @@ def mean_std(xs):
 def report(name, task, arms, lr_of, records, base, results, run_minutes):
     by_arm = {a: sorted((r for r in records if r["arm"] == a), key=lambda r: r["seed"]) for a in arms}
     n = len(next(iter(by_arm.values())))
-    lines = [f"# Methods side by side: `{task}` ({n} seeds; `python benchmarks/methods.py --task {task}`)", "",
+    argv = [a for i, a in enumerate(sys.argv[1:]) if not {a, sys.argv[i]} & {"--runs", "--results"}]  # i: the flag before a
+    command = shlex.join(["python", "benchmarks/methods.py"] + argv)
+    lines = [f"# Methods side by side: `{task}` ({n} seeds; `{command}`)", "",
              f"Base model: accuracy {100 * base['accuracy']:.1f} %. {time.strftime('%Y-%m-%d')}. The runs took "
              f"{run_minutes:.0f} minutes of wall time in all (the sum over runs; two run at a time, one thread each).", "",
-             "| method | trainable | lr (sweep) | test accuracy % | best val loss | s per run |", "|---|---|---|---|---|---|"]
+             f"A seed fixes the validation split, the data order and the masks, so each arm's best validation loss "
+             f"is also given minus {arms[0]}'s at the same seed (paired difference; negative is better).", "",
+             f"| method | trainable | lr | test accuracy % | best val loss | − {arms[0]}'s, paired | s per run |",
+             "|---|---|---|---|---|---|---|"]
+    first = {r["seed"]: r["best_val_loss"] for r in by_arm[arms[0]]}
     for a, rs in by_arm.items():
         acc, val = mean_std([100 * r["accuracy"] for r in rs]), mean_std([r["best_val_loss"] for r in rs])
+        diff = mean_std([r["best_val_loss"] - first[r["seed"]] for r in rs])
         wall = statistics.mean(r["train_s"] + r.get("score_s", 0) for r in rs)
         lines.append(f"| {a} | {rs[0]['trainable']:,} | {lr_of[a]:g} | {acc[0]:.1f} ± {acc[1]:.1f} | "
-                     f"{val[0]:.4f} ± {val[1]:.4f} | {wall:.0f} |")
+                     f"{val[0]:.4f} ± {val[1]:.4f} | {diff[0]:+.4f} ± {diff[1]:.4f} | {wall:.0f} |")
     curve = ["lambda"] + [f"{a} {k}" for a in arms for k in ("mean", "std")]
     rows = [[lam] + [v for a in arms for v in mean_std([base["curve"][str(lam)] - r["curve"][str(lam)] for r in by_arm[a]])]
             for lam in LAMS]

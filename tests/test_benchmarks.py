@@ -1,4 +1,5 @@
 """The benchmark scripts run end to end on CPU with tiny shapes (their figures are not checked here)."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,13 @@ def test_methods_comparison_runs_end_to_end_and_reuses_finished_runs(tmp_path):
     stamp = [r.stat().st_mtime for r in results]
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)      # a second call reuses every run
     assert [r.stat().st_mtime for r in results] == stamp
+    chosen = json.loads((tmp_path / "res" / "arith.json").read_text())["lr"]["nara"]
+    ablation = cmd + ["--lr-from", "nara", "--seeds", "1", "--arm", "nara", "--arm", "nara --stage1 0.5", "--name", "abl"]
+    subprocess.run(ablation, check=True, capture_output=True, timeout=600)
+    table = (tmp_path / "res" / "abl.md").read_text()
+    assert "(1 seeds; `python benchmarks/methods.py --smoke --lr-from nara --seeds 1 --arm nara" in table
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:3] for line in table.splitlines() if line.startswith("| nara")}
+    assert rows["nara"] == rows["nara --stage1 0.5"] == [rows["nara"][0], f"{chosen:g}"] and "| lora |" not in table
+    assert len(sorted((tmp_path / "runs").rglob("result.json"))) == 7     # nara's seed 0 reused, one new run
+    bad = subprocess.run(cmd + ["--lr-from", "dora"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "--lr-from dora" in bad.stderr and "arith.json" in bad.stderr
