@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import nara
-from model import atomic_write, check_keys, read_json, read_safetensors
+from checkpoint import atomic_write, check_keys, read_json, read_safetensors
 
 PEFT_PREFIX = "base_model.model.model."
 

@@ -28,8 +28,6 @@ Departures from the official `modeling_llada.py`, all on purpose:
       same gradients, half the activations); Prompt/P-Tuning tokens are inserted here (nara.py).
 """
 import json
-import math
-import os
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -38,6 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from checkpoint import atomic_write, checkpoint_files, open_safetensors, read_json, write_shards
 
 
 @dataclass
@@ -302,7 +302,7 @@ class LLaDA(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         expected = model.base_shapes()
-        files = _checkpoint_files(path, expected)          # every key, shape and byte checked first
+        files = checkpoint_files(path, expected)          # every key, shape and byte checked first
         state = {}
         for file, keys in files.items():                    # then shard by shard onto the device
             with open_safetensors(file) as f:
@@ -318,7 +318,6 @@ class LLaDA(nn.Module):
         larger than max_shard_bytes; from the directory the model was loaded from, the official code
         files and the tokenizer files come along. Each file is written to a temporary name, then
         renamed; adapters are not saved here (nara.merge folds them in first)."""
-        from safetensors.torch import save_file
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         source = Path(self.source) if getattr(self, "source", None) else None
@@ -330,114 +329,10 @@ class LLaDA(nn.Module):
                     copied.append(name)
         base = read_json(source / "config.json") if source is not None and (source / "config.json").is_file() else None
         sd = self.state_dict()
-        tensors = {k: sd[k[len("model."):]].detach().contiguous().cpu() for k in self.base_shapes()}
-        shards, size = [[]], 0
-        for k, t in tensors.items():
-            n = t.numel() * t.element_size()
-            if shards[-1] and size + n > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(k)
-            size += n
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        for name, keys in zip(names, shards):
-            atomic_write(path / name, lambda tmp, keys=keys: save_file({k: tensors[k] for k in keys}, tmp,
-                                                                   metadata={"format": "pt"}))
-        index = path / "model.safetensors.index.json"
-        if len(shards) > 1:
-            body = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                    "weight_map": {k: n for n, keys in zip(names, shards) for k in keys}}
-            atomic_write(index, lambda tmp: Path(tmp).write_text(json.dumps(body, indent=2)))
-        else:
-            index.unlink(missing_ok=True)      # a stale index would shadow the new single file
+        write_shards(path, {k: sd[k[len("model."):]].detach().contiguous().cpu() for k in self.base_shapes()},
+                     max_shard_bytes)
         body = self.config.to_json_dict(base, local_code=all(f in copied or (path / f).is_file() for f in CODE_FILES))
         atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(body, indent=2)))
-
-
-def read_json(file):
-    """A JSON file's content, or a one-line error naming the file."""
-    try:
-        return json.loads(Path(file).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: invalid JSON ({e})") from None
-
-
-def open_safetensors(file):
-    """safe_open, or a one-line error naming the file when it is truncated, empty or not safetensors."""
-    from safetensors import safe_open
-    try:
-        return safe_open(str(file), framework="pt", device="cpu")
-    except Exception as e:                      # SafetensorError, OSError: the file, not the caller, is at fault
-        raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-
-
-def read_safetensors(file):
-    """All tensors of a safetensors file, or a one-line error naming the file when it is truncated,
-    empty or not safetensors at all."""
-    from safetensors.torch import load_file
-    try:
-        return load_file(str(file))
-    except Exception as e:                      # SafetensorError, OSError: the file, not the caller, is at fault
-        raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-
-
-def _checkpoint_files(path, expected):
-    """{file: [keys]} from model.safetensors.index.json (real shards are grouped by tensor kind, not
-    by layer, so the index is the only map) or from a single model.safetensors. Reads only the file
-    headers and checks keys, shapes and the index's total_size before any tensor is loaded."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: no 'weight_map' object")
-        check_keys(index, weight_map, expected)
-        files = {}
-        for key, name in weight_map.items():
-            files.setdefault(path / name, []).append(key)
-    else:
-        index, single = None, path / "model.safetensors"
-        if not single.is_file():
-            raise FileNotFoundError(f"{path}: neither model.safetensors.index.json nor model.safetensors found")
-        files = {single: list(expected)}                    # checked against the header below
-    total = 0
-    for file, keys in files.items():
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: shard listed in {index.name} not found")
-        with open_safetensors(file) as f:
-            check_keys(file, f.keys(), keys)
-            for key in keys:
-                sl = f.get_slice(key)
-                shape = tuple(sl.get_shape())
-                if shape != expected[key]:
-                    raise ValueError(f"{file}: {key} has shape {shape}, expected {expected[key]}")
-                total += math.prod(shape) * _DTYPE_BYTES[sl.get_dtype()]
-    if index is not None:
-        declared = read_json(index).get("metadata", {}).get("total_size")
-        if declared is not None and declared != total:
-            raise ValueError(f"{index}: metadata.total_size={declared} but the shards hold {total} bytes of tensors")
-    return files
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-def check_keys(file, keys, expected):
-    missing, unexpected = sorted(set(expected) - set(keys)), sorted(set(keys) - set(expected))
-    if missing:
-        raise ValueError(f"{file}: key {missing[0]!r} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if unexpected:
-        raise ValueError(f"{file}: unexpected key {unexpected[0]!r}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-
-
-def atomic_write(target, write):
-    """Call write(tmp) then rename tmp -> target, so a crash never leaves a half-written file."""
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- tokenizer and chat template

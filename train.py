@@ -28,9 +28,10 @@ import torch
 from tqdm import tqdm
 
 import nara
+from checkpoint import atomic_write, read_json
 from diffusion import pad_sft, sft_loss
 from eval import read_records
-from model import LLaDA, atomic_write, load_tokenizer, read_json, sft_pair
+from model import LLaDA, load_tokenizer, sft_pair
 
 HERE = Path(__file__).resolve().parent
 RECIPE = dict(max_length=512, val_size=128, eval_every=64, lr=1e-4, epochs=1, batch_size=32, grad_accum=1,

@@ -90,7 +90,8 @@ def run_job(job):
     torch.set_num_threads(1)
     import nara
     import train
-    from model import LLaDA, atomic_write, load_tokenizer
+    from checkpoint import atomic_write
+    from model import LLaDA, load_tokenizer
     d, task = Path(job["dir"]), job["task"]
     result = d / "result.json"
     record = json.loads(result.read_text()) if result.exists() else None
@@ -125,7 +126,8 @@ def base_job(job):
     """The base model's accuracy and curve, once per task."""
     import torch
     torch.set_num_threads(1)
-    from model import LLaDA, atomic_write, load_tokenizer
+    from checkpoint import atomic_write
+    from model import LLaDA, load_tokenizer
     result = Path(job["dir"]) / "base.json"
     if not result.exists():
         model_dir = ROOT / TASKS[job["task"]]["model"]

@@ -15,7 +15,8 @@ import interop
 import nara
 from benchmarks.interop_check import wrap
 from conftest import REFERENCE, random_model, write_real_layout
-from model import LLaDA, LLaDAConfig, read_json
+from checkpoint import read_json
+from model import LLaDA, LLaDAConfig
 
 IDS = torch.tensor([[5, 9, 33, 8, 71, 2], [1, 4, 100, 3, 3, 60]])
 # The fields of LoraConfig and PeftConfig in PEFT 0.13.2 (read from its dataclasses): the oldest
