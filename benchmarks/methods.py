@@ -143,7 +143,7 @@ def run_all(pool, jobs, fn, desc):
     from tqdm import tqdm
     futures = {pool.submit(fn, j): j for j in jobs}
     out = []
-    for f in tqdm(as_completed(futures), total=len(futures), desc=desc, disable=None):
+    for f in tqdm(as_completed(futures), total=len(futures), desc=desc):   # also into a log file
         out.append(f.result())
     return out
 
