@@ -217,13 +217,16 @@ def noise_curve(model, ids, answer, lams, batch_size=16, seed=0):
 
 
 def update_magnitude(model, lams):
-    """{λ: (‖C(λ) − I‖_F averaged over hypernetworks or None, ‖ΔW(λ)‖_F averaged over layers)} (Figure 3)."""
+    """{λ: (‖C(λ) − I‖_F averaged over hypernetworks or None, ‖ΔW(λ)‖_F averaged over layers)} (Figure 3).
+    A density-conditioned NaRA gets noise density λ too: what masking a fraction λ at random gives
+    on average."""
     out = {}
+    dense = any("density" in getattr(net, "inputs", ()) for net in model.noise_nets.values())
     for lam in lams:
-        cond = model.condition(torch.tensor([lam], device=next(model.parameters()).device))
+        cond = nara.cond_at(model, lam, lam if dense else None)
         cores = [(nara._first(cond[k]) - torch.eye(cond[k].shape[-1], device=cond[k].device)).norm().item()
                  for k in model.noise_nets]
-        deltas = [d.norm().item() for d in nara.delta_weights(model, lam).values()]
+        deltas = [d.norm().item() for d in nara.delta_weights(model, lam, lam if dense else None).values()]
         out[lam] = (sum(cores) / len(cores) if cores else None, sum(deltas) / max(1, len(deltas)))
     return out
 

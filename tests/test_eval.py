@@ -211,3 +211,14 @@ def test_download_says_where_to_put_what_it_cannot_fetch(tmp_path):
         assert (tmp_path / "code" / "mbpp_test.jsonl").read_text().count("\n") == 500
     else:
         assert "Fetch it elsewhere and copy it to" in res.stderr and str(tmp_path / "code" / "mbpp_test.jsonl") in res.stderr
+
+
+def test_update_size_of_a_density_conditioned_nara_uses_density_lambda(tiny):
+    model, _ = tiny
+    nara.add_adapters(model, "nara", r=2, condition="density", init="kaiming", verbose=False).eval()
+    net = model.noise_nets["nara"]
+    sizes = ev.update_magnitude(model, [0.2, 0.8])
+    for lam in (0.2, 0.8):
+        C = net(None, density=torch.tensor([lam]))[0]
+        assert sizes[lam][0] == pytest.approx((C - torch.eye(2)).norm().item(), rel=1e-6)
+    assert sizes[0.2][0] != pytest.approx(sizes[0.8][0])
