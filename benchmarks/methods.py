@@ -21,7 +21,8 @@ any train.py flags) and every task:
 Added after the arith results, as reporting only (the same runs): each arm's best validation loss minus the
 first arm's at the same seed (a seed fixes the validation split), and, for ablations of one method,
 --lr-from ARM (no sweep: the rate the comparison chose for ARM) with --seeds N.
-Runs are cached under runs/methods/: finished runs are reused, an interrupted one starts over. Two
+Runs are cached under runs/methods/: finished runs are reused, an interrupted training starts over, a
+trained run whose scoring stopped is only scored again. Two
 worker processes of one thread each share the machine's 2 cores. Results go to benchmarks/results/.
 """
 import argparse
@@ -112,6 +113,7 @@ def run_job(job):
         record = {**{k: job[k] for k in ("task", "arm", "lr", "seed")}, "train_s": time.time() - t0,
                   "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                   "best_val_loss": min(v for v in val if v is not None)}
+        atomic_write(result, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))   # kept if scoring fails
     if job["score"]:
         t0 = time.time()
         model_dir = ROOT / TASKS[task]["model"]
