@@ -22,8 +22,8 @@ Added after the arith results, as reporting only (the same runs): each arm's bes
 first arm's at the same seed (a seed fixes the validation split), and, for ablations of one method,
 --lr-from ARM (no sweep: the rate the comparison chose for ARM) with --seeds N.
 Runs are cached under runs/methods/: finished runs are reused, an interrupted training starts over, a
-trained run whose scoring stopped is only scored again. Two
-worker processes of one thread each share the machine's 2 cores. Results go to benchmarks/results/.
+trained run whose scoring stopped is only scored again. Two worker processes of one thread each share
+the machine's 2 cores. Results go to benchmarks/results/.
 """
 import argparse
 import contextlib
