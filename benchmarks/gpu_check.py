@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from model import LLaDA, LLaDAConfig  # noqa: E402
 import nara  # noqa: E402
 
@@ -75,6 +76,13 @@ def timed(fn, device, repeats=5):
     return sorted(times)[len(times) // 2]
 
 
+def commit():
+    """The checked-out commit (with "+changes" when the tree differs), so every figure names its code."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="/tmp/llada-8b-random", help="where to write the random checkpoint")
@@ -87,7 +95,7 @@ def main():
     cfg = LLaDAConfig.tiny() if args.tiny else LLaDAConfig()
     L = 64 if args.tiny else min(args.length, cfg.max_sequence_length)
     rows = [f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
-            f"length {L}; {time.strftime('%Y-%m-%d')}", "", "| what | figure |", "|---|---|"]
+            f"length {L}; {time.strftime('%Y-%m-%d')}; code of commit {commit()}", "", "| what | figure |", "|---|---|"]
     add = lambda what, fig: (rows.append(f"| {what} | {fig} |"), print(what, "=", fig, flush=True))  # noqa: E731
 
     path = Path(args.dir)

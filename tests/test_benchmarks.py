@@ -11,7 +11,7 @@ def test_gpu_check_runs_on_cpu_with_a_tiny_config(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--dir", str(tmp_path / "ck"),
                     "--out", str(tmp_path / "gpu.md")], check=True, capture_output=True, timeout=600)
     text = (tmp_path / "gpu.md").read_text()
-    for row in ("from_pretrained time", "train step nara, checkpointing=True", "recipe update 32 = 1 x 32"):
+    for row in ("code of commit ", "from_pretrained time", "train step nara, checkpointing=True", "recipe update 32 = 1 x 32"):
         assert row in text
 
 
