@@ -202,7 +202,9 @@ def main():
         chosen_file.write_text(json.dumps(body, indent=1))
     runs = {(r["arm"], r["lr"], r["seed"]): r for r in ([] if args.quick else sweep) + records}   # each run once
     spent = sum(r["train_s"] + r.get("score_s", 0) for r in runs.values())
-    report(name + ("-quick" if args.quick else ""), args.task, arms, lr_of, records, base, results, spent / 60)
+    argv = [a for i, a in enumerate(sys.argv[1:]) if not {a, sys.argv[i]} & {"--runs", "--results"}]  # without paths
+    report(name + ("-quick" if args.quick else ""), shlex.join(["python", "benchmarks/methods.py", *argv]), args.task,
+           arms, lr_of, records, base, results, spent / 60)
 
 
 # ---------------------------------------------------------------- tables and figures
@@ -210,11 +212,9 @@ def mean_std(xs):
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def report(name, task, arms, lr_of, records, base, results, run_minutes):
+def report(name, command, task, arms, lr_of, records, base, results, run_minutes):
     by_arm = {a: sorted((r for r in records if r["arm"] == a), key=lambda r: r["seed"]) for a in arms}
     n = len(next(iter(by_arm.values())))
-    argv = [a for i, a in enumerate(sys.argv[1:]) if not {a, sys.argv[i]} & {"--runs", "--results"}]  # i: the flag before a
-    command = shlex.join(["python", "benchmarks/methods.py"] + argv)
     lines = [f"# Methods side by side: `{task}` ({n} seeds; `{command}`)", "",
              f"Base model: accuracy {100 * base['accuracy']:.1f} %. {time.strftime('%Y-%m-%d')}. The runs took "
              f"{run_minutes:.0f} minutes of wall time in all (the sum over runs; two run at a time, one thread each).", "",
