@@ -1,29 +1,40 @@
-"""Every method side by side on a bundled miniature: the paper's comparison, over seeds.
+"""Every method side by side on a bundled miniature: the paper's comparison, trained to the plateau.
 
-    python benchmarks/methods.py                          # the default run's task (arith), every method
-    python benchmarks/methods.py --task instruct          # the instruct miniature (see data/make_data.py)
-    python benchmarks/methods.py --quick                  # seeds 0-1 at the learning rates the full run chose
-    python benchmarks/methods.py --task instruct --lr-from nara --arm nara --arm "nara --condition density" \\
-        --arm "nara --stage1 0.3" --name ablation     # an ablation table at nara's chosen learning rate
+    python benchmarks/methods.py --task instruct     # budget, sweep, seeds and tables for one task
+    python benchmarks/methods.py --task arith        # the default run's task: the central comparison
+    python benchmarks/methods.py --task instruct --name instruct-ablations --lr-from nara --seeds 5 \\
+        --arm nara --arm "nara --condition density" ...                    # ablations at NaRA's rate
+    python benchmarks/methods.py --task instruct --quick                   # seeds 0-1 at the chosen rates
 
-The protocol, fixed before any result was seen, is the same for every arm (an arm is a method plus
-any train.py flags) and every task:
-  - train.py on the task's base and training file: 300 updates of 16 sequences (max 64 tokens),
-    rank 8 on q/k/v/o, dropout 0.05, s = 1, η = 0.1, 20 virtual tokens for the prompt methods,
-    validation every 30 updates on the held-out split, the best adapter kept;
-  - learning rate: each arm runs at 1e-3, 3e-3, 1e-2 and 3e-2 with seed 0; the one with the lowest
-    best validation loss is kept (never the test set); then seeds 1-4 at that rate;
-  - the kept (best-validation) adapter of seeds 0-4 is scored on the task's test file by generation
-    (greedy, low-confidence remasking, early termination; last-number scoring) and gives the loss per
-    masked token at λ = 0.1 ... 1.0 on the test answers (Figure 1; the same masks for every model);
-    NaRA arms also give ‖C(λ) − I‖ and ‖ΔW(λ)‖ averaged over layers (Figure 3);
-  - the table reports mean ± standard deviation over the 5 seeds and the mean wall time of a run.
-Added after the arith results, as reporting only (the same runs): each arm's best validation loss minus the
-first arm's at the same seed (a seed fixes the validation split), and, for ablations of one method,
---lr-from ARM (no sweep: the rate the comparison chose for ARM) with --seeds N.
-Runs are cached under runs/methods/: finished runs are reused, an interrupted training starts over, a
-trained run whose scoring stopped is only scored again. Two worker processes of one thread each share
-the machine's 2 cores. Results go to benchmarks/results/.
+The protocol (fixed before any run of it; an arm is a method plus train.py flags):
+  1. Every item is trained on and scored. --max-length covers the longest training and test item of
+     the task (arith 48, instruct 72 tokens) and --gen-length the longest answer; the script refuses
+     to run otherwise, and refuses any run whose train.py reports a skipped item.
+  2. One update budget for every arm, fixed from LoRA's validation curve alone: LoRA (lr 3e-3, seed 0)
+     runs at T = 600, 1200, 2400, ... updates (each a full schedule: 5 % warm-up, linear decay to 0);
+     the budget is the first T whose best validation loss is within 1 % of the 2T run's (doubling
+     the training no longer helps). The curves that fixed it are in the report.
+  3. Learning rate: each arm runs at 1e-3, 3e-3, 1e-2 and 3e-2 with seed 0 at that budget; the rate
+     with the lowest best validation loss is kept (never the test set). When it is the grid's lowest
+     or highest, the grid is widened by the next factor of about 3 on that side until it is not.
+  4. Seeds 0-4 of the paper's central comparison (LoRA, NaRA, NaRA-C, Multi-LoRA) on arith and
+     instruct; DoRA, HiRA, Prompt Tuning and P-Tuning with seeds 0-2 on instruct; the ablation arms at
+     the rate chosen for NaRA (no sweep) with seeds 0-4 on instruct.
+  5. Every run: 16 sequences per update, r = 8 on q/k/v/o, dropout 0.05, s = 1, η = 0.1, 20 virtual
+     tokens for the prompt methods, validation every T/20 updates on the held-out split (the seed fixes
+     it), the best adapter kept. That adapter is scored on the whole test file by generation (greedy,
+     low-confidence remasking, early termination, last-number scoring) and gives the loss per masked
+     test-answer token at λ = 0.1 ... 1.0 (Figure 1, the same masks for every model); NaRA arms also
+     give ‖C(λ) − I‖ and ‖ΔW(λ)‖ averaged over layers (Figure 3).
+  6. Reported: accuracy and best validation loss (mean ± std over seeds), the validation loss minus the
+     first arm's at the same seed (paired), Figure 1 as the gain over the base per masked token and as
+     that gain relative to the base's loss at λ, Figure 3, and the run-minutes spent.
+
+Each finished run leaves a small record, benchmarks/results/runs/<task>/<arm>/lr<lr>-u<T>-seed<s>.json,
+holding its settings and results; it is reused only when its settings equal the protocol's, so the
+experiment can be completed in parts, on several machines (commit the records). Training folders go
+to runs/methods/ (not kept). Two worker processes of one thread each share a 2-core machine.
+--smoke runs a 4-update protocol in a temporary folder and never touches benchmarks/results/.
 """
 import argparse
 import contextlib
@@ -33,8 +44,9 @@ import shlex
 import shutil
 import statistics
 import sys
+import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -43,17 +55,20 @@ sys.path.insert(0, str(ROOT))
 
 TASKS = {
     "arith": dict(model="data/base", data="data/arith/train.json", test="data/arith/test.json", val_size=30,
-                  gen=dict(gen_length=16, steps=16, block_length=16)),
+                  max_length=48, gen=dict(gen_length=16, steps=16, block_length=16)),
     "instruct": dict(model="data/instruct/base", data="data/instruct/train.json", test="data/instruct/test.json",
-                     val_size=100, gen=dict(gen_length=32, steps=32, block_length=8)),
+                     val_size=100, max_length=72, gen=dict(gen_length=32, steps=32, block_length=8)),
 }
-PROTOCOL = dict(train=["--max-updates", "300", "--batch-size", "16", "--eval-every", "30", "--adapter-rank", "8",
-                       "--max-length", "64"],
-                lrs=(1e-3, 3e-3, 1e-2, 3e-2), seeds=(0, 1, 2, 3, 4),
-                arms=("lora", "nara-c", "multi-lora", "nara", "nara --embedding-width 16 --hyper-hidden 16,16", "dora",
-                      "hira", "prompt-tuning", "p-tuning"), test_items=None)
-SMOKE = dict(train=["--max-updates", "4", "--batch-size", "4", "--eval-every", "2", "--adapter-rank", "2", "--max-length", "64"],
-             lrs=(1e-3, 1e-2), seeds=(0, 1), arms=("lora", "nara"), test_items=8)
+CENTRAL = ("lora", "nara", "nara-c", "multi-lora")
+OTHERS = ("dora", "hira", "prompt-tuning", "p-tuning")
+ABLATIONS = ("nara", "nara-c", "nara --condition density", "nara --condition both", "nara --embedding mlp",
+             "nara --embedding raw", "nara --hyper-init kaiming", "nara --stage1 0.3",
+             "nara --embedding-width 16 --hyper-hidden 16,16")
+PROTOCOL = dict(batch_size=16, rank=8, budget_lr=3e-3, budgets=(600, 1200, 2400, 4800, 9600, 19200), plateau=0.01,
+                lrs=(1e-3, 3e-3, 1e-2, 3e-2), wider=(3e-4, 1e-4, 1e-1, 3e-1), seeds=5, other_seeds=3, test_items=None)
+SMOKE = dict(batch_size=4, rank=2, budget_lr=1e-2, budgets=(4, 8, 16), plateau=1.0, lrs=(1e-3, 1e-2), wider=(),
+             seeds=2, other_seeds=1, test_items=8)
+SMOKE_ARMS = ("lora", "nara")
 LAMS = [round(0.1 * k, 1) for k in range(1, 11)]
 
 
@@ -61,9 +76,22 @@ def slug(text):
     return "".join(c if c.isalnum() or c in ".-" else "_" for c in text.replace(" --", "_")).strip("_")
 
 
+def check_lengths(task):
+    """Refuse a protocol under which any item would be skipped or truncated."""
+    from model import load_tokenizer, sft_pair
+    spec = TASKS[task]
+    tok = load_tokenizer(ROOT / spec["model"])
+    for split in ("data", "test"):
+        pairs = [sft_pair(tok, e["instruction"], e["output"], 0) for e in json.loads((ROOT / spec[split]).read_text())]
+        longest, answer = max(len(p) + len(a) for p, a in pairs), max(len(a) for _, a in pairs)
+        if longest > spec["max_length"] or answer > spec["gen"]["gen_length"]:
+            sys.exit(f"error: {spec[split]}: an item of {longest} tokens (answer {answer}) does not fit --max-length "
+                     f"{spec['max_length']} / --gen-length {spec['gen']['gen_length']}: no item may be skipped")
+
+
 # ---------------------------------------------------------------- one run (in a worker process)
-def test_set(task, tok, eos, limit=None):
-    """The test file's prompts and gold outputs as padded SFT rows (for the noise curve)."""
+def test_rows(task, tok, eos, limit=None):
+    """The test file's examples and their gold outputs as padded SFT rows (for the noise curve)."""
     import torch
     from diffusion import pad_sft
     from model import sft_pair
@@ -77,50 +105,51 @@ def test_set(task, tok, eos, limit=None):
 def score(task, model, tok, limit=None):
     """Test accuracy by generation, the Figure 1 curve and (NaRA) the Figure 3 sizes of one model."""
     import eval as ev
-    examples, ids, answer = test_set(task, tok, model.config.eos_token_id, limit)
+    examples, ids, answer = test_rows(task, tok, model.config.eos_token_id, limit)
     acc, _ = ev.accuracy(model.eval(), tok, examples, **TASKS[task]["gen"])
-    out = {"accuracy": acc, "curve": {str(k): v for k, v in ev.noise_curve(model, ids, answer, LAMS).items()}}
+    out = {"accuracy": acc, "items": len(examples),
+           "curve": {str(k): v for k, v in ev.noise_curve(model, ids, answer, LAMS).items()}}
     if model.noise_nets and all(hasattr(n, "net") for n in model.noise_nets.values()):
         out["sizes"] = {str(k): v for k, v in ev.update_magnitude(model, LAMS).items()}
     return out
 
 
 def run_job(job):
-    """Train (unless finished) and, if asked, score one run; returns its result record."""
+    """Train and score one run, or return its record when one with the same settings exists."""
     import torch
     torch.set_num_threads(1)
     import nara
     import train
     from checkpoint import atomic_write
     from model import LLaDA, load_tokenizer
-    d, task = Path(job["dir"]), job["task"]
-    result = d / "result.json"
-    record = json.loads(result.read_text()) if result.exists() else None
-    done = record is not None and (not job["score"] or "accuracy" in record)
-    if done:
-        return record                                   # a finished run is reused as it is
-    if record is None:
-        shutil.rmtree(d, ignore_errors=True)            # an interrupted run starts over
-        d.mkdir(parents=True)
-        spec = TASKS[task]
-        argv = ["--model", str(ROOT / spec["model"]), "--data", str(ROOT / spec["data"]), "--val-size", str(spec["val_size"]),
-                *job["train"], "--seed", str(job["seed"]), "--lr", str(job["lr"]), "--out", str(d / "run"), "--method",
-                *shlex.split(job["arm"])]
-        t0 = time.time()
-        with open(d / "log.txt", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            model = train.main(argv)
-        val = [json.loads(l).get("val_loss") for l in (d / "run" / "metrics.jsonl").read_text().splitlines()]
-        record = {**{k: job[k] for k in ("task", "arm", "lr", "seed")}, "train_s": time.time() - t0,
-                  "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                  "best_val_loss": min(v for v in val if v is not None)}
-        atomic_write(result, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))   # kept if scoring fails
-    if job["score"]:
-        t0 = time.time()
-        model_dir = ROOT / TASKS[task]["model"]
-        with open(d / "log.txt", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            model = nara.load_adapter(LLaDA.from_pretrained(model_dir), d / "run" / "best")
-            record.update(score(task, model, load_tokenizer(model_dir), job["test_items"]), score_s=time.time() - t0)
-    atomic_write(result, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    record_file, work, task = Path(job["record"]), Path(job["work"]), job["settings"]["task"]
+    if record_file.exists():
+        record = json.loads(record_file.read_text())
+        if record["settings"] == job["settings"]:
+            return record                               # a finished run is reused as it is
+    shutil.rmtree(work, ignore_errors=True)             # anything else starts over
+    work.mkdir(parents=True)
+    spec, s = TASKS[task], job["settings"]
+    argv = ["--model", str(ROOT / spec["model"]), "--data", str(ROOT / spec["data"]), "--out", str(work / "run"),
+            *s["train"], "--method", *shlex.split(s["arm"])]
+    t0 = time.time()
+    with open(work / "log.txt", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        model = train.main(argv)
+    if ", 0 skipped" not in (work / "log.txt").read_text():
+        raise RuntimeError(f"{work / 'log.txt'}: train.py skipped items; the protocol trains on all of them")
+    steps = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    curve = [[m["step"], m["val_loss"]] for m in steps if "val_loss" in m]
+    record = {"settings": s, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              "best_val_loss": min(v for _, v in curve), "val_curve": curve, "train_s": time.time() - t0}
+    t0 = time.time()
+    model_dir = ROOT / spec["model"]
+    with open(work / "log.txt", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        model = nara.load_adapter(LLaDA.from_pretrained(model_dir), work / "run" / "best")
+        record.update(score(task, model, load_tokenizer(model_dir), s["test_items"]), score_s=time.time() - t0,
+                      torch=torch.__version__, finished=time.strftime("%Y-%m-%d %H:%M"))
+    record_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(record_file, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    shutil.rmtree(work, ignore_errors=True)
     return record
 
 
@@ -130,81 +159,138 @@ def base_job(job):
     torch.set_num_threads(1)
     from checkpoint import atomic_write
     from model import LLaDA, load_tokenizer
-    result = Path(job["dir"]) / "base.json"
-    if not result.exists():
-        model_dir = ROOT / TASKS[job["task"]]["model"]
-        with contextlib.redirect_stdout(open(os.devnull, "w")):
-            record = score(job["task"], LLaDA.from_pretrained(model_dir), load_tokenizer(model_dir), job["test_items"])
-        result.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(result, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
-    return json.loads(result.read_text())
+    record_file = Path(job["record"])
+    if record_file.exists() and json.loads(record_file.read_text())["settings"] == job["settings"]:
+        return json.loads(record_file.read_text())
+    model_dir = ROOT / TASKS[job["settings"]["task"]]["model"]
+    with contextlib.redirect_stdout(open(os.devnull, "w")):
+        record = {"settings": job["settings"], **score(job["settings"]["task"], LLaDA.from_pretrained(model_dir),
+                                                        load_tokenizer(model_dir), job["settings"]["test_items"])}
+    record_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(record_file, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    return record
 
 
 # ---------------------------------------------------------------- the protocol
-def run_all(pool, jobs, fn, desc):
-    from tqdm import tqdm
-    futures = {pool.submit(fn, j): j for j in jobs}
-    out = []
-    for f in tqdm(as_completed(futures), total=len(futures), desc=desc):   # also into a log file
-        out.append(f.result())
-    return out
+class Runner:
+    """Makes the jobs of the protocol and runs them, two at a time, with a progress bar."""
+    def __init__(self, pool, task, protocol, records, work):
+        self.pool, self.task, self.p, self.records, self.work = pool, task, protocol, Path(records), Path(work)
+
+    def job(self, arm, lr, seed, updates):
+        spec, p = TASKS[self.task], self.p
+        train = ["--max-updates", str(updates), "--eval-every", str(max(1, updates // 20)), "--batch-size",
+                 str(p["batch_size"]), "--adapter-rank", str(p["rank"]), "--max-length", str(spec["max_length"]),
+                 "--val-size", str(spec["val_size"]), "--lr", f"{lr:g}", "--seed", str(seed)]
+        settings = dict(task=self.task, arm=arm, lr=lr, seed=seed, updates=updates, train=train,
+                        test_items=p["test_items"], gen=spec["gen"])
+        name = f"{slug(arm)}/lr{lr:g}-u{updates}-seed{seed}"
+        return dict(settings=settings, record=str(self.records / self.task / f"{name}.json"),
+                    work=str(self.work / self.task / name))
+
+    def run(self, jobs, desc):
+        from tqdm import tqdm
+        futures = [self.pool.submit(run_job, j) for j in jobs]
+        with tqdm(total=len(futures), desc=f"{self.task}: {desc}") as bar:
+            for f in futures:
+                f.result()
+                bar.update(1)
+        return [f.result() for f in futures]
+
+    def budget(self):
+        """The first T of the ladder whose best validation loss is within `plateau` of the 2T run's."""
+        done = {}
+        ladder = self.p["budgets"]
+        for i in range(0, len(ladder), 2):
+            for r in self.run([self.job("lora", self.p["budget_lr"], 0, T) for T in ladder[i:i + 2]], "budget (lora)"):
+                done[r["settings"]["updates"]] = r
+            for T in ladder[:i + 1]:
+                if 2 * T in done and done[T]["best_val_loss"] - done[2 * T]["best_val_loss"] < self.p["plateau"] * done[T]["best_val_loss"]:
+                    return T, [done[t] for t in sorted(done)]
+        sys.exit(f"error: {self.task}: LoRA still improves by over {self.p['plateau']:.0%} at {ladder[-1]} updates")
+
+    def sweep(self, arms, T):
+        """{arm: chosen rate} at budget T, seed 0; an arm's grid is widened while its best rate is on the edge."""
+        grids, done, todo = {a: list(self.p["lrs"]) for a in arms}, {}, [(a, lr) for a in arms for lr in self.p["lrs"]]
+        best = lambda a: min(grids[a], key=lambda lr: done[a, lr]["best_val_loss"])  # noqa: E731
+        while todo:
+            for r in self.run([self.job(a, lr, 0, T) for a, lr in todo], "learning-rate sweep (seed 0)"):
+                done[r["settings"]["arm"], r["settings"]["lr"]] = r
+            todo = []
+            for a in arms:
+                low, high = best(a) == min(grids[a]), best(a) == max(grids[a])
+                side = [w for w in self.p["wider"] if (low and w < best(a)) or (high and w > best(a))]
+                if side:
+                    todo.append((a, max(side) if low else min(side)))
+                    grids[a].append(todo[-1][1])
+        return {a: best(a) for a in arms}, [done[a, lr] for a in arms for lr in sorted(grids[a])]
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="arith", choices=sorted(TASKS), help="bundled base and task")
     ap.add_argument("--arm", action="append", help="a method and train.py flags, e.g. \"nara --condition density\" "
-                    "(repeatable; default: every method)")
+                    "(repeatable; default: the task's arms)")
     ap.add_argument("--name", default=None, help="name of the result files (default: the task)")
     ap.add_argument("--quick", action="store_true", help="seeds 0-1 at the learning rates chosen by the full run")
     ap.add_argument("--lr-from", default=None, metavar="ARM", help="no sweep: every arm runs at the learning rate "
                     "the task's full comparison chose for ARM (for ablations of one method)")
-    ap.add_argument("--seeds", type=int, default=None, help="run only the first N seeds of the protocol")
-    ap.add_argument("--smoke", action="store_true", help="a 4-update protocol that only checks the script runs")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the protocol's per arm)")
+    ap.add_argument("--smoke", action="store_true", help="a tiny protocol in a temporary folder: checks the script runs")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs, one thread each")
-    ap.add_argument("--runs", default=str(ROOT / "runs" / "methods"), help="where runs are cached")
-    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="where tables and figures go")
-    args = ap.parse_args()
+    ap.add_argument("--runs", default=None, help="training folders (default runs/methods; smoke: temporary)")
+    ap.add_argument("--results", default=None, help="tables, figures and run records (default benchmarks/results; "
+                    "smoke: temporary)")
+    args = ap.parse_args(argv)
     protocol = SMOKE if args.smoke else PROTOCOL
-    arms, name = args.arm or list(protocol["arms"]), args.name or args.task
-    runs, results = Path(args.runs) / args.task, Path(args.results)
+    scratch = Path(tempfile.mkdtemp(prefix="methods-smoke-")) if args.smoke else None
+    results = Path(args.results or (scratch / "results" if scratch else ROOT / "benchmarks" / "results"))
+    work = Path(args.runs or (scratch / "runs" if scratch else ROOT / "runs" / "methods"))
+    check_lengths(args.task)
+    default_arms = CENTRAL + (OTHERS if args.task == "instruct" else ())
+    arms, name = args.arm or list(SMOKE_ARMS if args.smoke else default_arms), args.name or args.task
+    if args.seeds is not None and not 1 <= args.seeds <= protocol["seeds"]:
+        sys.exit(f"error: --seeds {args.seeds}: the protocol has seeds 0-{protocol['seeds'] - 1}")
+    chosen_file = results / f"{args.task}.json"
     results.mkdir(parents=True, exist_ok=True)
-    chosen_file = results / f"{name}.json"
-    seeds = protocol["seeds"][:2 if args.quick else args.seeds]
-    if args.seeds is not None and not 1 <= args.seeds <= len(protocol["seeds"]):
-        sys.exit(f"error: --seeds {args.seeds}: the protocol has seeds {protocol['seeds']}")
-    job = lambda arm, lr, seed, scored: dict(task=args.task, arm=arm, lr=lr, seed=seed, score=scored,  # noqa: E731
-                                             train=protocol["train"], test_items=protocol["test_items"],
-                                             dir=str(runs / slug(arm) / f"lr{lr:g}" / f"seed{seed}"))
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-        base = pool.submit(base_job, dict(task=args.task, dir=str(runs), test_items=protocol["test_items"]))
-        if args.quick:
+        runner = Runner(pool, args.task, protocol, results / "runs", work)
+        base = pool.submit(base_job, dict(record=str(results / "runs" / args.task / "base.json"),
+                                          settings=dict(task=args.task, test_items=protocol["test_items"],
+                                                        gen=TASKS[args.task]["gen"])))
+        if args.quick or args.lr_from:
             if not chosen_file.exists():
-                sys.exit(f"error: {chosen_file} not found: --quick uses the learning rates of a full run")
-            lr_of = json.loads(chosen_file.read_text())["lr"]
-            if set(arms) - set(lr_of):
-                sys.exit(f"error: {chosen_file} has no learning rate for {sorted(set(arms) - set(lr_of))}")
-        elif args.lr_from:
-            comparison = results / f"{args.task}.json"
-            lr = json.loads(comparison.read_text())["lr"].get(args.lr_from) if comparison.exists() else None
-            if lr is None:
-                sys.exit(f"error: --lr-from {args.lr_from}: {comparison} has no learning rate for it (run the comparison)")
-            lr_of, sweep = {a: lr for a in arms}, []
+                sys.exit(f"error: {chosen_file} not found: run the task's full comparison first")
+            chosen = json.loads(chosen_file.read_text())
+            T, ladder, sweep = chosen["updates"], [], []
+            source = chosen["lr"] if args.quick else {a: chosen["lr"].get(args.lr_from) for a in arms}
+            if any(source.get(a) is None for a in arms):
+                sys.exit(f"error: {chosen_file} has no learning rate for "
+                         f"{args.lr_from if args.lr_from else sorted(set(arms) - set(source))} (run the comparison)")
+            lr_of = {a: source[a] for a in arms}
         else:
-            sweep = run_all(pool, [job(a, lr, 0, False) for a in arms for lr in protocol["lrs"]], run_job,
-                            "learning-rate sweep (seed 0)")
-            lr_of = {a: min((r for r in sweep if r["arm"] == a), key=lambda r: r["best_val_loss"])["lr"] for a in arms}
-        records = run_all(pool, [job(a, lr_of[a], s, True) for a in arms for s in seeds], run_job, "seeds")
+            T, ladder = runner.budget()
+            lr_of, sweep = runner.sweep(arms, T)
+        seeds_of = {a: 2 if args.quick else args.seeds or (protocol["seeds"] if a in CENTRAL or args.lr_from
+                                                           else protocol["other_seeds"]) for a in arms}
+        records = runner.run([runner.job(a, lr_of[a], s, T) for a in arms for s in range(seeds_of[a])], "seeds")
         base = base.result()
     if not (args.quick or args.lr_from):
-        body = {"lr": lr_of, "sweep": {a: {str(r["lr"]): r["best_val_loss"] for r in sorted(sweep, key=lambda r: r["lr"]) if r["arm"] == a}
-                                        for a in arms}}
-        chosen_file.write_text(json.dumps(body, indent=1))
-    runs = {(r["arm"], r["lr"], r["seed"]): r for r in ([] if args.quick else sweep) + records}   # each run once
-    spent = sum(r["train_s"] + r.get("score_s", 0) for r in runs.values())
-    argv = [a for i, a in enumerate(sys.argv[1:]) if not {a, sys.argv[i]} & {"--runs", "--results"}]  # without paths
-    report(name + ("-quick" if args.quick else ""), shlex.join(["python", "benchmarks/methods.py", *argv]), args.task,
-           arms, lr_of, records, base, results, spent / 60)
+        edge = {a: lr_of[a] in (min(r["settings"]["lr"] for r in sweep if r["settings"]["arm"] == a),
+                                max(r["settings"]["lr"] for r in sweep if r["settings"]["arm"] == a)) for a in arms}
+        body = {"updates": T, "lr": lr_of, "at_grid_edge": edge,
+                "budget": {r["settings"]["updates"]: r["best_val_loss"] for r in ladder},
+                "sweep": {a: {f"{r['settings']['lr']:g}": r["best_val_loss"] for r in sweep if r["settings"]["arm"] == a}
+                          for a in arms}}
+        (results / f"{args.task}.json").write_text(json.dumps(body, indent=1))
+    command = ["python", "benchmarks/methods.py", "--task", args.task, *(["--name", args.name] if args.name else []),
+               *(["--lr-from", args.lr_from] if args.lr_from else []), *(["--seeds", str(args.seeds)] if args.seeds else []),
+               *(["--quick"] if args.quick else []), *(["--smoke"] if args.smoke else []),
+               *[x for a in args.arm or [] for x in ("--arm", a)]]
+    report(name + ("-quick" if args.quick else ""), shlex.join(command), args.task,
+           arms, lr_of, records, base, results, ladder, sweep, T)
+    if scratch:
+        print(f"smoke results in {scratch} (benchmarks/results/ untouched)")
 
 
 # ---------------------------------------------------------------- tables and figures
@@ -212,45 +298,64 @@ def mean_std(xs):
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def report(name, command, task, arms, lr_of, records, base, results, run_minutes):
-    by_arm = {a: sorted((r for r in records if r["arm"] == a), key=lambda r: r["seed"]) for a in arms}
-    n = len(next(iter(by_arm.values())))
-    lines = [f"# Methods side by side: `{task}` ({n} seeds; `{command}`)", "",
-             f"Base model: accuracy {100 * base['accuracy']:.1f} %. {time.strftime('%Y-%m-%d')}. The runs took "
-             f"{run_minutes:.0f} minutes of wall time in all (the sum over runs; two run at a time, one thread each).", "",
+def report(name, command, task, arms, lr_of, records, base, results, ladder, sweep, T):
+    by_arm = {a: sorted((r for r in records if r["settings"]["arm"] == a), key=lambda r: r["settings"]["seed"]) for a in arms}
+    runs = {json.dumps(r["settings"], sort_keys=True): r for r in ladder + sweep + records}
+    minutes = sum(r["train_s"] + r["score_s"] for r in runs.values()) / 60
+    lines = [f"# Methods side by side: `{task}`, {T} updates (`{command}`)", "",
+             f"Base model: accuracy {100 * base['accuracy']:.1f} % on {base['items']} test items. {time.strftime('%Y-%m-%d')}. "
+             f"The {len(runs)} runs behind this table took {minutes:.0f} run-minutes (training and scoring, one thread "
+             "each; two run at a time on 2 cores).", "",
              f"A seed fixes the validation split, the data order and the masks, so each arm's best validation loss "
              f"is also given minus {arms[0]}'s at the same seed (paired difference; negative is better).", "",
-             f"| method | trainable | lr | test accuracy % | best val loss | − {arms[0]}'s, paired | s per run |",
-             "|---|---|---|---|---|---|---|"]
-    first = {r["seed"]: r["best_val_loss"] for r in by_arm[arms[0]]}
+             f"| method | trainable | lr | seeds | test accuracy % | best val loss | − {arms[0]}'s, paired | min per run |",
+             "|---|---|---|---|---|---|---|---|"]
+    first = {r["settings"]["seed"]: r["best_val_loss"] for r in by_arm[arms[0]]}
     for a, rs in by_arm.items():
         acc, val = mean_std([100 * r["accuracy"] for r in rs]), mean_std([r["best_val_loss"] for r in rs])
-        diff = mean_std([r["best_val_loss"] - first[r["seed"]] for r in rs])
-        wall = statistics.mean(r["train_s"] + r.get("score_s", 0) for r in rs)
-        lines.append(f"| {a} | {rs[0]['trainable']:,} | {lr_of[a]:g} | {acc[0]:.1f} ± {acc[1]:.1f} | "
-                     f"{val[0]:.4f} ± {val[1]:.4f} | {diff[0]:+.4f} ± {diff[1]:.4f} | {wall:.0f} |")
-    curve = ["lambda"] + [f"{a} {k}" for a in arms for k in ("mean", "std")]
-    rows = [[lam] + [v for a in arms for v in mean_std([base["curve"][str(lam)] - r["curve"][str(lam)] for r in by_arm[a]])]
-            for lam in LAMS]
-    lines += ["", "Figure 1: loss reduction over the base per masked token (mean over seeds), by noise level λ", "",
-              "| λ | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
-    lines += [f"| {row[0]} | " + " | ".join(f"{row[1 + 2 * i]:.3f}" for i in range(len(arms))) + " |" for row in rows]
-    write_csv(results / f"{name}_figure1.csv", curve, rows)
+        diff = mean_std([r["best_val_loss"] - first[r["settings"]["seed"]] for r in rs if r["settings"]["seed"] in first])
+        wall = statistics.mean(r["train_s"] + r["score_s"] for r in rs) / 60
+        lines.append(f"| {a} | {rs[0]['trainable']:,} | {lr_of[a]:g} | {len(rs)} | {acc[0]:.1f} ± {acc[1]:.1f} | "
+                     f"{val[0]:.4f} ± {val[1]:.4f} | {diff[0]:+.4f} ± {diff[1]:.4f} | {wall:.1f} |")
+    if ladder:
+        lines += ["", f"The budget: LoRA at lr {ladder[0]['settings']['lr']:g}, seed 0, best validation loss by the "
+                  f"number of updates (the first within 1 % of the doubled run's is {T}):", "",
+                  "| updates | best val loss | its validation curve (update: loss) |", "|---|---|---|"]
+        lines += [f"| {r['settings']['updates']} | {r['best_val_loss']:.4f} | "
+                  + ", ".join(f"{s}: {v:.3f}" for s, v in r["val_curve"][1::2]) + " |" for r in ladder]
+    if sweep:
+        grid = sorted({r["settings"]["lr"] for r in sweep})
+        lines += ["", f"Learning-rate sweep at {T} updates, seed 0: best validation loss (the chosen rate in bold)", "",
+                  "| method | " + " | ".join(f"{lr:g}" for lr in grid) + " |", "|---" * (len(grid) + 1) + "|"]
+        for a in arms:
+            got = {r["settings"]["lr"]: r["best_val_loss"] for r in sweep if r["settings"]["arm"] == a}
+            lines.append(f"| {a} | " + " | ".join("" if lr not in got else f"**{got[lr]:.4f}**" if lr == lr_of[a]
+                                                   else f"{got[lr]:.4f}" for lr in grid) + " |")
+    for what, rel in (("gain over the base per masked token", False), ("gain relative to the base's loss", True)):
+        rows = [[lam] + [v for a in arms for v in mean_std([(base["curve"][str(lam)] - r["curve"][str(lam)])
+                                                            / (base["curve"][str(lam)] if rel else 1.0) for r in by_arm[a]])]
+                for lam in LAMS]
+        tag = "figure1_relative" if rel else "figure1"
+        write_csv(results / f"{name}_{tag}.csv", ["lambda"] + [f"{a} {k}" for a in arms for k in ("mean", "std")], rows)
+        lines += ["", f"Figure 1 ({what}; mean over seeds), by noise level λ", "",
+                  "| λ | base loss | " + " | ".join(arms) + " |", "|---" * (len(arms) + 2) + "|"]
+        lines += [f"| {row[0]} | {base['curve'][str(row[0])]:.3f} | " + " | ".join(
+            f"{row[1 + 2 * i]:{'.1%' if rel else '.3f'}}" for i in range(len(arms))) + " |" for row in rows]
+        plot(results / f"{name}_{tag}.png", arms, rows, f"{task}: {what} (Figure 1)", "relative CE reduction" if rel
+             else "CE reduction per masked token")
     sized = [a for a in arms if "sizes" in by_arm[a][0]]
-    rows3 = [[lam] + [statistics.mean(r["sizes"][str(lam)][i] for r in by_arm[a]) for a in sized for i in (0, 1)] for lam in LAMS]
     if sized:
+        rows3 = [[lam] + [statistics.mean(r["sizes"][str(lam)][i] for r in by_arm[a]) for a in sized for i in (0, 1)]
+                 for lam in LAMS]
         write_csv(results / f"{name}_figure3.csv", ["lambda"] + [f"{a} {k}" for a in sized for k in ("|C-I|", "|dW|")], rows3)
         lines += ["", "Figure 3: NaRA's update size by λ (mean over seeds): ‖C(λ) − I‖_F / ‖ΔW(λ)‖_F averaged over layers", "",
                   "| λ | " + " | ".join(sized) + " |", "|---" * (len(sized) + 1) + "|"]
         lines += [f"| {row[0]} | " + " | ".join(f"{row[1 + 2 * i]:.3f} / {row[2 + 2 * i]:.3f}" for i in range(len(sized))) + " |"
                   for row in rows3]
-    (results / f"{name}.md").write_text("\n".join(lines) + "\n")
-    plot(results / f"{name}_figure1.png", arms, rows, f"{task}: loss reduction over the base (Figure 1)",
-         "CE reduction per masked token")
-    if sized:
         plot(results / f"{name}_figure3.png", [f"{a}: ‖{k}‖" for a in sized for k in ("C(λ) − I", "ΔW(λ)")],
              [[r[0]] + [v for x in r[1:] for v in (x, 0.0)] for r in rows3], f"{task}: NaRA's update size (Figure 3)",
              "Frobenius norm, mean over layers and seeds")
+    (results / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -270,8 +375,7 @@ def plot(path, arms, rows, title, ylabel):
     fig, ax = plt.subplots(figsize=(8, 4))
     lams = [row[0] for row in rows]
     for i, a in enumerate(arms):
-        mean = [row[1 + 2 * i] for row in rows]
-        std = [row[2 + 2 * i] for row in rows]
+        mean, std = [row[1 + 2 * i] for row in rows], [row[2 + 2 * i] for row in rows]
         ax.plot(lams, mean, marker="o", ms=3, label=a)
         ax.fill_between(lams, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
     ax.set_xlabel("noise level λ (masked fraction of the answer)")
@@ -280,6 +384,7 @@ def plot(path, arms, rows, title, ylabel):
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
 """The benchmark scripts run end to end on CPU with tiny shapes (their figures are not checked here)."""
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,26 +29,52 @@ def test_ratio_benchmarks_run_quickly(tmp_path):
         assert section in text
 
 
-def test_methods_comparison_runs_end_to_end_and_reuses_finished_runs(tmp_path):
+def test_methods_comparison_runs_end_to_end_and_reuses_only_matching_records(tmp_path):
+    tracked = {f: f.stat().st_mtime for f in (ROOT / "benchmarks" / "results").rglob("*") if f.is_file()}
+    smoke = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "methods.py"), "--smoke"], capture_output=True,
+                           text=True, timeout=600, check=True)
+    scratch = Path(smoke.stdout.strip().splitlines()[-1].split()[3])       # "smoke results in DIR (...)"
+    assert (scratch / "results" / "arith.md").exists() and str(scratch).startswith(tempfile.gettempdir())
+    assert {f: f.stat().st_mtime for f in (ROOT / "benchmarks" / "results").rglob("*") if f.is_file()} == tracked
+    shutil.rmtree(scratch)
+
     cmd = [sys.executable, str(ROOT / "benchmarks" / "methods.py"), "--smoke", "--runs", str(tmp_path / "runs"),
            "--results", str(tmp_path / "res")]
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
     table = (tmp_path / "res" / "arith.md").read_text()
-    assert "| lora | 16,384 |" in table and "| nara |" in table and "Figure 1" in table and "Figure 3" in table
-    for name in ("arith_figure1.csv", "arith_figure3.csv", "arith.json"):
+    assert "| lora | 16,384 |" in table and "| nara |" in table and "The budget: LoRA" in table
+    for part in ("Figure 1 (gain over the base", "Figure 1 (gain relative", "Figure 3", "Learning-rate sweep"):
+        assert part in table
+    for name in ("arith_figure1.csv", "arith_figure1_relative.csv", "arith_figure3.csv", "arith.json"):
         assert (tmp_path / "res" / name).exists()
-    results = sorted((tmp_path / "runs").rglob("result.json"))
-    assert len(results) == 6                                              # 2 arms x (2 rates + 1 more seed)
-    stamp = [r.stat().st_mtime for r in results]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)      # a second call reuses every run
-    assert [r.stat().st_mtime for r in results] == stamp
+    records = sorted((tmp_path / "res" / "runs").rglob("*seed*.json"))
+    assert len(records) == 7            # budget ladder 4, 8; sweep 2 arms x 2 rates (lora's 4-update run shared); seed 1
+    stamp = [r.stat().st_mtime for r in records]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)      # a second call reuses every record
+    assert [r.stat().st_mtime for r in records] == stamp
+    seed1 = next(r for r in records if r.name.endswith("seed1.json") and r.parent.name == "nara")
+    body = json.loads(seed1.read_text())
+    body["settings"]["train"][1] = "3"                                     # recorded under other settings
+    seed1.write_text(json.dumps(body))
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    assert json.loads(seed1.read_text())["settings"]["train"][1] == "4"    # so run again, not reused
+
     chosen = json.loads((tmp_path / "res" / "arith.json").read_text())["lr"]["nara"]
     ablation = cmd + ["--lr-from", "nara", "--seeds", "1", "--arm", "nara", "--arm", "nara --stage1 0.5", "--name", "abl"]
     subprocess.run(ablation, check=True, capture_output=True, timeout=600)
     table = (tmp_path / "res" / "abl.md").read_text()
-    assert "(1 seeds; `python benchmarks/methods.py --smoke --lr-from nara --seeds 1 --arm nara" in table
+    assert "`python benchmarks/methods.py --task arith --name abl --lr-from nara --seeds 1 --smoke --arm nara" in table
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:3] for line in table.splitlines() if line.startswith("| nara")}
     assert rows["nara"] == rows["nara --stage1 0.5"] == [rows["nara"][0], f"{chosen:g}"] and "| lora |" not in table
-    assert len(sorted((tmp_path / "runs").rglob("result.json"))) == 7     # nara's seed 0 reused, one new run
+    assert len(sorted((tmp_path / "res" / "runs").rglob("*seed*.json"))) == 8    # nara's seed 0 reused, one new run
     bad = subprocess.run(cmd + ["--lr-from", "dora"], capture_output=True, text=True, timeout=600)
-    assert bad.returncode != 0 and "--lr-from dora" in bad.stderr and "arith.json" in bad.stderr
+    assert bad.returncode != 0 and "no learning rate for dora" in bad.stderr
+
+
+def test_methods_refuses_a_protocol_that_would_skip_items(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import methods
+    monkeypatch.setitem(methods.TASKS, "instruct", {**methods.TASKS["instruct"], "max_length": 64})
+    with pytest.raises(SystemExit, match="72 tokens.*does not fit --max-length 64"):
+        methods.check_lengths("instruct")
+    methods.check_lengths("arith")                                         # 48 covers arith's longest item
