@@ -99,7 +99,8 @@ def atomic_write(target, write):
 
 def write_shards(path, tensors, max_shard_bytes):
     """Write {key: tensor} as model.safetensors, or as numbered shards plus model.safetensors.index.json
-    (with metadata.total_size) when larger than max_shard_bytes; each file atomically."""
+    (with metadata.total_size) when larger than max_shard_bytes; each file atomically. Tensors may live
+    on a GPU: only one shard at a time is copied to host memory."""
     from safetensors.torch import save_file
     shards, size = [[]], 0
     for k, t in tensors.items():
@@ -112,8 +113,8 @@ def write_shards(path, tensors, max_shard_bytes):
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for name, keys in zip(names, shards):
-        atomic_write(path / name, lambda tmp, keys=keys: save_file({k: tensors[k] for k in keys}, tmp,
-                                                               metadata={"format": "pt"}))
+        atomic_write(path / name, lambda tmp, keys=keys: save_file({k: tensors[k].contiguous().cpu() for k in keys},
+                                                                   tmp, metadata={"format": "pt"}))
     index = path / "model.safetensors.index.json"
     if len(shards) > 1:
         body = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},

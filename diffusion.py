@@ -28,20 +28,21 @@ import torch.nn.functional as F
 
 
 # ---------------------------------------------------------------- forward process and losses
-def pretrain_loss(model, x, eps=1e-3, t=None):
+def pretrain_loss(model, x, eps=1e-3, t=None, generator=None):
     """LLaDA Eq. (3): t ~ U[0,1], p = (1-eps) t + eps, each token masked independently with prob p;
-    loss = Σ_masked CE / p, divided by batch·length. Returns (loss, λ = t)."""
+    loss = Σ_masked CE / p, divided by batch·length. Returns (loss, λ = t). `generator` (on x's
+    device), when given, draws t and the masks instead of the global random stream."""
     B, L = x.shape
-    t = torch.rand(B, device=x.device) if t is None else t
+    t = torch.rand(B, device=x.device, generator=generator) if t is None else t
     p_mask = ((1 - eps) * t + eps)[:, None].expand(B, L)                    # (B, L)
-    masked = torch.rand(B, L, device=x.device) < p_mask
+    masked = torch.rand(B, L, device=x.device, generator=generator) < p_mask
     noisy = torch.where(masked, model.config.mask_token_id, x)
     logits = model(noisy, noise_level=t, positions=masked)                  # (N, V): the masked positions only
     ce = F.cross_entropy(logits.float(), x[masked], reduction="none") / p_mask[masked]
     return ce.sum() / (B * L), t
 
 
-def sft_mask(answer, t, exact=True, eps=1e-3):
+def sft_mask(answer, t, exact=True, eps=1e-3, generator=None):
     """Which positions to mask for SFT. answer (B, L) bool marks the answer region (EOS padding
     included); the prompt is never masked. exact=True (NaRA's authors): exactly
     k = max(1, ceil(t·L_ans)) answer positions, uniformly chosen, p = t. exact=False (LLaDA):
@@ -49,18 +50,19 @@ def sft_mask(answer, t, exact=True, eps=1e-3):
     B, L = answer.shape
     if not exact:
         p = (1 - eps) * t + eps
-        return answer & (torch.rand(B, L, device=answer.device) < p[:, None]), p
+        return answer & (torch.rand(B, L, device=answer.device, generator=generator) < p[:, None]), p
     k = torch.ceil(t * answer.sum(1)).long().clamp(min=1)                   # (B,)
-    score = torch.rand(B, L, device=answer.device).masked_fill(~answer, 2.0)   # prompt sorts last
+    score = torch.rand(B, L, device=answer.device, generator=generator).masked_fill(~answer, 2.0)   # prompt last
     rank = score.argsort(1).argsort(1)                                      # a uniform random order
     return rank < k[:, None], t
 
 
-def sft_loss(model, x, answer, exact=True, t=None, attention_mask=None):
+def sft_loss(model, x, answer, exact=True, t=None, attention_mask=None, generator=None):
     """LLaDA Eq. (5) per sequence: Σ_masked CE / p / L_ans, averaged over the batch (λ = t per
-    sequence). x (B, L) prompt + answer + EOS padding; answer (B, L) bool. Returns (loss, λ)."""
-    t = 1 - torch.rand(x.shape[0], device=x.device) if t is None else t
-    masked, p = sft_mask(answer, t, exact)
+    sequence). x (B, L) prompt + answer + EOS padding; answer (B, L) bool. Returns (loss, λ).
+    `generator` (on x's device): t and the masks come from it (validation: fixed masks)."""
+    t = 1 - torch.rand(x.shape[0], device=x.device, generator=generator) if t is None else t
+    masked, p = sft_mask(answer, t, exact, generator=generator)
     noisy = torch.where(masked, model.config.mask_token_id, x)
     logits = model(noisy, attention_mask, noise_level=t, positions=masked)  # (N, V): the masked positions only
     ce = F.cross_entropy(logits.float(), x[masked], reduction="none")       # (N,), row-major like masked
@@ -86,19 +88,21 @@ def transfer_counts(masked, steps):
     return n // steps + (torch.arange(steps, device=masked.device) < n % steps).long()
 
 
-def add_gumbel_noise(logits, temperature):
+def add_gumbel_noise(logits, temperature, generator=None):
     """Gumbel-max in float64 (low precision hurts MDM sampling, arXiv 2409.02908): the argmax of
     exp(logits) / (-log u)^T samples softmax(logits / T)."""
     if temperature == 0:
         return logits
     logits = logits.double()
-    return logits.exp() / (-torch.log(torch.rand_like(logits))) ** temperature
+    u = torch.rand(logits.shape, dtype=logits.dtype, device=logits.device, generator=generator)
+    return logits.exp() / (-torch.log(u)) ** temperature
 
 
 @torch.no_grad()
 def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128,
              temperature=0., cfg_scale=0., remasking="low_confidence", logits_eos_inf=False,
-             confidence_eos_eot_inf=False, till_eos=False, eot_token_id=None, stats=None, lam_over="answer"):
+             confidence_eos_eot_inf=False, till_eos=False, eot_token_id=None, stats=None, lam_over="answer",
+             generator=None):
     """LLaDA's semi-autoregressive sampler. prompt (B, P), left-padded with EOS when the lengths
     differ, with attention_mask (B, P). The answer starts as gen_length masks, split into blocks
     decoded left to right, each in steps/num_blocks steps; each step commits the transfer_counts
@@ -108,6 +112,7 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
     count by prompt + gen_length instead (the default of the authors' lm-eval wrapper, which never
     reaches 1), to measure what that mismatch costs.
     till_eos: once a fully decoded block holds EOS, decode one more block, fill the rest with EOS.
+    generator (on the prompt's device): the Gumbel noise and random remasking draw from it.
     Returns (B, P + gen_length); `stats` (a dict), when given, receives the number of model calls."""
     mask_id, eos = model.config.mask_token_id, model.config.eos_token_id
     if gen_length % block_length or steps % (gen_length // block_length):
@@ -150,11 +155,11 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
             logits[:, :, mask_id] = -torch.inf                              # [MASK] is never an answer
             if logits_eos_inf:
                 logits[:, :, eos] = -torch.inf
-            x0 = add_gumbel_noise(logits, temperature).argmax(-1)             # (B, block)
+            x0 = add_gumbel_noise(logits, temperature, generator).argmax(-1)  # (B, block)
             if remasking == "low_confidence":
                 conf = torch.gather(F.softmax(logits.double(), -1), -1, x0[..., None])[..., 0]
             else:
-                conf = torch.rand(x0.shape, device=x.device, dtype=torch.float64)
+                conf = torch.rand(x0.shape, device=x.device, dtype=torch.float64, generator=generator)
             if confidence_eos_eot_inf:                                        # ranked below all others
                 stop = (x0 == eos) if eot_token_id is None else (x0 == eos) | (x0 == eot_token_id)
                 conf = torch.where(stop, conf - 2, conf)
@@ -178,11 +183,12 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
 
 # ---------------------------------------------------------------- Monte-Carlo likelihood
 @torch.no_grad()
-def log_likelihood(model, prompt, answer, mc_num=128, batch_size=16, cfg_scale=0.):
+def log_likelihood(model, prompt, answer, mc_num=128, batch_size=16, cfg_scale=0., generator=None):
     """LLaDA Eq. (6), the lower bound on log p(answer | prompt) used for multiple choice: each of
     mc_num/batch_size rounds draws k in 1..La and masks exactly m_i answer positions in row i, with
     stratified counts m_i = ((round(linspace(k, k + (b-1)·La/b, b)) - 1) mod La) + 1; the loss is
-    Σ_masked CE · La/m_i averaged over the batch; λ = m_i / La. Returns minus the mean loss."""
+    Σ_masked CE · La/m_i averaged over the batch; λ = m_i / La. Returns minus the mean loss.
+    generator (on the model's device): k and the masked positions draw from it."""
     if mc_num < batch_size or mc_num % batch_size:
         raise ValueError(f"mc_num={mc_num} must be a positive multiple of batch_size={batch_size}")
     prompt, answer = torch.as_tensor(prompt).flatten(), torch.as_tensor(answer).flatten()
@@ -192,10 +198,10 @@ def log_likelihood(model, prompt, answer, mc_num=128, batch_size=16, cfg_scale=0
     mask_id = model.config.mask_token_id
     losses = []
     for _ in range(mc_num // batch_size):
-        k = int(torch.randint(1, La + 1, ()))
+        k = int(torch.randint(1, La + 1, (), device=dev, generator=generator))
         m = torch.round(torch.linspace(float(k), k + (b - 1) * La / b, b)).long()
         m = ((m - 1) % La + 1).to(dev)                                        # (b,) in 1..La
-        chosen = torch.rand(b, La, device=dev).argsort(1) < m[:, None]        # m_i random positions
+        chosen = torch.rand(b, La, device=dev, generator=generator).argsort(1) < m[:, None]   # m_i positions
         masked = torch.cat([torch.zeros(b, P, dtype=torch.bool, device=dev), chosen], dim=1)
         noisy = torch.where(masked, mask_id, seq)
         lam = m.float() / La

@@ -198,17 +198,19 @@ def choose_by_likelihood(model, tok, task, prompt, mc_num):
 @torch.no_grad()
 def noise_curve(model, ids, answer, lams, batch_size=16, seed=0):
     """{λ: mean CE per masked answer token} with exactly ceil(λ·L_ans) answer tokens masked and λ
-    passed to the model (Figure 1); the same masks for every model, from `seed`."""
-    curve = {}
+    passed to the model (Figure 1); the same masks for every model: each batch's from a generator on
+    the model's device seeded from `seed` (the global random stream is not touched)."""
+    dev = next(model.parameters()).device
+    ids, answer, curve = ids.to(dev), answer.to(dev), {}
     for lam in lams:
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)                              # one seed per batch, on the host
         total, count = 0.0, 0
         for i in range(0, len(ids), batch_size):
             x, a = ids[i:i + batch_size], answer[i:i + batch_size]
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(torch.randint(0, 2**31, (), generator=g)))
-                masked, _ = sft_mask(a, torch.full((len(x),), lam))
-            logits = model(torch.where(masked, model.config.mask_token_id, x), noise_level=torch.full((len(x),), lam),
+            lam_x = torch.full((len(x),), lam, device=dev)
+            g_x = torch.Generator(dev).manual_seed(int(torch.randint(0, 2**31, (), generator=g)))
+            masked, _ = sft_mask(a, lam_x, generator=g_x)
+            logits = model(torch.where(masked, model.config.mask_token_id, x), noise_level=lam_x,
                            positions=masked)                                # (N, V): the masked positions only
             total += float(torch.nn.functional.cross_entropy(logits.double(), x[masked], reduction="sum"))
             count += int(masked.sum())
@@ -216,17 +218,19 @@ def noise_curve(model, ids, answer, lams, batch_size=16, seed=0):
     return curve
 
 
+@torch.no_grad()
 def update_magnitude(model, lams):
-    """{λ: (‖C(λ) − I‖_F averaged over hypernetworks or None, ‖ΔW(λ)‖_F averaged over layers)} (Figure 3).
-    A density-conditioned NaRA gets noise density λ too: what masking a fraction λ at random gives
-    on average."""
+    """{λ: (‖C(λ) − I‖_F averaged over hypernetworks or None, ‖ΔW(λ)‖_F averaged over layers)} (Figure 3),
+    with C as the layers apply it (fp32) and one ΔW in memory at a time. A density-conditioned NaRA
+    gets noise density λ too: what masking a fraction λ at random gives on average."""
     out = {}
     dense = any("density" in getattr(net, "inputs", ()) for net in model.noise_nets.values())
+    layers = [m for m in model.modules() if isinstance(m, nara.LoRALinear)]
     for lam in lams:
         cond = nara.cond_at(model, lam, lam if dense else None)
         cores = [(nara._first(cond[k]) - torch.eye(cond[k].shape[-1], device=cond[k].device)).norm().item()
                  for k in model.noise_nets]
-        deltas = [d.norm().item() for d in nara.delta_weights(model, lam, lam if dense else None).values()]
+        deltas = [(m.merged_weight(cond) - m.weight.float()).norm().item() for m in layers]
         out[lam] = (sum(cores) / len(cores) if cores else None, sum(deltas) / max(1, len(deltas)))
     return out
 
@@ -297,7 +301,7 @@ def labels(paths):
         names = ["-".join(Path(p).resolve().parts[-depth:]) for p in paths]
         if len(set(names)) == len(names):
             return names
-    return [f"{n}-{i}" for i, n in enumerate(paths)]
+    return [f"{'-'.join(Path(p).resolve().parts[-2:])}-{i + 1}" for i, p in enumerate(paths)]   # the same path twice
 
 
 def test_file(task, args):
@@ -357,6 +361,7 @@ def report_noise(names, load, tok, items, out):
         table[name] = noise_curve(model, torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), lams)
         if i:
             sizes[name] = update_magnitude(model, lams)
+        del model                                       # freed before the next model loads
     header = ["lambda"] + [f"loss[{n}]" for n in table] + [f"{k}[{n}]" for n in sizes for k in ("|C-I|", "|dW|")]
     lines = [[lam] + [table[n][lam] for n in table] + [v for n in sizes for v in sizes[n][lam]] for lam in lams]
     print(" | ".join(f"{h:>14s}" for h in header))

@@ -329,8 +329,7 @@ class LLaDA(nn.Module):
                     copied.append(name)
         base = read_json(source / "config.json") if source is not None and (source / "config.json").is_file() else None
         sd = self.state_dict()
-        write_shards(path, {k: sd[k[len("model."):]].detach().contiguous().cpu() for k in self.base_shapes()},
-                     max_shard_bytes)
+        write_shards(path, {k: sd[k[len("model."):]].detach() for k in self.base_shapes()}, max_shard_bytes)
         body = self.config.to_json_dict(base, local_code=all(f in copied or (path / f).is_file() for f in CODE_FILES))
         atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(body, indent=2)))
 

@@ -20,6 +20,16 @@ argument: LLaDA.forward computes `cond = {"lam": λ, name: net(λ) for each shar
 hands it to every adapted layer; a noise-aware layer without λ raises instead of reusing an old one.
 The prompt methods (Prompt Tuning, P-Tuning) add input embeddings instead (`VirtualTokens`); the
 adapter files (this project's, PEFT's, the authors') are read and written by interop.py.
+
+Departure from the authors' code, on purpose: under bf16 autocast their layer computes the rank-r
+product ((x Aᵀ) M) Bᵀ in bf16, where 1 + δ rounds to 1 for |δ| < 2⁻⁸, so a core C(λ) = I + η F near I
+(the paper's init, and ‖C − I‖ ~ 0.02 in the small-hypernetwork ablation) mostly never reaches the
+output. Here A x runs in the activations' dtype and the rank-r rest, s·((A x) Cᵀ) Bᵀ, in fp32, with
+one rounding where it joins W0 x (`LoRALinear.update`): in bf16 the layer applies ~100 % of
+C − I = 1e-3·D instead of 0 % (tests/test_gpu_path.py). Cost: an fp32 (tokens x r)(r x d_out)
+product and an fp32 (tokens x d_out) sum per adapted layer, 2·r·d_out FLOPs per token (0.8 % of the
+layer's own at r = 32, d = 4096); the measured ratio is in BENCHMARKS.md (CPU) and in the report of
+benchmarks/gpu_check.py (GPU). In fp32 nothing changes: the same operations in the same order.
 """
 import contextlib
 import math
@@ -41,8 +51,8 @@ def core(raw, r, eta):
     convention), so C = Mᵀ for M = raw.view(r, r). The authors' layer computes ((x Aᵀ) M) Bᵀ, i.e.
     ΔW = B Mᵀ A: with this reading ΔW(λ) = B C(λ) A holds as the paper writes it, and the authors'
     tensors give the authors' numbers. (..., r²) -> (..., r, r)."""
-    M = raw.unflatten(-1, (r, r))                                           # row-major view: the authors' M
-    return torch.eye(r, device=raw.device, dtype=raw.dtype) + eta * M.transpose(-1, -2)
+    M = raw.float().unflatten(-1, (r, r))                                   # row-major view: the authors' M
+    return torch.eye(r, device=raw.device) + eta * M.transpose(-1, -2)      # fp32 whatever F's dtype
 
 
 def mask_density(masked, valid=None, radius=5):
@@ -105,7 +115,8 @@ class Hypernetwork(nn.Module):
 
     def forward(self, lam, masked=None, valid=None, density=None):
         if "density" in self.inputs and density is None and masked is not None:
-            density = mask_density(masked, valid, self.radius)              # (B,) from the input itself
+            with torch.autocast(masked.device.type, enabled=False):        # fp32, as in validation and eval
+                density = mask_density(masked, valid, self.radius)          # (B,) from the input itself
         values = {"lam": lam, "density": density}
         for name in self.inputs:
             if values[name] is None:
@@ -148,6 +159,22 @@ def identity_cores(model):
             net.bypass = False
 
 
+@contextlib.contextmanager
+def base_only(model):
+    """Inside this block the model computes exactly as its base: every adapted layer skips its update
+    and the virtual tokens are taken out (no second copy of the base is loaded); leaving restores them."""
+    layers, prompt = [m for m in model.modules() if isinstance(m, LoRALinear)], model.prompt
+    for m in layers:
+        m.active = False
+    model.prompt = None
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.active = True
+        model.prompt = prompt
+
+
 # ---------------------------------------------------------------- adapted linear layers
 class LoRALinear(nn.Module):
     """LoRA: h = W0 x + s · B A x. The skeleton every other method changes in one place."""
@@ -161,19 +188,23 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=dev))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout)                                # on the input of A only
+        self.active = True                                                # False inside base_only
 
     def factors(self, cond):
         """(A, C, B) of this forward: C = None means the identity."""
         return self.lora_A, None, self.lora_B
 
     def update(self, x, cond):
-        """s · B C A x for x (B, L, d_in) -> (B, L, d_out). Computed in x's dtype: the fp32 factors
-        are cast (r x d, cheap) rather than the activations (B x L x d), as autocast would do."""
-        A, C, B = (None if t is None else t.to(x.dtype) for t in self.factors(cond))
-        a = recompute(cond, self.down, x, A)                              # (B, L, r)
-        if C is not None:
-            a = a @ C.transpose(-1, -2)                                   # (B, L, r) @ (B, r, r)
-        return (self.s * a) @ B.transpose(-1, -2)                         # (B, L, d_out); s on the small side
+        """s · B C A x for x (B, L, d_in) -> (B, L, d_out) in fp32 (or x's dtype if wider). The wide
+        product A x runs in x's dtype (A cast, r x d: cheap); the rank-r rest runs in fp32 with
+        autocast off, so that C − I survives (in bf16, a·(1 + δ) rounds back to a for |δ| < 2⁻⁸)."""
+        A, C, B = self.factors(cond)
+        a = recompute(cond, self.down, x, A.to(x.dtype))                  # (B, L, r), x's dtype
+        with torch.autocast(x.device.type, enabled=False):
+            a = a.to(torch.promote_types(a.dtype, torch.float32))
+            if C is not None:
+                a = a @ C.to(a.dtype).transpose(-1, -2)                   # (B, L, r) @ (B, r, r)
+            return (self.s * a) @ B.to(a.dtype).transpose(-1, -2)         # (B, L, d_out); s on the small side
 
     def down(self, x, A):
         """A dropout(x): (B, L, d_in) -> (B, L, r). Recomputed in backward when training, so q, k and v
@@ -181,7 +212,10 @@ class LoRALinear(nn.Module):
         return self.dropout(x) @ A.transpose(-1, -2)
 
     def forward(self, x, cond=None):
-        return F.linear(x, self.weight).add_(self.update(x, cond or {}))  # in place: W0 x is not kept for backward
+        h = F.linear(x, self.weight)                                      # W0 x, (B, L, d_out) in x's dtype
+        if not self.active:
+            return h
+        return self.update(x, cond or {}).add_(h).to(h.dtype)             # one rounding, at the output
 
     def merged_weight(self, cond):
         """The weight this layer applies for a batch of one: W0 + s · B C A."""
@@ -259,6 +293,8 @@ class DoRALinear(NaRALinear):
     def forward(self, x, cond=None):
         cond = cond or {}
         h = F.linear(x, self.weight)
+        if not self.active:
+            return h
         scale = self.scale(cond)[:, None, :]                              # (B or 1, 1, d_out)
         return (scale * (h.to(scale.dtype) + self.update(x, cond))).to(h.dtype)
 
@@ -432,23 +468,32 @@ def cond_at(model, lam, density=None):
                            density=None if density is None else torch.tensor([float(density)], device=dev))
 
 
+@torch.no_grad()
 def merge(model, lam, density=None):
     """Fold every adapter into its base weight at one fixed λ: W0 <- W0 + ΔW(λ); the model becomes a
-    plain LLaDA (only possible at a fixed λ, since NaRA's update depends on it)."""
+    plain LLaDA (only possible at a fixed λ, since NaRA's update depends on it). W0 + ΔW is computed
+    in fp32 and stored in W0's dtype: with bf16 weights that rounding is the merged model's only
+    difference from the adapted one, and a line says so."""
     if model.prompt is not None:
         raise ValueError(f"{model.adapter_config['method']} adds input tokens, not a weight update: nothing to merge")
     cond = cond_at(model, lam, density)
     for name, layer in list(model.named_modules()):
         if isinstance(layer, LoRALinear):
-            plain = Linear(layer.weight.shape[1], layer.weight.shape[0]).to(layer.weight.device)
+            with torch.device("meta"):                                    # no throw-away init of a d x d weight
+                plain = Linear(layer.weight.shape[1], layer.weight.shape[0])
             plain.weight = nn.Parameter(layer.merged_weight(cond).to(layer.weight.dtype), requires_grad=False)
             parent, child = name.rsplit(".", 1)
             setattr(model.get_submodule(parent), child, plain)
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        print(f"merge: W0 + ΔW(λ={lam}) computed in float32 and stored in {str(dtype).replace('torch.', '')}, "
+              "the base's dtype (the merged model differs from the adapted one by that rounding)")
     model.noise_nets.clear()
     model.adapter_config = None
     return model
 
 
+@torch.no_grad()
 def delta_weights(model, lam, density=None):
     """{layer name: ΔW(λ) = merged weight − W0} for every adapted layer, in fp32."""
     cond = cond_at(model, lam, density)
@@ -480,14 +525,17 @@ def decompose(updates, r):
         raise ValueError("decompose needs a non-empty list of matrices of one shape")
     bases = []
     for stacked, side in ((torch.cat(W, dim=1), "column"), (torch.cat(W, dim=0).T, "row")):
-        U, S, _ = torch.linalg.svd(stacked, full_matrices=True)           # U spans `side` space first
+        U, S, _ = torch.linalg.svd(stacked, full_matrices=False)          # thin: (d, min(d, N·d')), spans `side` first
         tol = S.max() * max(stacked.shape) * torch.finfo(torch.float64).eps if S.numel() else 0.0
         rank = int((S > tol).sum())
         if rank > r:
             raise ValueError(f"the joint {side} space has dimension {rank} > r = {r}: "
                              f"no static B, A of rank {r} can represent these updates")
-        basis = torch.zeros(stacked.shape[0], r, dtype=torch.float64)
-        basis[:, :min(r, U.shape[1])] = U[:, :r]                           # extra columns: still orthonormal
+        # the first `rank` columns span the joint space; the next ones (up to r) are orthonormal but
+        # arbitrary, and where r exceeds U's width the last columns are zero. P Pᵀ still projects onto
+        # a space that holds the joint one, so B C_i A = ΔW_i either way.
+        basis = torch.zeros(stacked.shape[0], r, dtype=torch.float64, device=stacked.device)
+        basis[:, :min(r, U.shape[1])] = U[:, :r]
         bases.append(basis)
     P, Q = bases
     return P, Q.T, [P.T @ w @ Q for w in W]

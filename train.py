@@ -79,6 +79,9 @@ def parse_args(argv=None):
     ap.add_argument("--grad-accum", type=int, help="micro-batches per update (authors: batch 1 x 32 accumulation)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (data split, order, masks, init)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
+                    help="base weights; bfloat16 also computes under bf16 autocast, adapters stay float32 "
+                         "(default: bfloat16 on CUDA, float32 on CPU)")
     ap.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     ap.add_argument("--stop-at", type=int, default=None, help="stop after this update, as if killed (time-boxed jobs)")
@@ -223,11 +226,11 @@ def lr_factor(step, total, warmup):
 
 @torch.no_grad()
 def validation_loss(model, ids, answer, batch_size, seed):
-    """Mean SFT loss over the held-out rows with fixed masks (its own RNG; training's is untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        losses = [sft_loss(model, ids[i:i + batch_size], answer[i:i + batch_size])[0].item() * len(ids[i:i + batch_size])
-                  for i in range(0, len(ids), batch_size)]
+    """Mean SFT loss over the held-out rows with fixed masks: t and the masks come from a generator of
+    their own on the rows' device, so the training stream (CPU and CUDA) is never touched."""
+    g = torch.Generator(ids.device).manual_seed(seed)
+    losses = [sft_loss(model, ids[i:i + batch_size], answer[i:i + batch_size], generator=g)[0].item()
+              * len(ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)]
     return sum(losses) / len(ids)
 
 
@@ -267,7 +270,9 @@ def main(argv=None):
     resume = prepare_run_dir(out, args, settings, rank)
     torch.manual_seed(args.seed)
 
-    model = LLaDA.from_pretrained(model_dir, device=device)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = LLaDA.from_pretrained(model_dir, device=device, dtype=dtype)
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
     tok = load_tokenizer(model_dir)
     eos = model.config.eos_token_id
     rows, skipped = [], 0
@@ -301,7 +306,7 @@ def main(argv=None):
     step, best, saved_at = 0, math.inf, None
     if resume:
         try:
-            ck = torch.load(out / "checkpoint.pt", weights_only=True, map_location=device)
+            ck = torch.load(out / "checkpoint.pt", weights_only=True, map_location="cpu")   # AdamW's steps stay there
         except Exception as e:
             raise ValueError(f"{out / 'checkpoint.pt'}: not a readable checkpoint ({type(e).__name__}: {e})") from None
         if set(ck["adapter"]) != set(nara.adapter_state(model)):
@@ -319,7 +324,7 @@ def main(argv=None):
         say(f"resumed {out} at update {step}/{total}")
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=args.stage1 > 0) if world > 1 else model
     ddp.config = model.config
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)   # bf16 weights: the recipe's mixed precision
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -356,7 +361,7 @@ def main(argv=None):
                       "elapsed_s": elapsed}
             if step % args.eval_every == 0 or step == total:
                 model.eval()
-                with stage():
+                with autocast, stage():
                     record["val_loss"] = validation_loss(ddp, val_ids.to(device), val_answer.to(device), args.batch_size, args.seed)
                 model.train()
                 if record["val_loss"] < best and rank == 0:
@@ -376,28 +381,32 @@ def main(argv=None):
                  f"--out {out}") if saved_at else f"no checkpoint was written yet: run the command again with --out {out}"
         raise Interrupted(f"interrupted at update {step}/{total}; {where}") from None
     bar.close()
-    if world > 1:
+    if world > 1:                                         # the last collective: then rank 0 works alone
         sums = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
         torch.distributed.all_gather(sums, sum(p.double().sum() for p in params).reshape(1))
         say(f"adapter checksum on {world} ranks: {'identical' if all(torch.equal(s, sums[0]) for s in sums) else 'DIFFERENT'}")
+        torch.distributed.destroy_process_group()         # no rank waits in a barrier while rank 0 reports
+    del opt, sched, params, ddp                           # the optimizer's state is not needed any more
     if rank == 0 and step == total:
         nara.save_adapter(model, out / "adapter")
         say(f"adapter saved to {out / 'adapter'} (best validation loss {best:.4f} in {out / 'best'})")
         if args.test:
-            report(model, tok, args)
-    if world > 1:                                         # nobody leaves while rank 0 still works
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+            report(model, tok, args, out / "adapter")
     return model
 
 
-def report(model, tok, args):
-    """Held-out accuracy of the base model (adapters switched off) and of the fine-tuned one."""
+def report(model, tok, args, adapter):
+    """Held-out accuracy of the base model and of the fine-tuned one: the same model in memory, with
+    its adapters bypassed for the base (nara.base_only), so no second copy is ever loaded."""
     from eval import accuracy
     examples = json.loads(Path(args.test).read_text())
-    tuned, _ = accuracy(model.eval(), tok, examples)
-    base = LLaDA.from_pretrained(resolve_model(args.model), device=next(model.parameters()).device).eval()
-    plain, _ = accuracy(base, tok, examples)
+    try:
+        tuned, _ = accuracy(model.eval(), tok, examples)
+        with nara.base_only(model):
+            plain, _ = accuracy(model, tok, examples)
+    except torch.cuda.OutOfMemoryError:
+        raise ValueError(f"out of GPU memory while scoring --test; the adapter is saved in {adapter}: score it with "
+                         f"python eval.py --model {args.model} --adapter {adapter} --data {args.test} --batch-size 4") from None
     print(f"held-out accuracy on {len(examples)} items: base {100 * plain:.1f} % -> {args.method} {100 * tuned:.1f} %")
 
 

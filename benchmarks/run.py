@@ -55,6 +55,15 @@ class Holder(torch.nn.Module):
         return self.transformer.blocks[0].q_proj(x, self.condition(lam))
 
 
+class AuthorsPathNaRA(nara.NaRALinear):
+    """NaRA with the rank-r product in the activations' dtype, as the authors' code runs under autocast
+    (in bf16, C − I below 2⁻⁸ rounds away): the reference for what the fp32 rank-r path costs."""
+    def forward(self, x, cond=None):
+        A, C, B = (t.to(x.dtype) for t in self.factors(cond))
+        a = (self.dropout(x) @ A.T) @ C.transpose(-1, -2)
+        return torch.nn.functional.linear(x, self.weight).add_((self.s * a) @ B.T)
+
+
 def layer_table(d, tokens, batch, repeats, dtype):
     torch.manual_seed(0)
     W = torch.randn(d, d, dtype=dtype) / d ** 0.5
@@ -73,6 +82,11 @@ def layer_table(d, tokens, batch, repeats, dtype):
     h.transformer.blocks[0].q_proj.weight = torch.nn.Parameter(W, requires_grad=False)
     nara.add_adapters(h, "nara", r=32, targets=("q_proj",), dropout=0.0, verbose=False)
     fns["nara, dropout 0"] = lambda: h(x, lam).float().square().mean().backward()
+    authors = Holder(d, dtype)
+    authors.transformer.blocks[0].q_proj.weight = torch.nn.Parameter(W, requires_grad=False)
+    nara.add_adapters(authors, "nara", r=32, targets=("q_proj",), verbose=False)
+    authors.transformer.blocks[0].q_proj.__class__ = AuthorsPathNaRA
+    fns["nara, rank-r path in activation dtype"] = lambda: authors(x, lam).float().square().mean().backward()
     try:
         __import__("importlib").import_module("torch.distributed.tensor")   # PEFT expects it imported
         import peft
@@ -329,6 +343,9 @@ def main():
         f"{lt['nara, dropout 0'] / lt['frozen base']:.3f} without the adapter dropout. What limits it on a CPU is the "
         "dropout mask: drawing 2 M random numbers costs 5-8 ms on one thread (about 5 % of the base's "
         "forward + backward), the same for LoRA and PEFT; on a GPU that draw is a cheap elementwise kernel.",
+        f"- NaRA's rank-r path in fp32 (C − I survives bf16) / in the activations' dtype (the authors' autocast path), "
+        f"same layer: {lt['nara'] / lt['nara, rank-r path in activation dtype']:.3f} on this CPU "
+        "(benchmarks/gpu_check.py measures it on a GPU)",
         (f"- PEFT LoRA / our LoRA, same layer: {lt['PEFT lora'] / lt['lora']:.3f} (goal >= 0.95)" if "PEFT lora" in lt
          else "- PEFT is not installed here: `pip install peft` adds its LoRA to the layer table"), "",
     ]

@@ -72,3 +72,27 @@ def train_tokenizer(directory, texts):
     path = Path(directory) / "tokenizer.json"
     tok.save(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_task(tmp_path_factory):
+    """A tiny LLaDA in the real layout with its own tokenizer, and a small LLM-Adapters file."""
+    d = tmp_path_factory.mktemp("train")
+    items = [{"instruction": f"Say {w} {i % 3}.", "input": "", "output": f"{w} {w}", "answer": w}
+             for i, w in enumerate(["red", "blue", "green", "cat", "dog", "sun"] * 6)]
+    (d / "data.json").write_text(json.dumps(items))
+    tok_path = train_tokenizer(d / "model", [f"{i['instruction']} {i['output']}" for i in items] + ["user assistant"])
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tok_path))
+    cfg = LLaDAConfig.tiny(vocab_size=tok.get_vocab_size(), embedding_size=tok.get_vocab_size(),
+                           mask_token_id=tok.token_to_id("<|mdm_mask|>"), eos_token_id=tok.token_to_id("<|endoftext|>"),
+                           pad_token_id=tok.token_to_id("<|endoftext|>"))
+    write_real_layout(random_model(cfg), d / "model")
+    return d
+
+
+def train_args(task, out, *extra):
+    """train.py's flags for a short run on tiny_task."""
+    return ["--model", str(task / "model"), "--data", str(task / "data.json"), "--out", str(out),
+            "--max-length", "40", "--val-size", "6", "--eval-every", "3", "--batch-size", "6", "--adapter-rank", "4",
+            "--lr", "1e-2", "--dropout", "0", *extra]

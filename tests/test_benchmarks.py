@@ -11,12 +11,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_check_runs_on_cpu_with_a_tiny_config(tmp_path):
+def test_gpu_check_runs_the_real_commands_and_the_shapes_on_cpu_with_a_tiny_config(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--dir", str(tmp_path / "ck"),
-                    "--out", str(tmp_path / "gpu.md")], check=True, capture_output=True, timeout=600)
+                    "--work", str(tmp_path / "work"), "--out", str(tmp_path / "gpu.md")], check=True, capture_output=True,
+                   timeout=900)
     text = (tmp_path / "gpu.md").read_text()
-    for row in ("code of commit ", "from_pretrained time", "train step nara, checkpointing=True", "recipe update 32 = 1 x 32"):
-        assert row in text
+    assert "code of commit " in text.splitlines()[0]
+    rows = dict(line.strip("| ").split(" | ", 1) for line in text.splitlines()[4:])
+    for command in ("python train.py (short default run)", "same run killed after its first checkpoint, then --resume",
+                    "python eval.py (default: base vs the run's adapter)", "python eval.py --noise-curve",
+                    "python eval.py --task humaneval --limit 2", "torchrun --nproc_per_node=1 train.py"):
+        assert rows[command].startswith("exit 0, "), (command, rows[command])
+    assert rows["resumed vs uninterrupted adapter, max abs difference"] == "0"       # bit for bit on a CPU
+    assert 0.7 < float(rows["NaRA in bf16: share of C − I = 1e-3·D applied (fp32 rank-r path; 1 = all)"]) < 1.3
+    for row in ("from_pretrained time", "train step nara, checkpointing=True", "GSM8K sampling step",
+                "recipe update 32 = 32 x 1, checkpointing=False, rank-r path in bf16 (authors')"):
+        assert any(k.startswith(row) for k in rows), row
 
 
 def test_ratio_benchmarks_run_quickly(tmp_path):

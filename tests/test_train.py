@@ -11,52 +11,28 @@ from safetensors.torch import load_file
 
 import nara
 import train
-from conftest import random_model, train_tokenizer, write_real_layout
+from conftest import random_model, train_args, write_real_layout
 from model import LLaDA, LLaDAConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ["red", "blue", "green", "cat", "dog", "sun"]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny LLaDA in the real layout with its own tokenizer, and a small LLM-Adapters file."""
-    d = tmp_path_factory.mktemp("train")
-    items = [{"instruction": f"Say {w} {i % 3}.", "input": "", "output": f"{w} {w}", "answer": w}
-             for i, w in enumerate(WORDS * 6)]
-    (d / "data.json").write_text(json.dumps(items))
-    tok_path = train_tokenizer(d / "model", [f"{i['instruction']} {i['output']}" for i in items] + ["user assistant"])
-    from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(str(tok_path))
-    cfg = LLaDAConfig.tiny(vocab_size=tok.get_vocab_size(), embedding_size=tok.get_vocab_size(),
-                           mask_token_id=tok.token_to_id("<|mdm_mask|>"), eos_token_id=tok.token_to_id("<|endoftext|>"),
-                           pad_token_id=tok.token_to_id("<|endoftext|>"))
-    write_real_layout(random_model(cfg), d / "model")
-    return d
-
-
-def args(setup, out, *extra):
-    return ["--model", str(setup / "model"), "--data", str(setup / "data.json"), "--out", str(out),
-            "--max-length", "40", "--val-size", "6", "--eval-every", "3", "--batch-size", "6", "--adapter-rank", "4",
-            "--lr", "1e-2", "--dropout", "0", *extra]
-
-
-def train_loss(model, setup):
+def train_loss(model, tiny_task):
     """The SFT loss over every example with fixed masks: comparable before and after training."""
     from diffusion import pad_sft
     from model import load_tokenizer, sft_pair
-    tok, eos = load_tokenizer(setup / "model"), model.config.eos_token_id
-    rows = [pad_sft(*sft_pair(tok, p, a, eos), 40, eos) for p, a in train.load_examples(setup / "data.json")]
+    tok, eos = load_tokenizer(tiny_task / "model"), model.config.eos_token_id
+    rows = [pad_sft(*sft_pair(tok, p, a, eos), 40, eos) for p, a in train.load_examples(tiny_task / "data.json")]
     return train.validation_loss(model.eval(), torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), 12, 0)
 
 
 @pytest.mark.parametrize("method", nara.METHODS)
-def test_a_few_updates_decrease_the_loss_and_touch_only_adapters(setup, tmp_path, method):
-    model = train.main(args(setup, tmp_path / "run", "--method", method, "--max-updates", "10"))
-    base = LLaDA.from_pretrained(setup / "model")
+def test_a_few_updates_decrease_the_loss_and_touch_only_adapters(tiny_task, tmp_path, method):
+    model = train.main(train_args(tiny_task, tmp_path / "run", "--method", method, "--max-updates", "10"))
+    base = LLaDA.from_pretrained(tiny_task / "model")
     for k, v in base.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k                  # the base is bit-unchanged
-    before, after = train_loss(base, setup), train_loss(model, setup)
+    before, after = train_loss(base, tiny_task), train_loss(model, tiny_task)
     assert after < 0.95 * before, (before, after)
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 11))
@@ -64,13 +40,13 @@ def test_a_few_updates_decrease_the_loss_and_touch_only_adapters(setup, tmp_path
     assert (tmp_path / "run" / "adapter" / "adapter.safetensors").exists()
 
 
-def test_resume_after_a_kill_reaches_the_same_adapter_bit_for_bit(setup, tmp_path):
-    train.main(args(setup, tmp_path / "whole", "--max-updates", "7"))
-    train.main(args(setup, tmp_path / "split", "--max-updates", "7", "--stop-at", "4"))
+def test_resume_after_a_kill_reaches_the_same_adapter_bit_for_bit(tiny_task, tmp_path):
+    train.main(train_args(tiny_task, tmp_path / "whole", "--max-updates", "7"))
+    train.main(train_args(tiny_task, tmp_path / "split", "--max-updates", "7", "--stop-at", "4"))
     assert not (tmp_path / "split" / "adapter").exists()
     with pytest.raises(ValueError, match="already holds a run"):
-        train.main(args(setup, tmp_path / "split", "--max-updates", "7"))
-    train.main(args(setup, tmp_path / "split", "--max-updates", "7", "--resume"))
+        train.main(train_args(tiny_task, tmp_path / "split", "--max-updates", "7"))
+    train.main(train_args(tiny_task, tmp_path / "split", "--max-updates", "7", "--resume"))
     a = load_file(str(tmp_path / "whole" / "adapter" / "adapter.safetensors"))
     b = load_file(str(tmp_path / "split" / "adapter" / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -78,9 +54,9 @@ def test_resume_after_a_kill_reaches_the_same_adapter_bit_for_bit(setup, tmp_pat
     assert steps == list(range(1, 8))
 
 
-def test_two_process_torchrun_keeps_the_ranks_identical(setup, tmp_path):
+def test_two_process_torchrun_keeps_the_ranks_identical(tiny_task, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train.py"), *args(setup, tmp_path / "ddp", "--max-updates", "3", "--batch-size", "3")]
+           str(ROOT / "train.py"), *train_args(tiny_task, tmp_path / "ddp", "--max-updates", "3", "--batch-size", "3")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", **_env()})
     assert res.returncode == 0, res.stdout[-1000:] + res.stderr[-3000:]
@@ -115,12 +91,12 @@ def test_data_formats_are_read(tmp_path):
     assert train.load_examples(tmp_path / "la.json") == [("Q\n\nctx", "A")]
 
 
-def test_user_mistakes_are_one_line_errors(setup, tmp_path):
+def test_user_mistakes_are_one_line_errors(tiny_task, tmp_path):
     (tmp_path / "notllada").mkdir()
     for extra, words in [(["--model", str(tmp_path / "notllada")], "config.json: config file not found"),
                          (["--data", str(tmp_path / "missing.json")], "missing.json: data file not found"),
                          (["--method", "qlora"], "invalid choice: 'qlora'")]:
-        res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args(setup, tmp_path / "x"), *extra],
+        res = subprocess.run([sys.executable, str(ROOT / "train.py"), *train_args(tiny_task, tmp_path / "x"), *extra],
                              capture_output=True, text=True, timeout=120)
         assert res.returncode != 0 and words in res.stderr and "Traceback" not in res.stderr, res.stderr
 
@@ -144,7 +120,7 @@ def test_bundled_bases_load_in_the_real_layout(base):
     assert size < 25 * 2**20
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch):
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_task, tmp_path, monkeypatch):
     real, calls = train.sft_loss, []
 
     def poisoned(model, x, answer, **kw):
@@ -154,7 +130,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(setup, tm
     monkeypatch.setattr(train, "sft_loss", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(FloatingPointError, match="update 4: loss is nan; stopped, the last checkpoint \\(update 3\\)"):
-        train.main(args(setup, out, "--max-updates", "8"))     # calls: updates 1-3, validation at 3, update 4
+        train.main(train_args(tiny_task, out, "--max-updates", "8"))     # calls: updates 1-3, validation at 3, update 4
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 3 and all(torch.isfinite(v).all() for v in ck["adapter"].values())
     assert not (out / "adapter").exists()
@@ -185,16 +161,16 @@ def corrupt(path, how):
     (["--model", "./no/such/model"], "no such model directory"),
     (["--test", "missing.json"], "missing.json: test file not found"),
 ])
-def test_bad_flags_fail_before_any_work(setup, tmp_path, extra, words):
+def test_bad_flags_fail_before_any_work(tiny_task, tmp_path, extra, words):
     with pytest.raises(ValueError, match=__import__("re").escape(words)):
-        train.main(args(setup, tmp_path / "run", *extra))
+        train.main(train_args(tiny_task, tmp_path / "run", *extra))
     assert not (tmp_path / "run").exists()                                # nothing started
 
 
-def test_a_bad_test_file_fails_before_training(setup, tmp_path):
+def test_a_bad_test_file_fails_before_training(tiny_task, tmp_path):
     (tmp_path / "t.json").write_text(json.dumps([{"instruction": "q", "answer": "7"}, {"instruction": "q", "answer": "seven"}]))
     with pytest.raises(ValueError, match="item 1 has the non-numeric answer 'seven'"):
-        train.main(args(setup, tmp_path / "run", "--test", str(tmp_path / "t.json")))
+        train.main(train_args(tiny_task, tmp_path / "run", "--test", str(tmp_path / "t.json")))
     assert not (tmp_path / "run").exists()
 
 
@@ -205,19 +181,19 @@ def test_a_bad_test_file_fails_before_training(setup, tmp_path):
     (["--adapter-rank", "2"], "--adapter-rank = 4, not 2"),
     (["--method", "lora"], "--method = 'nara', not 'lora'"),
 ])
-def test_resume_refuses_other_settings(setup, tmp_path, change, words):
+def test_resume_refuses_other_settings(tiny_task, tmp_path, change, words):
     out = tmp_path / "run"
-    train.main(args(setup, out, "--max-updates", "4", "--stop-at", "3"))
+    train.main(train_args(tiny_task, out, "--max-updates", "4", "--stop-at", "3"))
     with pytest.raises(ValueError, match=__import__("re").escape(words)):
-        train.main(args(setup, out, "--max-updates", "4", "--resume", *change))
-    train.main(args(setup, out, "--max-updates", "4", "--resume", "--stop-at", "4"))   # --stop-at may change
+        train.main(train_args(tiny_task, out, "--max-updates", "4", "--resume", *change))
+    train.main(train_args(tiny_task, out, "--max-updates", "4", "--resume", "--stop-at", "4"))   # --stop-at may change
     assert (out / "adapter").exists()
 
 
-def test_resume_refuses_changed_data_and_never_touches_a_finished_run(setup, tmp_path):
+def test_resume_refuses_changed_data_and_never_touches_a_finished_run(tiny_task, tmp_path):
     data, out = tmp_path / "data.json", tmp_path / "run"
-    data.write_text((setup / "data.json").read_text())
-    run = lambda *extra: train.main([*args(setup, out, "--max-updates", "4"), "--data", str(data), *extra])  # noqa: E731
+    data.write_text((tiny_task / "data.json").read_text())
+    run = lambda *extra: train.main([*train_args(tiny_task, out, "--max-updates", "4"), "--data", str(data), *extra])  # noqa: E731
     run("--stop-at", "3")
     data.write_text(data.read_text().replace("Say", "Tell"))
     with pytest.raises(ValueError, match="--data \\(the file changed since the run started\\)"):
@@ -231,12 +207,12 @@ def test_resume_refuses_changed_data_and_never_touches_a_finished_run(setup, tmp
     assert (out / "adapter" / "adapter.safetensors").stat().st_mtime == stamp
 
 
-def test_a_run_killed_before_its_first_checkpoint_restarts_cleanly(setup, tmp_path):
+def test_a_run_killed_before_its_first_checkpoint_restarts_cleanly(tiny_task, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')     # what a kill at update 1 leaves
     (out / "run.json").write_text("{}")
-    train.main(args(setup, out, "--max-updates", "4"))
+    train.main(train_args(tiny_task, out, "--max-updates", "4"))
     steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4] and (out / "adapter").exists()
     with pytest.raises(ValueError, match="--resume needs --out"):
@@ -244,30 +220,30 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_cleanly(setup, tmp_pa
 
 
 @pytest.mark.parametrize("how", ["empty", "truncated", "header"])
-def test_corrupt_files_are_named(setup, tmp_path, how):
+def test_corrupt_files_are_named(tiny_task, tmp_path, how):
     model = tmp_path / "model"
-    shutil.copytree(setup / "model", model)
+    shutil.copytree(tiny_task / "model", model)
     shard = sorted(model.glob("*.safetensors"))[0]
     corrupt(shard, how)
     with pytest.raises(ValueError, match=f"{shard.name}: not a readable safetensors file"):
         LLaDA.from_pretrained(model)
     out = tmp_path / "run"
-    train.main(args(setup, out, "--max-updates", "4", "--stop-at", "3"))
+    train.main(train_args(tiny_task, out, "--max-updates", "4", "--stop-at", "3"))
     corrupt(out / "checkpoint.pt", how)
     with pytest.raises(ValueError, match="checkpoint.pt: not a readable checkpoint"):
-        train.main(args(setup, out, "--max-updates", "4", "--resume"))
+        train.main(train_args(tiny_task, out, "--max-updates", "4", "--resume"))
     corrupt(out / "best" / "adapter.safetensors", how)
     with pytest.raises(ValueError, match="adapter.safetensors: not a readable safetensors file"):
-        nara.load_adapter(LLaDA.from_pretrained(setup / "model"), out / "best")
+        nara.load_adapter(LLaDA.from_pretrained(tiny_task / "model"), out / "best")
     (out / "best" / "adapter_config.json").write_text('{"method": "nara",')
     with pytest.raises(ValueError, match="adapter_config.json: invalid JSON"):
-        nara.load_adapter(LLaDA.from_pretrained(setup / "model"), out / "best")
+        nara.load_adapter(LLaDA.from_pretrained(tiny_task / "model"), out / "best")
 
 
-def test_ctrl_c_says_what_was_saved_and_how_to_resume(setup, tmp_path):
+def test_ctrl_c_says_what_was_saved_and_how_to_resume(tiny_task, tmp_path):
     import signal
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args(setup, out, "--max-updates", "100000", "--eval-every", "2")],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *train_args(tiny_task, out, "--max-updates", "100000", "--eval-every", "2")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**_env(), "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "checkpoint.pt").exists():
@@ -278,14 +254,14 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(setup, tmp_path):
     assert "interrupted at update" in err and "the last checkpoint (update" in err and "--resume" in err
 
 
-def test_the_ablation_switches_reach_the_run(setup, tmp_path):
+def test_the_ablation_switches_reach_the_run(tiny_task, tmp_path):
     """--stage1 1.0 keeps the hypernetwork at its init (C = I all run long), --freeze A keeps A,
     --warm-start starts A and B from a saved LoRA, and the prompt methods train."""
-    lora = train.main(args(setup, tmp_path / "lora", "--method", "lora", "--max-updates", "3"))
-    model = train.main(args(setup, tmp_path / "nara", "--max-updates", "3", "--stage1", "1.0", "--freeze", "A",
+    lora = train.main(train_args(tiny_task, tmp_path / "lora", "--method", "lora", "--max-updates", "3"))
+    model = train.main(train_args(tiny_task, tmp_path / "nara", "--max-updates", "3", "--stage1", "1.0", "--freeze", "A",
                             "--warm-start", str(tmp_path / "lora" / "adapter")))
     torch.manual_seed(0)                                                  # the run's own init (--seed 0)
-    init = nara.add_adapters(LLaDA.from_pretrained(setup / "model"), "nara", r=4, dropout=0.0, verbose=False)
+    init = nara.add_adapters(LLaDA.from_pretrained(tiny_task / "model"), "nara", r=4, dropout=0.0, verbose=False)
     for k, v in nara.adapter_state(model).items():
         if k.startswith("noise_nets."):
             assert torch.equal(v, init.state_dict()[k]), k                                # never trained
@@ -294,6 +270,6 @@ def test_the_ablation_switches_reach_the_run(setup, tmp_path):
     assert any(not torch.equal(v, nara.adapter_state(lora)[k]) for k, v in nara.adapter_state(model).items()
                if k.endswith(".lora_B"))
     for method in nara.PROMPT:
-        train.main(args(setup, tmp_path / method, "--method", method, "--max-updates", "2", "--virtual-tokens", "3",
+        train.main(train_args(tiny_task, tmp_path / method, "--method", method, "--max-updates", "2", "--virtual-tokens", "3",
                         "--prompt-init-text", "Say red"))
         assert (tmp_path / method / "adapter" / "adapter.safetensors").exists()
