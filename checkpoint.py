@@ -87,11 +87,17 @@ def check_keys(file, keys, expected):
         raise ValueError(f"{file}: unexpected key {unexpected[0]!r}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)                                 # read once: the user's umask decides who may read our files
+
+
 def atomic_write(target, write):
-    """Call write(tmp) then rename tmp -> target, so a crash never leaves a half-written file."""
+    """Call write(tmp) then rename tmp -> target, so a crash never leaves a half-written file. The file
+    gets the user's usual permissions (some writers create their file 0600)."""
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     try:
         write(str(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import interop
 import nara
 from diffusion import generate, log_likelihood, pad_sft, sft_mask
 from model import LLaDA, chat_ids, load_tokenizer, sft_pair
@@ -288,10 +289,11 @@ def parse_args(argv):
         args.data = str(HERE / "data" / "arith" / "test.json")
     if args.adapter is None:
         runs = sorted(Path("runs").glob("default*/adapter"), key=lambda p: p.stat().st_mtime)
-        args.adapter = [str(runs[-1])] if runs and small else []
-    for a in args.adapter:
-        if a != "none" and not Path(a).is_dir():
-            raise ValueError(f"--adapter {a}: no such directory (run `python train.py` first)")
+        if not (runs and small):
+            raise ValueError("no --adapter given" + (" and no finished default run in runs/default*/adapter" if small else "")
+                             + ": run `python train.py` first, pass --adapter DIR, or --adapter none to score the base alone")
+        args.adapter = [str(runs[-1])]
+    args.formats = [interop.adapter_format(a) for a in args.adapter if a != "none"]   # every file checked now
     return args
 
 
@@ -326,21 +328,26 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     adapters = [a for a in args.adapter if a != "none"]
     names = ["base"] + labels(adapters)
-
-    def load(i):                                         # one model at a time: an 8B model is 16 GB
+    noise = args.noise_curve or args.task == "arith"
+    what = ("the loss per noise level (Figures 1, 3)" if noise else "") + ("" if args.noise_curve else
+                                                                          " and accuracy" if noise else "accuracy")
+    print(f"scoring {what} of the base {args.model}" + "".join(f", and of it with {a} ({f} adapter)" for a, f in
+                                                                zip(adapters, args.formats))
+          + f"; on {', '.join(f'{t} ({len(items[t])} items)' for t in sets)}")
+    curves, sizes, table = {}, {}, {}
+    for i, name in enumerate(names):                     # each model loaded once, freed before the next: 16 GB at 8B
         model = LLaDA.from_pretrained(args.model)
-        return model if i == 0 else nara.load_adapter(model, adapters[i - 1]).eval()
-    if args.noise_curve or args.task == "arith":
-        report_noise(names, load, tok, items[sets[0]], out)
-    if args.noise_curve:
-        return
-    table = {}
-    for i, name in enumerate(names):
-        model = load(i)
-        table[name] = {t: score(name, "base" if i == 0 else adapters[i - 1], model, tok, t, test_file(t, args), items[t],
-                                args, out) for t in sets}
+        if i:
+            nara.load_adapter(model, adapters[i - 1], verbose=False).eval()
+        if noise:
+            curves[name], sizes[name] = noise_report(model, tok, items[sets[0]], adapter=i > 0)
+        if not args.noise_curve:
+            table[name] = {t: score(name, "base" if i == 0 else adapters[i - 1], model, tok, t, test_file(t, args),
+                                    items[t], args, out) for t in sets}
         del model
-    if args.task in SUITES:
+    if noise:
+        write_noise(curves, {n: v for n, v in sizes.items() if v is not None}, out)
+    if args.task in SUITES and not args.noise_curve:
         rows = [f"| model | {' | '.join(sets)} | avg |", "|---" * (len(sets) + 2) + "|"]
         rows += [f"| {n} | " + " | ".join(f"{100 * table[n][t]:.1f}" for t in sets)
                  + f" | {100 * sum(table[n].values()) / len(sets):.1f} |" for n in names]
@@ -348,27 +355,34 @@ def main(argv=None):
         print("\n".join(rows))
 
 
-def report_noise(names, load, tok, items, out):
-    """Figure 1 (loss per masked token by λ) for every model, Figure 3 (update sizes) for adapters."""
-    lams = [round(0.1 * k, 1) for k in range(1, 11)]
-    table, sizes = {}, {}
-    for i, name in enumerate(names):
-        model = load(i)
-        eos = model.config.eos_token_id
-        pairs = [sft_pair(tok, it["prompt"], it.get("output") or str(it["gold"]), eos) for it in items]
-        L = max(len(p) + len(a) for p, a in pairs)                         # pad to the longest, no further
-        rows = [pad_sft(p, a, L, eos) for p, a in pairs]
-        table[name] = noise_curve(model, torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), lams)
-        if i:
-            sizes[name] = update_magnitude(model, lams)
-        del model                                       # freed before the next model loads
-    header = ["lambda"] + [f"loss[{n}]" for n in table] + [f"{k}[{n}]" for n in sizes for k in ("|C-I|", "|dW|")]
-    lines = [[lam] + [table[n][lam] for n in table] + [v for n in sizes for v in sizes[n][lam]] for lam in lams]
-    print(" | ".join(f"{h:>14s}" for h in header))
+LAMS = [round(0.1 * k, 1) for k in range(1, 11)]
+
+
+def noise_report(model, tok, items, adapter):
+    """One model's Figure 1 curve on the items' gold outputs and, with an adapter, its Figure 3 sizes."""
+    eos = model.config.eos_token_id
+    pairs = [sft_pair(tok, it["prompt"], it.get("output") or str(it["gold"]), eos) for it in items]
+    L = max(len(p) + len(a) for p, a in pairs)                         # pad to the longest, no further
+    rows = [pad_sft(p, a, L, eos) for p, a in pairs]
+    curve = noise_curve(model, torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), LAMS)
+    return curve, update_magnitude(model, LAMS) if adapter else None
+
+
+def write_noise(curves, sizes, out):
+    """The table of Figure 1 (loss per masked token by λ) and Figure 3 (update sizes), printed with its
+    legend, as noise_curve.csv and, with matplotlib, noise_curve.png."""
+    header = ["λ"] + [f"loss {n}" for n in curves] + [f"{k} {n}" for n in sizes for k in ("‖C−I‖", "‖ΔW‖")]
+    lines = [[lam] + [curves[n][lam] for n in curves] + [v for n in sizes for v in sizes[n][lam]] for lam in LAMS]
+    width = [max(len(h), 7) for h in header]
+    print("  ".join(f"{h:>{w}}" for h, w in zip(header, width)))
     for line in lines:
-        print(" | ".join(f"{'-' if v is None else f'{v:.4f}':>14s}" for v in line))
+        print("  ".join(f"{'-' if v is None else f'{v:.4f}' if i else f'{v:.1f}':>{w}}"
+                        for i, (v, w) in enumerate(zip(line, width))))
+    print("loss: cross-entropy per masked answer token with a fraction λ of the answer masked (Figure 1); "
+          "‖C−I‖: NaRA's core C(λ) minus the identity, Frobenius norm, averaged over hypernetworks; ‖ΔW‖: each adapted "
+          "layer's update at λ, Frobenius norm, averaged over layers (Figure 3); - = the method has no core")
     with open(out / "noise_curve.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header] + lines)
+        csv.writer(f).writerows([["lambda"] + header[1:]] + lines)
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -376,13 +390,14 @@ def report_noise(names, load, tok, items, out):
     except ImportError:
         return print(f"wrote {out / 'noise_curve.csv'} (pip install matplotlib for a plot)")
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for n in table:
-        ax.plot(lams, [table[n][l] for l in lams], marker="o", label=n)
+    for n in curves:
+        ax.plot(LAMS, [curves[n][l] for l in LAMS], marker="o", label=n)
     ax.set_xlabel("noise level λ (masked fraction)")
     ax.set_ylabel("CE per masked token")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "noise_curve.png", dpi=120)
+    plt.close(fig)
     print(f"wrote {out / 'noise_curve.csv'} and {out / 'noise_curve.png'}")
 
 

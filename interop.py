@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import nara
-from checkpoint import atomic_write, check_keys, read_json, read_safetensors
+from checkpoint import atomic_write, check_keys, open_safetensors, read_json, read_safetensors
 
 PEFT_PREFIX = "base_model.model.model."
 
@@ -48,17 +48,45 @@ def save_adapter(model, directory):
                         {**model.adapter_config, "base_shapes": _shape_id(model)})
 
 
+def adapter_format(directory):
+    """Which adapter a directory holds, "ours" (save_adapter), "peft" (a PEFT LoRA/DoRA, export_peft's
+    too) or "authors" (the NaRA authors' code), after checking that its files are there and readable:
+    a one-line error naming the directory or file otherwise, before any model is loaded."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"--adapter {directory}: no such directory (run `python train.py` first)")
+    cfg_file = directory / "adapter_config.json"
+    if not cfg_file.is_file():
+        inside = [d for d in ("adapter", "best") if (directory / d / "adapter_config.json").is_file()]
+        hint = (f": it is a training run; pass {' or '.join(str(directory / d) for d in inside)}"
+                " (the final adapter / the best validation one)") if inside else ": not an adapter directory"
+        raise ValueError(f"--adapter {directory}: no adapter_config.json{hint}")
+    body = read_json(cfg_file)
+    kind = {"NARA": "authors", "LORA": "peft"}.get(body.get("peft_type")) if isinstance(body, dict) else None
+    names = {"authors": ("adapter_model.safetensors", "adapter_model.bin"), "peft": ("adapter_model.safetensors",)}
+    file = next((directory / n for n in names.get(kind, ("adapter.safetensors",)) if (directory / n).is_file()), None)
+    if file is None:
+        raise ValueError(f"{directory}: no {' or '.join(names.get(kind, ('adapter.safetensors',)))} beside "
+                         f"adapter_config.json ({kind or 'this project'}'s layout)")
+    if file.suffix == ".bin":
+        import zipfile
+        if not zipfile.is_zipfile(file):
+            raise ValueError(f"{file}: not a readable torch file (truncated or not written by torch.save)")
+    else:
+        with open_safetensors(file) as f:
+            f.keys()
+    return kind or "ours"
+
+
 def load_adapter(model, directory, verbose=True):
     """Put the saved adapters onto a plain `model` and load their tensors, checking every key and shape.
-    A directory written by the NaRA authors' code (adapter_model.bin, peft_type NARA) is read too."""
+    A PEFT LoRA/DoRA directory (load_peft) and one written by the NaRA authors' code (load_authors,
+    adapter_model.bin, peft_type NARA) are read too."""
     directory = Path(directory)
+    kind = adapter_format(directory)
+    if kind != "ours":
+        return (load_authors if kind == "authors" else load_peft)(model, directory, verbose)
     cfg_file, file = directory / "adapter_config.json", directory / "adapter.safetensors"
-    if cfg_file.is_file() and not file.is_file():
-        if is_authors_checkpoint(directory):
-            return load_authors(model, directory, verbose)
-    for f in (cfg_file, file):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: adapter file not found")
     config = read_json(cfg_file)
     if config.pop("base_shapes", None) != _shape_id(model):
         raise ValueError(f"{cfg_file}: saved for a model with different shapes than this one")

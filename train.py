@@ -96,6 +96,8 @@ def parse_args(argv=None):
     check_args(args)
     if args.out is None and args.resume:
         raise ValueError("--resume needs --out RUN_DIR: the run to continue")
+    if args.resume and not Path(args.out).is_dir():
+        raise ValueError(f"--resume --out {args.out}: no such run directory (nothing to continue)")
     if args.out is None:                                  # a fresh directory: runs/<name>, runs/<name>-2, ...
         name = "default" if default_run else f"{Path(args.data).stem}-{args.method}"
         args.out = next(f"runs/{name}{'' if k == 1 else f'-{k}'}" for k in range(1, 10**6)
@@ -123,9 +125,26 @@ def check_args(args):
         raise ValueError(f"--hyper-hidden {args.hyper_hidden!r}: give positive widths, e.g. 256,512") from None
     if args.groups and not all(item.count("=") == 1 and all(item.split("=")) for item in args.groups.split(",")):
         raise ValueError(f"--groups {args.groups!r}: write name=layer+layer,..., e.g. qk=q_proj+k_proj,vo=v_proj+attn_out")
-    bad = [p for p in args.freeze.split(",") if p and p not in ("A", "B", "hypernetwork")]
+    frozen = {p for p in args.freeze.split(",") if p}
+    bad = sorted(frozen - {"A", "B", "hypernetwork"})
     if bad:
         raise ValueError(f"--freeze {bad[0]!r}: choose among A, B, hypernetwork")
+    parts = {"A", "B"} | ({"hypernetwork"} if args.method in ("nara", "nara-c") else set())
+    if args.method in ("lora", "nara", "nara-c", "multi-lora", "hira") and parts <= frozen:
+        raise ValueError(f"--freeze {args.freeze}: leaves nothing of {args.method} to train")
+    if args.device is not None:
+        try:
+            kind = torch.device(args.device).type
+        except RuntimeError:
+            raise ValueError(f"--device {args.device!r}: choose cuda, cuda:N or cpu") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device here (this torch "
+                             f"{'has no CUDA support' if torch.version.cuda is None else 'sees no GPU'}); use --device cpu")
+        if kind not in ("cuda", "cpu"):
+            raise ValueError(f"--device {args.device!r}: choose cuda, cuda:N or cpu")
+        index = torch.device(args.device).index
+        if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+            raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if not all(args.targets.split(",")):
         raise ValueError(f"--targets {args.targets!r}: give comma-separated layer names")
 
@@ -370,9 +389,12 @@ def main(argv=None):
             if rank == 0:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
+                line = (f"loss {loss_sum:.3f} | lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s"
+                        + (f" | val {record['val_loss']:.3f}" if "val_loss" in record else ""))
                 bar.update(1)
-                bar.set_postfix_str(f"loss {loss_sum:.3f} | lr {record['lr']:.2e} | {record['tokens_per_s']:.0f} tok/s"
-                                    + (f" | val {record['val_loss']:.3f}" if "val_loss" in record else ""))
+                bar.set_postfix_str(line)
+                if not sys.stdout.isatty() and (step % args.eval_every == 0 or step == total):   # a log file, a job
+                    print(f"update {step}/{total} | {line} | {elapsed:.0f} s", flush=True)
                 if step % args.eval_every == 0 or step == total or step == args.stop_at:
                     save_checkpoint(out / "checkpoint.pt", model, opt, sched, step, best, device)
                     saved_at = step

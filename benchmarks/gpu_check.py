@@ -1,7 +1,7 @@
 """The one prepared check of the CUDA path: the real commands end to end, then LLaDA-8B's shapes.
 
-    python benchmarks/gpu_check.py --out gpu_check.md          # on a GPU machine, about 6 minutes on an H200
-    python benchmarks/gpu_check.py --tiny --out gpu_check.md   # the same script on a CPU, tiny shapes
+    python benchmarks/gpu_check.py                             # on a GPU machine: runs/gpu_check.md, ~6 min on an H200
+    python benchmarks/gpu_check.py --tiny                      # the same script on a CPU, tiny shapes
 
 Part 1 runs the commands users run, on the bundled model, as subprocesses on this machine's device
 (bf16 weights, fp32 adapters, bf16 autocast on CUDA): a short `train.py`, the same run killed after its
@@ -275,7 +275,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="/tmp/llada-8b-random", help="where to write the random checkpoint")
     ap.add_argument("--work", default="/tmp/gpu-check-runs", help="working folder of the commands of part 1")
-    ap.add_argument("--out", default="gpu_check.md", help="markdown file for the results")
+    ap.add_argument("--out", default="runs/gpu_check.md", help="markdown file for the results")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on CPU, to check the script itself")
     ap.add_argument("--length", type=int, default=512, help="sequence length of the timed steps")
     ap.add_argument("--skip-commands", action="store_true", help="only part 2")
@@ -286,6 +286,7 @@ def main():
         write_random_checkpoint(LLaDAConfig.tiny() if args.tiny else LLaDAConfig(), Path(args.dir), device)
         return
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     report = Report(args.out, [f"device: {name}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; "
                                f"code of commit {commit()}"])
     work = Path(args.work)

@@ -156,7 +156,8 @@ def test_bad_eval_flags_are_named(tmp_path, extra, words):
 def test_bad_test_files_are_named_before_any_model_loads(tmp_path, rows, words):
     (tmp_path / "t.json").write_text(json.dumps(rows))
     with pytest.raises(ValueError, match=words):
-        ev.main(["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "t.json"), "--out", str(tmp_path / "r")])
+        ev.main(["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "t.json"), "--adapter", "none",
+                 "--out", str(tmp_path / "r")])
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="is a file, not a folder"):
         ev.main(["--out", str(tmp_path / "file")])
@@ -194,12 +195,12 @@ def test_a_whole_table_of_the_paper_is_one_command(tiny, tmp_path, monkeypatch):
         (tmp_path / "d" / name / "test.json").write_text(json.dumps([{"instruction": "What is 1 plus 2?", "answer": gold}] * 2))
     monkeypatch.chdir(tmp_path)
     ev.main(["--model", "m", "--task", "math", "--data", "d", "--out", "res", "--gen-length", "8", "--steps", "8",
-             "--block-length", "8"])
+             "--block-length", "8", "--adapter", "none"])
     table = (tmp_path / "res" / "math-table.md").read_text().splitlines()
     assert table[0] == "| model | AddSub | AQuA | gsm8k | MultiArith | SingleEq | SVAMP | avg |" and table[2].startswith("| base |")
     assert len((tmp_path / "res" / "results.csv").read_text().splitlines()) == 1 + 6
     with pytest.raises(ValueError, match="d/boolq/test.json: test file not found"):
-        ev.main(["--model", "m", "--task", "commonsense", "--data", "d", "--out", "res"])
+        ev.main(["--model", "m", "--task", "commonsense", "--data", "d", "--out", "res", "--adapter", "none"])
 
 
 def test_download_says_where_to_put_what_it_cannot_fetch(tmp_path):
