@@ -1,15 +1,100 @@
-"""The files of a LLaDA checkpoint, read and written: config and index JSON, safetensors shards.
+"""The files of a LLaDA checkpoint, read and written: config.json, the index, safetensors shards.
 
 The released LLaDA-8B directory holds config.json, model.safetensors.index.json and shards grouped
 by tensor kind (not by layer), so the index is the only map from key to file. Everything here checks
-before it loads (keys, shapes, the index's total_size) and names the file at fault in a one-line
-error; every write goes to a temporary name first, then is renamed, so a crash never leaves a
-half-written file. Used by model.py (the backbone), interop.py (adapters) and train.py (runs).
+before it loads (switches and values of the config, keys, shapes, the index's total_size) and names
+the file at fault in a one-line error; every write goes to a temporary name first, then is renamed,
+so a crash never leaves a half-written file. Used by model.py (the backbone), interop.py (adapters)
+and runs.py (training runs).
 """
 import json
 import math
 import os
+import shutil
 from pathlib import Path
+
+# config.json switches this architecture implements, with the only value it implements
+SUPPORTED = {"block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms", "rope": True, "alibi": False,
+             "weight_tying": False, "include_bias": False, "include_qkv_bias": False, "attention_layer_norm": False,
+             "scale_logits": False, "input_emb_norm": False, "block_group_size": 1, "rope_full_precision": True,
+             "layer_norm_with_affine": True, "bias_for_layer_norm": (None, False), "multi_query_attention": (None, False),
+             "embedding_dropout": 0.0, "attention_dropout": 0.0, "residual_dropout": 0.0, "flash_attention": (False, None)}
+HUB_CODE = "GSAI-ML/LLaDA-8B-Instruct"                  # where the official remote code lives
+CODE_FILES = ("configuration_llada.py", "modeling_llada.py")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def read_config(path, names):
+    """config.json's values for `names` (LLaDAConfig's fields), after refusing every switch this
+    architecture does not implement, a missing key and an impossible value, naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    raw = dict(read_json(path))
+    for key, ok in SUPPORTED.items():
+        if key in raw and raw[key] not in (ok if isinstance(ok, tuple) else (ok,)):
+            raise ValueError(f"{path}: {key}={raw[key]!r} is not supported by this LLaDA implementation (only {ok!r})")
+    raw["n_kv_heads"] = raw.get("n_kv_heads") or raw.get("n_heads")            # null means MHA
+    raw["embedding_size"] = raw.get("embedding_size") or raw.get("vocab_size")
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise ValueError(f"{path}: required key {missing[0]!r} is missing")
+    for name in ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "vocab_size"):
+        if not isinstance(raw[name], int) or raw[name] <= 0:
+            raise ValueError(f"{path}: {name} must be a positive integer, got {raw[name]!r}")
+    if raw["d_model"] % raw["n_heads"]:
+        raise ValueError(f"{path}: d_model={raw['d_model']} is not divisible by n_heads={raw['n_heads']}")
+    if raw["n_heads"] % raw["n_kv_heads"]:
+        raise ValueError(f"{path}: n_heads={raw['n_heads']} is not divisible by n_kv_heads={raw['n_kv_heads']}")
+    if raw["embedding_size"] < raw["vocab_size"]:
+        raise ValueError(f"{path}: embedding_size={raw['embedding_size']} < vocab_size={raw['vocab_size']}")
+    for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
+        if not isinstance(raw[name], int) or not 0 <= raw[name] < raw["embedding_size"]:
+            raise ValueError(f"{path}: {name}={raw[name]} is outside the embedding table")
+    return {n: raw[n] for n in names}
+
+
+def config_json(config, base=None, local_code=False):
+    """config.json as the released checkpoints have it, for a LLaDAConfig. `base` (the source's
+    config.json) keeps its other keys; transformers' AutoModel(..., trust_remote_code=True) needs
+    `architectures` and an `auto_map` to the official code: the files beside it (local_code) or the hub's."""
+    from dataclasses import asdict
+    out = {k: (v[0] if isinstance(v, tuple) else v) for k, v in SUPPORTED.items()}
+    code = "" if local_code else f"{HUB_CODE}--"
+    auto = {"AutoConfig": f"{code}configuration_llada.LLaDAConfig", "AutoModel": f"{code}modeling_llada.LLaDAModelLM",
+            "AutoModelForCausalLM": f"{code}modeling_llada.LLaDAModelLM"}
+    return {**out, **(base or {}), "model_type": "llada", "architectures": ["LLaDAModelLM"], "auto_map": auto,
+            **asdict(config)}
+
+
+def read_weights(path, expected, device, dtype):
+    """{key: tensor} of a checkpoint directory, every key, shape and byte checked against `expected`
+    ({key: shape}) before any tensor loads, then shard by shard straight onto device in dtype."""
+    state = {}
+    for file, keys in checkpoint_files(Path(path), expected).items():
+        with open_safetensors(file) as f:
+            for key in keys:
+                state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+    return state
+
+
+def write_pretrained(path, config, tensors, source=None, max_shard_bytes=5 * 2**30):
+    """A model directory that from_pretrained reads and transformers' AutoModel loads: the weights
+    ({"model.<key>": tensor}, shards and an index when larger than max_shard_bytes), config.json, and
+    the official code and tokenizer files copied from `source` (the directory the model came from)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    source = Path(source) if source else None
+    copied = []
+    if source is not None and source.resolve() != path.resolve():
+        for name in (*CODE_FILES, *TOKENIZER_FILES):
+            if (source / name).is_file():
+                atomic_write(path / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
+                copied.append(name)
+    base = read_json(source / "config.json") if source is not None and (source / "config.json").is_file() else None
+    write_shards(path, tensors, max_shard_bytes)
+    body = config_json(config, base, local_code=all(f in copied or (path / f).is_file() for f in CODE_FILES))
+    atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(body, indent=2)))
 
 
 def read_json(file):

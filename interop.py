@@ -1,7 +1,7 @@
 """Adapter files: this project's own, PEFT's LoRA layout, and the NaRA authors' checkpoints.
 
-    interop.save_adapter(model, dir)           # = nara.save_adapter: adapter.safetensors + adapter_config.json
-    interop.load_adapter(model, dir)           # = nara.load_adapter (also reads the authors' directories)
+    interop.save_adapter(model, dir)           # adapter.safetensors + adapter_config.json
+    interop.load_adapter(model, dir)           # ours, PEFT's or the authors' (interop.adapter_format)
     interop.export_peft(model, dir, lam=0.5)   # LoRA (NaRA at a fixed λ) that PEFT's PeftModel loads
     interop.load_peft(model, dir)              # a PEFT LoRA adapter onto a plain LLaDA, as method "lora"
     interop.load_authors(model, dir)           # a directory saved by the authors' NaRA code
@@ -25,8 +25,11 @@ from pathlib import Path
 
 import torch
 
+import adapters
+import baselines
 import nara
 from checkpoint import atomic_write, check_keys, open_safetensors, read_json, read_safetensors
+from model import Linear
 
 PEFT_PREFIX = "base_model.model.model."
 
@@ -44,8 +47,8 @@ def write_adapter_files(directory, tensor_file, tensors, body, metadata=None):
 
 def save_adapter(model, directory):
     """adapter.safetensors (adapter tensors only) + adapter_config.json."""
-    write_adapter_files(directory, "adapter.safetensors", nara.adapter_state(model),
-                        {**model.adapter_config, "base_shapes": _shape_id(model)})
+    write_adapter_files(directory, "adapter.safetensors", adapters.adapter_state(model),
+                        {**model.adapter_config, "base_shapes": shape_id(model)})
 
 
 def adapter_format(directory):
@@ -88,13 +91,14 @@ def load_adapter(model, directory, verbose=True):
         return (load_authors if kind == "authors" else load_peft)(model, directory, verbose)
     cfg_file, file = directory / "adapter_config.json", directory / "adapter.safetensors"
     config = read_json(cfg_file)
-    if config.pop("base_shapes", None) != _shape_id(model):
+    if config.pop("base_shapes", None) != shape_id(model):
         raise ValueError(f"{cfg_file}: saved for a model with different shapes than this one")
     try:
-        nara.add_adapters(model, **config, verbose=verbose)
+        cfg = adapters.AdapterConfig.from_dict(config)
+        adapters.add_adapters(model, verbose=verbose, **vars(cfg))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{cfg_file}: {e}") from None
-    tensors, expected = read_safetensors(file), nara.adapter_state(model)
+    tensors, expected = read_safetensors(file), adapters.adapter_state(model)
     check_keys(f"{file} ({config['method']} adapters)", tensors, expected)
     for k in tensors:
         if tensors[k].shape != expected[k].shape:
@@ -103,25 +107,9 @@ def load_adapter(model, directory, verbose=True):
     return model
 
 
-def _shape_id(model):
+def shape_id(model):
     c = model.config
     return f"d_model={c.d_model} n_layers={c.n_layers} n_heads={c.n_heads} n_kv_heads={c.n_kv_heads} mlp={c.mlp_hidden_size}"
-
-
-def warm_start(model, directory):
-    """Copy A and B from a saved LoRA adapter (ours, or PEFT's layout) into this model's adapters
-    (the authors' warm start of NaRA from LoRA); every A and B must be found with its shape."""
-    directory = Path(directory)
-    file = next((directory / f for f in ("adapter.safetensors", "adapter_model.safetensors") if (directory / f).is_file()), None)
-    if file is None:
-        raise FileNotFoundError(f"{directory}: no adapter.safetensors or adapter_model.safetensors to warm-start from")
-    saved = {k.removeprefix("base_model.model.model.").removesuffix(".weight"): v for k, v in read_safetensors(file).items()}
-    want = {k: v for k, v in nara.adapter_state(model).items() if k.endswith((".lora_A", ".lora_B"))}
-    check_keys(file, [k for k in saved if k in want], want)
-    for k, v in want.items():
-        if saved[k].shape != v.shape:
-            raise ValueError(f"{file}: {k} has shape {tuple(saved[k].shape)}, this model's is {tuple(v.shape)}")
-        v.copy_(saved[k])
 
 
 # ---------------------------------------------------------------- PEFT's LoRA layout
@@ -142,17 +130,17 @@ def export_peft(model, directory, lam=None):
     fixed λ" (B' = B C(λ), the bin's LoRA), DoRA and NaRA-DoRA as PEFT's DoRA. The method and λ go
     into the safetensors metadata (PEFT ignores it)."""
     cfg = model.adapter_config
-    if cfg["method"] in ("hira", *nara.PROMPT):
+    if cfg["method"] in ("hira", *adapters.PROMPT):
         raise ValueError(f"{cfg['method']} is not a low-rank additive update: PEFT's LoRA layout cannot hold it")
-    if cfg["method"] in nara.NOISE_AWARE and lam is None:
+    if cfg["method"] in adapters.NOISE_AWARE and lam is None:
         raise ValueError(f"{cfg['method']} depends on λ: pass lam= to export LoRA at that noise level")
-    cond, tensors, ranks, alphas = nara.cond_at(model, 0.0 if lam is None else lam), {}, {}, {}
+    cond, tensors, ranks, alphas = adapters.cond_at(model, 0.0 if lam is None else lam), {}, {}, {}
     for name, m in model.named_modules():
         if isinstance(m, nara.LoRALinear):
-            A, C, B = (None if t is None else nara._first(t) for t in m.factors(cond))
+            A, C, B = (None if t is None else nara.first_sequence(t) for t in m.factors(cond))
             tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A
             tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B if C is None else B @ C
-            if isinstance(m, nara.DoRALinear):
+            if isinstance(m, baselines.DoRALinear):
                 tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = m.magnitude
             ranks[name], alphas[name] = m.r, m.s * m.r             # PEFT: s = lora_alpha / r
     r = cfg["r"]
@@ -208,7 +196,7 @@ def load_peft(model, directory, verbose=True):
     for key, value in body.items():
         if key not in PEFT_NEUTRAL and key != "init_lora_weights" and value not in (None, False, "none", [], {}, ""):
             raise ValueError(f"{cfg_file}: {key}={value!r} is not supported (it would change the model)")
-    linears = [n for n, m in model.named_modules() if n.startswith("transformer.") and isinstance(m, (nara.Linear, torch.nn.Linear))]
+    linears = [n for n, m in model.named_modules() if n.startswith("transformer.") and isinstance(m, (Linear, torch.nn.Linear))]
     chosen = peft_targets(body, linears, cfg_file)
     odd = [n for n in chosen if not n.startswith("transformer.blocks.")]
     if odd:
@@ -219,7 +207,7 @@ def load_peft(model, directory, verbose=True):
         if kr is not None and ka is not None and kr != ka:
             raise ValueError(f"{cfg_file}: rank_pattern key {kr!r} and alpha_pattern key {ka!r} both match {n}: "
                              "PEFT releases disagree on what that means")
-    nara.add_adapters(model, "dora" if body.get("use_dora") else "lora", r=r, targets=chosen, alpha=alpha,
+    adapters.add_adapters(model, "dora" if body.get("use_dora") else "lora", r=r, targets=chosen, alpha=alpha,
                       dropout=body.get("lora_dropout", 0.0), rslora=bool(body.get("use_rslora")), verbose=verbose,
                       rank_pattern={n: pattern_value(rp, "model." + n, r) for n in chosen},
                       alpha_pattern={n: pattern_value(ap, "model." + n, alpha) for n in chosen})
@@ -228,12 +216,12 @@ def load_peft(model, directory, verbose=True):
     for n, m in model.named_modules():
         if isinstance(m, nara.LoRALinear):
             names.update({f"{PEFT_PREFIX}{n}.lora_A.weight": f"{n}.lora_A", f"{PEFT_PREFIX}{n}.lora_B.weight": f"{n}.lora_B"})
-            if isinstance(m, nara.DoRALinear):              # PEFT >= 0.10 saves it as a module's .weight
+            if isinstance(m, baselines.DoRALinear):              # PEFT >= 0.10 saves it as a module's .weight
                 key = f"{PEFT_PREFIX}{n}.lora_magnitude_vector"
                 names[key + ".weight" if key + ".weight" in tensors else key] = f"{n}.magnitude"
     check_keys(file, tensors, names)
     state = {names[k]: v for k, v in tensors.items()}
-    expected = nara.adapter_state(model)
+    expected = adapters.adapter_state(model)
     for k, v in state.items():
         if v.shape != expected[k].shape:
             raise ValueError(f"{file}: the tensor for {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
@@ -278,7 +266,7 @@ def authors_config(body, where):
                 groups=groups or None, width=int(body.get("embedding_dim", 64)),
                 hidden=(int(body.get("fnn_hidden_size_1", 256)), int(body.get("fnn_hidden_size_2", 512))),
                 init=AUTHORS_INITS.get(body.get("init_c", "zero_last"), "zero_last"),
-                condition=AUTHORS_MODES.get(mode, "lambda"), radius=int(body.get("density_radius") or 5))
+                signal=AUTHORS_MODES.get(mode, "lambda"), radius=int(body.get("density_radius") or 5))
 
 
 def authors_keys(model, groups):
@@ -289,7 +277,7 @@ def authors_keys(model, groups):
             for ab in ("lora_A", "lora_B"):
                 out[f"{PEFT_PREFIX}{name}.{ab}"] = f"{name}.{ab}"
     for key, net in model.noise_nets.items():
-        if isinstance(net, nara.StaticCore):
+        if isinstance(net, baselines.StaticCore):
             out["base_model.constant_c"] = f"noise_nets.{key}.P"
             continue
         mapper = "base_model.global_mapper." + (f"{key[len('nara_'):]}." if groups else "")
@@ -304,7 +292,7 @@ def load_authors(model, directory, verbose=True):
     directory = Path(directory)
     cfg_file = directory / "adapter_config.json"
     body = read_json(cfg_file)
-    nara.add_adapters(model, **authors_config(body, cfg_file), verbose=verbose)
+    adapters.add_adapters(model, **authors_config(body, cfg_file), verbose=verbose)
     file = next((directory / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (directory / f).is_file()), None)
     if file is None:
         raise FileNotFoundError(f"{directory}: neither adapter_model.safetensors nor adapter_model.bin found")
@@ -325,7 +313,7 @@ def load_authors(model, directory, verbose=True):
                 if k.startswith(f"base_model.embedding_layers.{short}_emb."):
                     rest = k.split(f"{short}_emb.", 1)[1]
                     state[f"noise_nets.{key}." + ("W" + suffix if rest == "W" else f"embed{suffix}.0.{rest.split('.', 1)[1]}")] = v
-    expected = nara.adapter_state(model)
+    expected = adapters.adapter_state(model)
     check_keys(f"{file} (the authors' NaRA)", state, expected)
     for k, v in state.items():
         if v.shape != expected[k].shape:

@@ -217,7 +217,7 @@ def _plain_command(seconds, memory_mb):
 _AVAILABLE = {}
 
 
-def available():
+def why_unavailable():
     """None when the jail works on this machine (checked once by running one), else the reason."""
     if "reason" not in _AVAILABLE:
         reason = None
@@ -260,7 +260,7 @@ def run_untrusted(program, tests, names, setup="", timeout=10, memory_mb=1024, a
     `names` is the one the untrusted `program` defines, called inside the jail with plain-data
     arguments and results. Raises SandboxUnavailable when no jail can be made, unless
     allow_unsandboxed (then only resource limits and a dropped uid contain the program)."""
-    reason = available()
+    reason = why_unavailable()
     if reason and not allow_unsandboxed:
         raise SandboxUnavailable(f"cannot contain generated code here ({reason}): pass --allow-unsandboxed-code "
                                  "to run it with resource limits only, at your own risk")

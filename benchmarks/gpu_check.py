@@ -31,7 +31,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import adapters  # noqa: E402
 import nara  # noqa: E402
+from checkpoint import config_json  # noqa: E402
 from diffusion import sft_loss  # noqa: E402
 from model import LLaDA, LLaDAConfig  # noqa: E402
 
@@ -112,7 +114,7 @@ def commands(report, work, tiny):
 def write_random_checkpoint(cfg, path, device):
     from safetensors.torch import save_file
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(cfg.to_json_dict(), indent=2))
+    (path / "config.json").write_text(json.dumps(config_json(cfg), indent=2))
     with torch.device("meta"):
         shapes = LLaDA(cfg).base_shapes()
     shards, weight_map, total = {}, {}, 0
@@ -205,7 +207,7 @@ def shapes(report, args, device, tiny):
     del logits
     lam = torch.tensor([0.5], device=device)
     for method in ("lora", "nara"):
-        nara.add_adapters(model, method, r=4 if tiny else 32)
+        adapters.add_adapters(model, method, r=4 if tiny else 32)
         with torch.no_grad():
             report.add(f"sampling step (forward), {method}", f"{timed(lambda: model(ids, noise_level=lam), device) * 1e3:.1f} ms")
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -265,7 +267,7 @@ def shapes(report, args, device, tiny):
     block, lam16 = slice(prompts.shape[1] - 8, prompts.shape[1]), torch.full((16,), 0.5, device=device)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
         t_nara = timed(lambda: model(prompts, noise_level=lam16, positions=block), device)
-        with nara.base_only(model):                                        # the same model, adapters bypassed
+        with adapters.base_only(model):                                        # the same model, adapters bypassed
             t_base = timed(lambda: model(prompts, noise_level=lam16, positions=block), device)
     report.add("GSM8K sampling step (16 x 356 tokens, head at the 8-token block): base / nara",
                f"{t_base * 1e3:.1f} / {t_nara * 1e3:.1f} ms (ratio {t_nara / t_base:.3f})")

@@ -21,9 +21,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+import adapters  # noqa: E402
 import interop  # noqa: E402
 import nara  # noqa: E402
-from model import CODE_FILES, LLaDA, LLaDAConfig  # noqa: E402
+from checkpoint import CODE_FILES  # noqa: E402
+from model import LLaDA, LLaDAConfig  # noqa: E402
 
 IDS = torch.tensor([[5, 9, 33, 8, 71, 2, 126, 126], [1, 4, 100, 3, 3, 60, 126, 7]])
 
@@ -104,7 +106,7 @@ def main():
         mine = interop.load_peft(LLaDA.from_pretrained(work / "base", device="cpu", dtype=torch.float32), work / name,
                                  verbose=False).eval()
         return diff(logits(mine), logits(pm))
-    check("PEFT LoRA -> nara.load_peft", lambda: peft_to_ours("plain"))
+    check("PEFT LoRA -> interop.load_peft", lambda: peft_to_ours("plain"))
     check("PEFT LoRA use_rslora -> load_peft", lambda: peft_to_ours("rslora", use_rslora=True))
     check("PEFT LoRA alpha_pattern -> load_peft", lambda: peft_to_ours("alpha", alpha_pattern={"v_proj": 32}))
     check("PEFT LoRA rank_pattern -> load_peft", lambda: peft_to_ours("rank", rank_pattern={"q_proj": 2}))
@@ -117,12 +119,12 @@ def main():
 
     def ours_to_peft(method, lam=0.5, auto=None):
         model = LLaDA.from_pretrained(work / "base", device="cpu", dtype=torch.float32)
-        nara.add_adapters(model, method, r=4, dropout=0.0, verbose=False)
+        adapters.add_adapters(model, method, r=4, dropout=0.0, verbose=False)
         with torch.no_grad():
             for p in model.parameters():
                 if p.requires_grad:
                     p.add_(torch.randn_like(p) * 0.1)
-        nara.export_peft(model, work / f"export-{method}", lam=lam)
+        interop.export_peft(model, work / f"export-{method}", lam=lam)
         expect = logits(model.eval(), noise_level=torch.full((2,), lam))
         if auto:
             pm = getattr(peft, auto).from_pretrained(work / f"export-{method}", trust_remote_code=True,
@@ -131,13 +133,13 @@ def main():
             pm = PeftModel.from_pretrained(theirs(work / "base"), work / f"export-{method}")
         return diff(expect, logits(pm.eval()))
     for method in ("lora", "nara", "dora"):
-        check(f"nara.export_peft ({method}) -> PeftModel.from_pretrained", lambda m=method: ours_to_peft(m))
+        check(f"interop.export_peft ({method}) -> PeftModel.from_pretrained", lambda m=method: ours_to_peft(m))
     for auto in ("AutoPeftModelForCausalLM", "AutoPeftModel"):
-        check(f"nara.export_peft -> {auto}.from_pretrained", lambda a=auto: ours_to_peft("nara", auto=a))
+        check(f"interop.export_peft -> {auto}.from_pretrained", lambda a=auto: ours_to_peft("nara", auto=a))
 
     def merged(lam=0.3):
         model = LLaDA.from_pretrained(work / "base", device="cpu", dtype=torch.float32)
-        nara.add_adapters(model, "nara", r=4, dropout=0.0, verbose=False)
+        adapters.add_adapters(model, "nara", r=4, dropout=0.0, verbose=False)
         with torch.no_grad():
             for p in model.parameters():
                 if p.requires_grad:

@@ -40,9 +40,11 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -78,7 +80,7 @@ def slug(text):
 
 def check_lengths(task):
     """Refuse a protocol under which any item would be skipped or truncated."""
-    from model import load_tokenizer, sft_pair
+    from tasks import load_tokenizer, sft_pair
     spec = TASKS[task]
     tok = load_tokenizer(ROOT / spec["model"])
     for split in ("data", "test"):
@@ -94,7 +96,7 @@ def test_rows(task, tok, eos, limit=None):
     """The test file's examples and their gold outputs as padded SFT rows (for the noise curve)."""
     import torch
     from diffusion import pad_sft
-    from model import sft_pair
+    from tasks import sft_pair
     examples = json.loads((ROOT / TASKS[task]["test"]).read_text())[:limit]
     pairs = [sft_pair(tok, e["instruction"], e["output"], eos) for e in examples]
     L = max(len(p) + len(a) for p, a in pairs)
@@ -104,13 +106,14 @@ def test_rows(task, tok, eos, limit=None):
 
 def score(task, model, tok, limit=None):
     """Test accuracy by generation, the Figure 1 curve and (NaRA) the Figure 3 sizes of one model."""
-    import eval as ev
+    import figures
+    import tasks
     examples, ids, answer = test_rows(task, tok, model.config.eos_token_id, limit)
-    acc, _ = ev.accuracy(model.eval(), tok, examples, **TASKS[task]["gen"])
+    acc, _ = tasks.accuracy(model.eval(), tok, examples, **TASKS[task]["gen"])
     out = {"accuracy": acc, "items": len(examples),
-           "curve": {str(k): v for k, v in ev.noise_curve(model, ids, answer, LAMS).items()}}
+           "curve": {str(k): v for k, v in figures.noise_curve(model, ids, answer, LAMS).items()}}
     if model.noise_nets and all(hasattr(n, "net") for n in model.noise_nets.values()):
-        out["sizes"] = {str(k): v for k, v in ev.update_magnitude(model, LAMS).items()}
+        out["sizes"] = {str(k): v for k, v in figures.update_magnitude(model, LAMS).items()}
     return out
 
 
@@ -118,10 +121,10 @@ def run_job(job):
     """Train and score one run, or return its record when one with the same settings exists."""
     import torch
     torch.set_num_threads(1)
-    import nara
-    import train
+    import interop
     from checkpoint import atomic_write
-    from model import LLaDA, load_tokenizer
+    from model import LLaDA
+    from tasks import load_tokenizer
     record_file, work, task = Path(job["record"]), Path(job["work"]), job["settings"]["task"]
     if record_file.exists():
         record = json.loads(record_file.read_text())
@@ -133,18 +136,20 @@ def run_job(job):
     argv = ["--model", str(ROOT / spec["model"]), "--data", str(ROOT / spec["data"]), "--out", str(work / "run"),
             *s["train"], "--method", *shlex.split(s["arm"])]
     t0 = time.time()
-    with open(work / "log.txt", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        model = train.main(argv)
-    if ", 0 skipped" not in (work / "log.txt").read_text():
+    with open(work / "log.txt", "w") as log:                           # train.py as users run it, one thread
+        subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], stdout=log, stderr=log, check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = (work / "log.txt").read_text()
+    if ", 0 skipped" not in log:
         raise RuntimeError(f"{work / 'log.txt'}: train.py skipped items; the protocol trains on all of them")
     steps = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     curve = [[m["step"], m["val_loss"]] for m in steps if "val_loss" in m]
-    record = {"settings": s, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    record = {"settings": s, "trainable": int(re.search(r"trainable ([\d,]+) of", log).group(1).replace(",", "")),
               "best_val_loss": min(v for _, v in curve), "val_curve": curve, "train_s": time.time() - t0}
     t0 = time.time()
     model_dir = ROOT / spec["model"]
     with open(work / "log.txt", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        model = nara.load_adapter(LLaDA.from_pretrained(model_dir), work / "run" / "best")
+        model = interop.load_adapter(LLaDA.from_pretrained(model_dir), work / "run" / "best")
         record.update(score(task, model, load_tokenizer(model_dir), s["test_items"]), score_s=time.time() - t0,
                       torch=torch.__version__, finished=time.strftime("%Y-%m-%d %H:%M"))
     record_file.parent.mkdir(parents=True, exist_ok=True)
@@ -158,7 +163,8 @@ def base_job(job):
     import torch
     torch.set_num_threads(1)
     from checkpoint import atomic_write
-    from model import LLaDA, load_tokenizer
+    from model import LLaDA
+    from tasks import load_tokenizer
     record_file = Path(job["record"])
     if record_file.exists() and json.loads(record_file.read_text())["settings"] == job["settings"]:
         return json.loads(record_file.read_text())

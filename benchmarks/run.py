@@ -20,6 +20,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import adapters  # noqa: E402
+import interop  # noqa: E402
 import nara  # noqa: E402
 from diffusion import generate, sft_loss  # noqa: E402
 from model import LLaDA, LLaDAConfig, Linear  # noqa: E402
@@ -41,18 +43,18 @@ def interleaved(fns, repeats):
 
 
 class Holder(torch.nn.Module):
-    """One linear layer in the shape of a LLaDA block, so add_adapters and LLaDA.condition apply."""
+    """One linear layer in the shape of a LLaDA block, so add_adapters and LLaDA.conditioning apply."""
     def __init__(self, d, dtype):
         super().__init__()
         self.config = LLaDAConfig.tiny(d_model=d, n_heads=1, n_kv_heads=1, n_layers=1, mlp_hidden_size=8)
-        self.transformer = torch.nn.ModuleDict(dict(blocks=torch.nn.ModuleList(
+        self.transformer = torch.nn.ModuleDict(dict(wte=torch.nn.Embedding(2, d), blocks=torch.nn.ModuleList(
             [torch.nn.ModuleDict(dict(q_proj=Linear(d, d).to(dtype)))])))
-        self.noise_nets, self.adapter_config, self.recompute = torch.nn.ModuleDict(), None, False   # as on CPU
+        self.noise_nets, self.prompt, self.recompute = torch.nn.ModuleDict(), None, False   # as on CPU
 
-    condition = LLaDA.condition
+    conditioning = LLaDA.conditioning
 
     def forward(self, x, lam):
-        return self.transformer.blocks[0].q_proj(x, self.condition(lam))
+        return self.transformer.blocks[0].q_proj(x, self.conditioning(lam))
 
 
 class AuthorsPathNaRA(nara.NaRALinear):
@@ -76,15 +78,15 @@ def layer_table(d, tokens, batch, repeats, dtype):
     for m in LAYER_METHODS:
         h = Holder(d, dtype)
         h.transformer.blocks[0].q_proj.weight = torch.nn.Parameter(W, requires_grad=False)
-        nara.add_adapters(h, m, r=32, targets=("q_proj",), verbose=False)
+        adapters.add_adapters(h, m, r=32, targets=("q_proj",), verbose=False)
         fns[m] = (lambda h=h: h(x, lam).float().square().mean().backward())
     h = Holder(d, dtype)
     h.transformer.blocks[0].q_proj.weight = torch.nn.Parameter(W, requires_grad=False)
-    nara.add_adapters(h, "nara", r=32, targets=("q_proj",), dropout=0.0, verbose=False)
+    adapters.add_adapters(h, "nara", r=32, targets=("q_proj",), dropout=0.0, verbose=False)
     fns["nara, dropout 0"] = lambda: h(x, lam).float().square().mean().backward()
     authors = Holder(d, dtype)
     authors.transformer.blocks[0].q_proj.weight = torch.nn.Parameter(W, requires_grad=False)
-    nara.add_adapters(authors, "nara", r=32, targets=("q_proj",), verbose=False)
+    adapters.add_adapters(authors, "nara", r=32, targets=("q_proj",), verbose=False)
     authors.transformer.blocks[0].q_proj.__class__ = AuthorsPathNaRA
     fns["nara, rank-r path in activation dtype"] = lambda: authors(x, lam).float().square().mean().backward()
     try:
@@ -115,7 +117,7 @@ def step_table(batch, length, repeats):
     for m in ("lora",) + tuple(x for x in LAYER_METHODS if x != "lora"):
         torch.manual_seed(0)
         model = LLaDA(small_config())
-        nara.add_adapters(model, m, r=32, verbose=False)
+        adapters.add_adapters(model, m, r=32, verbose=False)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         models[m] = model
 
@@ -129,7 +131,7 @@ def step_table(batch, length, repeats):
             fns[f"nara, 1 x {batch} accumulation"] = lambda model=model, opt=opt: step(model, opt, micro=1)
             torch.manual_seed(0)
             kept = LLaDA(small_config())
-            nara.add_adapters(kept, "nara", r=32, verbose=False)
+            adapters.add_adapters(kept, "nara", r=32, verbose=False)
             kept.recompute = True
             opt2 = torch.optim.AdamW([p for p in kept.parameters() if p.requires_grad], lr=1e-4)
             fns["nara, recomputing norms, SiLU, dropout"] = lambda model=kept, opt=opt2: step(model, opt)
@@ -154,11 +156,11 @@ def sampling_table(models, batch, length, repeats):
 @torch.no_grad()
 def early_stop_table(n_prompts):
     import json
-    from model import chat_ids, load_tokenizer
+    from tasks import chat_ids, load_tokenizer
     model, tok = LLaDA.from_pretrained(ROOT / "data" / "base"), load_tokenizer(ROOT / "data" / "base")
     runs = sorted((ROOT / "runs").glob("default*/adapter"))
     if runs:
-        nara.load_adapter(model, runs[-1], verbose=False)
+        interop.load_adapter(model, runs[-1], verbose=False)
     model.eval()
     items = json.loads((ROOT / "data" / "arith" / "test.json").read_text())[:n_prompts]
     rows = ["| till_eos | model calls | wall s | same answers |", "|---|---|---|---|"]
@@ -212,7 +214,7 @@ def account_table(tokens):
                       embedding_size=512, max_sequence_length=tokens, mask_token_id=511, eos_token_id=510, pad_token_id=510)
     torch.manual_seed(0)
     model = LLaDA(cfg).to(torch.bfloat16)
-    nara.add_adapters(model, "nara", r=32, verbose=False)
+    adapters.add_adapters(model, "nara", r=32, verbose=False)
     model.train()
     ids = torch.randint(0, 500, (1, tokens))
     answer = torch.arange(tokens)[None] >= tokens // 4
@@ -245,7 +247,7 @@ def head_table(repeats, quick):
                       eos_token_id=V - 2, pad_token_id=V - 2)
     torch.manual_seed(0)
     model = LLaDA(cfg)
-    nara.add_adapters(model, "nara", r=8, verbose=False)
+    adapters.add_adapters(model, "nara", r=8, verbose=False)
     ids = torch.randint(0, V - 2, (4, 64 if quick else 128))
     answer = torch.arange(ids.shape[1]).expand_as(ids) >= ids.shape[1] // 4
     t = torch.full((4,), 0.5)
@@ -283,10 +285,10 @@ def size_table():
     for m in ("lora", "nara", "nara-c", "multi-lora", "hira", "dora", "nara-dora"):
         with torch.device("meta"):
             model = LLaDA(LLaDAConfig())
-        nara.add_adapters(model, m, r=32, verbose=False)
+        adapters.add_adapters(model, m, r=32, verbose=False)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        file_bytes = sum(t.numel() * t.element_size() for t in nara.adapter_state(model).values())
+        file_bytes = sum(t.numel() * t.element_size() for t in adapters.adapter_state(model).values())
         rows.append(f"| {m} | {trainable:,} | {100 * trainable / total:.4f} | {file_bytes / 2**20:.1f} MiB (fp32) |")
     return rows
 

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 torch.set_num_threads(1)
 
+from checkpoint import config_json  # noqa: E402
 from model import LLaDA, LLaDAConfig  # noqa: E402
 
 REFERENCE = Path(__file__).parent / "reference"      # the real LLaDA-8B-Instruct config.json and index
@@ -36,7 +37,7 @@ def write_real_layout(model, directory, n_shards=6):
     an index holding the correct total_size and {"format": "pt"} metadata in every shard."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(model.config.to_json_dict(), indent=2))
+    (directory / "config.json").write_text(json.dumps(config_json(model.config), indent=2))
     shards, weight_map = {}, {}
     for key, t in model.state_dict().items():
         kind = "head" if key == "transformer.ff_out.weight" else re.sub(r"\.weight$", "", key).split(".")[-1]

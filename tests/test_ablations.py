@@ -7,8 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ablations
+import adapters
 import interop
 import nara
+import prompts
 from conftest import random_model
 from diffusion import generate, sft_loss
 from model import LLaDA, LLaDAConfig
@@ -21,7 +24,7 @@ MASK = LLaDAConfig.tiny().mask_token_id
 def adapted(method, seed=0, **kw):
     model = random_model(seed=seed)
     torch.manual_seed(seed + 1)
-    nara.add_adapters(model, method, r=4, verbose=False, **kw)
+    adapters.add_adapters(model, method, r=4, verbose=False, **kw)
     return model.eval()
 
 
@@ -40,7 +43,7 @@ def test_a_layer_with_a_non_symmetric_core_gives_the_authors_output():
         model.noise_nets["nara"].net[-1].bias.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     x = torch.zeros(1, 1, 64)
     x[0, 0, 0], x[0, 0, 1] = 1.0, 10.0
-    cond = model.condition(torch.tensor([0.5]))
+    cond = model.conditioning(torch.tensor([0.5]))
     out = layer(x, cond) - x @ layer.weight.T
     # row vector (1, 10) @ M = (1.1 + 3.0, 0.2 + 14.0) = (4.1, 14.2)
     assert torch.allclose(out[0, 0, :2], torch.tensor([4.1, 14.2])) and out[0, 0, 2:].abs().max() == 0
@@ -52,15 +55,15 @@ def test_a_layer_with_a_non_symmetric_core_gives_the_authors_output():
 def test_mask_density_by_hand():
     masked = torch.tensor([[0, 1, 1, 0, 1, 0, 0, 0], [0] * 8]).bool()
     # radius 2: position 1 sees 0, 2, 3 (1 of 3 masked), 2 sees 0, 1, 3, 4 (2/4), 4 sees 2, 3, 5, 6 (1/4)
-    assert torch.allclose(nara.mask_density(masked, radius=2), torch.tensor([(1 / 3 + 1 / 2 + 1 / 4) / 3, 0.0]))
+    assert torch.allclose(ablations.mask_density(masked, radius=2), torch.tensor([(1 / 3 + 1 / 2 + 1 / 4) / 3, 0.0]))
     valid = torch.ones(2, 8, dtype=torch.bool)
     valid[0, 0] = False                                 # padding is not a neighbour: 1 sees 2, 3; 2 sees 1, 3, 4
-    assert torch.allclose(nara.mask_density(masked, valid, radius=2)[0], torch.tensor((1 / 2 + 2 / 3 + 1 / 4) / 3))
+    assert torch.allclose(ablations.mask_density(masked, valid, radius=2)[0], torch.tensor((1 / 2 + 2 / 3 + 1 / 4) / 3))
 
 
 @pytest.mark.parametrize("condition, width", [("density", 64), ("both", 128)])
 def test_density_conditioning_reads_the_input_the_model_sees(condition, width):
-    model = adapted("nara", condition=condition, radius=2)
+    model = adapted("nara", signal=condition, radius=2)
     net = model.noise_nets["nara"]
     assert net.net[0].in_features == width
     with torch.no_grad():
@@ -72,8 +75,8 @@ def test_density_conditioning_reads_the_input_the_model_sees(condition, width):
     lam = torch.full((2,), 0.5)
     a, b = model(spread, noise_level=lam), model(clumped, noise_level=lam)
     assert not torch.allclose(a, b, atol=1e-4)
-    density = nara.mask_density(spread == MASK, radius=2)
-    assert torch.allclose(model.condition(lam, spread)["nara"], net(lam, density=density))
+    density = ablations.mask_density(spread == MASK, radius=2)
+    assert torch.allclose(model.conditioning(lam, spread)["nara"], net(lam, density=density))
     both = torch.cat([spread[:1], clumped[1:]])
     assert torch.allclose(model(both, noise_level=lam)[1], b[1], atol=1e-5)   # one density per sequence
     if condition == "density":
@@ -84,30 +87,30 @@ def test_density_conditioning_reads_the_input_the_model_sees(condition, width):
 def test_init_widths_and_embedding_switches():
     lam = torch.tensor([0.2, 0.9])
     assert torch.equal(nara.Hypernetwork(3)(lam), torch.eye(3).expand(2, 3, 3))          # zero_last: C = I
-    k = nara.Hypernetwork(3, init="kaiming")
+    k = ablations.Hypernetwork(3, init="kaiming")
     assert all(layer.weight.abs().max() > 0 for layer in k.net[::2])
     C = k(lam)
     assert not torch.allclose(C[0], C[1]) and not torch.allclose(C[0], torch.eye(3))
-    z = nara.Hypernetwork(3, init="zero_all")
+    z = ablations.Hypernetwork(3, init="zero_all")
     assert all(p.abs().max() == 0 for p in z.net.parameters())
-    h = nara.Hypernetwork(4, width=16, hidden=(32, 8))
+    h = ablations.Hypernetwork(4, width=16, hidden=(32, 8))
     assert h.W.shape == (1, 8) and [l.out_features for l in h.net[::2]] == [32, 8, 16]
-    m = nara.Hypernetwork(4, embedding="mlp", width=16)
+    m = ablations.Hypernetwork(4, embedding="mlp", width=16)
     assert m.net[0].in_features == 16 and m.encode(lam).shape == (2, 16)
     assert sum(p.numel() for p in nara.Hypernetwork(8).parameters()) == 181_056         # SPEC §3, r = 8
-    with pytest.raises(ValueError, match="condition"):
-        nara.Hypernetwork(4, condition="time")
+    with pytest.raises(ValueError, match="signal"):
+        ablations.Hypernetwork(4, signal="time")
 
 
 def test_two_stage_training_keeps_c_the_identity_and_the_hypernetwork_still():
     model = adapted("nara", init="kaiming").train()
-    assert not torch.allclose(model.condition(LAM)["nara"], torch.eye(4))
-    with nara.identity_cores(model):
-        assert torch.equal(model.condition(LAM)["nara"], torch.eye(4).expand(2, 4, 4))
+    assert not torch.allclose(model.conditioning(LAM)["nara"], torch.eye(4))
+    with ablations.identity_cores(model):
+        assert torch.equal(model.conditioning(LAM)["nara"], torch.eye(4).expand(2, 4, 4))
         model(IDS, noise_level=LAM).square().mean().backward()
     assert all(p.grad is None for p in model.noise_nets.parameters())
     assert model.transformer.blocks[0].q_proj.lora_A.grad is not None
-    assert not torch.allclose(model.condition(LAM)["nara"], torch.eye(4))   # restored on leaving
+    assert not torch.allclose(model.conditioning(LAM)["nara"], torch.eye(4))   # restored on leaving
 
 
 def test_freeze_parts_and_warm_start_from_a_lora(tmp_path):
@@ -116,24 +119,24 @@ def test_freeze_parts_and_warm_start_from_a_lora(tmp_path):
         for p in lora.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.3)
-    nara.save_adapter(lora, tmp_path / "lora")
-    nara.export_peft(lora, tmp_path / "peft")
+    interop.save_adapter(lora, tmp_path / "lora")
+    interop.export_peft(lora, tmp_path / "peft")
     for source in ("lora", "peft"):
         model = adapted("nara")
-        nara.warm_start(model, tmp_path / source)
+        ablations.warm_start(model, tmp_path / source)
         assert torch.allclose(model(IDS, noise_level=LAM), lora(IDS), atol=1e-5)   # C = I: exactly the LoRA
-    nara.freeze(model, ["A", "hypernetwork"])
+    ablations.freeze(model, ["A", "hypernetwork"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(".lora_B") for n in trainable)
     with pytest.raises(ValueError, match="has shape"):
-        nara.warm_start(_rank(2), tmp_path / "lora")
+        ablations.warm_start(_rank(2), tmp_path / "lora")
     with pytest.raises(ValueError, match="freeze 'C'"):
-        nara.freeze(model, ["C"])
+        ablations.freeze(model, ["C"])
 
 
 def _rank(r):
     model = random_model()
-    nara.add_adapters(model, "nara", r=r, verbose=False)
+    adapters.add_adapters(model, "nara", r=r, verbose=False)
     return model
 
 
@@ -160,7 +163,7 @@ def test_virtual_tokens_parameter_counts_at_8b():
     for method, count in (("prompt-tuning", 20 * 4096), ("p-tuning", 20 * 4096 + 3 * 4096 * 4096 + 3 * 4096)):
         with torch.device("meta"):
             model = LLaDA(LLaDAConfig())
-        nara.add_adapters(model, method, virtual_tokens=20, verbose=False)
+        adapters.add_adapters(model, method, virtual_tokens=20, verbose=False)
         assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count
     assert count == 50_425_856
 
@@ -175,25 +178,25 @@ def test_prompt_tuning_starts_from_a_text_and_its_logits_cover_the_real_tokens_o
     assert torch.allclose(model(IDS, positions=slice(2, 4)), model(IDS)[:, 2:4], atol=1e-5)
 
 
-@pytest.mark.parametrize("method", nara.PROMPT)
+@pytest.mark.parametrize("method", adapters.PROMPT)
 def test_virtual_tokens_change_the_output_only_through_attention(method, monkeypatch):
     """At init the real tokens attend to the virtual ones, so the logits differ from the base; with
     the virtual tokens hidden as keys the base comes back: moving every real position by n does
     nothing, since RoPE only sees relative positions."""
     base, model = random_model(), adapted(method, virtual_tokens=3)
     assert not torch.allclose(model(IDS), base(IDS), atol=1e-3)
-    insert = nara.VirtualTokens.insert
+    insert = prompts.VirtualTokens.forward
 
     def hidden(self, x, pad):
         x, pad, real = insert(self, x, pad)
         keys = torch.ones(x.shape[:2], dtype=torch.bool)
         keys.scatter_(1, real, False)                                     # True at the virtual positions
         return x, keys, real
-    monkeypatch.setattr(nara.VirtualTokens, "insert", hidden)
+    monkeypatch.setattr(prompts.VirtualTokens, "forward", hidden)
     assert torch.allclose(model(IDS), base(IDS), atol=1e-5)
 
 
-@pytest.mark.parametrize("method", nara.PROMPT)
+@pytest.mark.parametrize("method", adapters.PROMPT)
 def test_virtual_tokens_train_never_get_masked_and_keep_batches_exact(method):
     model = adapted(method, virtual_tokens=3).train()
     answer = torch.arange(6).expand(2, 6) >= 2
@@ -265,13 +268,13 @@ def authors_layer(x, W0, t, prefix, value_embeddings, scale_ab=0.5, c_scale=0.1,
 def test_the_authors_checkpoint_gives_the_authors_layer_outputs(tmp_path, mode, groups):
     model = random_model()
     body, t = authors_dir(tmp_path, model.config, mode, groups)
-    model = nara.load_adapter(model, tmp_path, verbose=False).eval()       # recognised by peft_type NARA
+    model = interop.load_adapter(model, tmp_path, verbose=False).eval()       # recognised by peft_type NARA
     assert model.adapter_config["method"] == ("nara-c" if mode == "constant" else "nara")
     ids = IDS[:1].clone()
     ids[0, 2:5] = MASK
     lam = 0.3
-    density = float(nara.mask_density(ids == MASK, radius=3)[0])
-    cond = model.condition(torch.tensor([lam]), ids)
+    density = float(ablations.mask_density(ids == MASK, radius=3)[0])
+    cond = model.conditioning(torch.tensor([lam]), ids)
     x = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(5))
     emb = {"nl": [(lam, t.get("base_model.embedding_layers.NL_emb.W"))],
            "nd": [(density, t.get("base_model.embedding_layers.ND_emb.W"))], "constant": None}

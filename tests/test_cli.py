@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import nara
+import interop
 import train
 from model import LLaDA
 
@@ -99,8 +99,8 @@ def test_eval_names_what_it_scores_loads_each_model_once_and_explains_its_table(
 
 
 def test_a_peft_directory_is_evaluated_through_load_peft(finished, tmp_path):
-    model = nara.load_adapter(LLaDA.from_pretrained(ROOT / "data" / "base"), finished / "runs" / "default" / "adapter")
-    nara.export_peft(model, tmp_path / "peft", lam=0.5)
+    model = interop.load_adapter(LLaDA.from_pretrained(ROOT / "data" / "base"), finished / "runs" / "default" / "adapter")
+    interop.export_peft(model, tmp_path / "peft", lam=0.5)
     res = cli(finished, "eval.py", "--adapter", str(tmp_path / "peft"), "--limit", "2", "--out", str(tmp_path / "e"))
     assert res.returncode == 0, res.stderr[-2000:]
     assert "(peft adapter)" in res.stdout and "arith: tmp" not in res.stdout and "accuracy" in res.stdout

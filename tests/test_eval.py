@@ -4,10 +4,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import adapters
 import eval as ev
-import nara
+import figures
+import interop
+import tasks
 from conftest import random_model, train_tokenizer
-from model import LLaDAConfig, load_tokenizer
+from model import LLaDAConfig
+from tasks import load_tokenizer
 
 GOOD = "def add(a, b):\n    return a + b\n"
 
@@ -17,7 +21,7 @@ GOOD = "def add(a, b):\n    return a + b\n"
                                           ("a total of 1,234 apples", 1234.0), ("drops to -3.5 today", -3.5),
                                           ("no digits here", None), ("first 5 then 6", 6.0)])
 def test_last_number(text, expect):
-    assert ev.last_number(text) == expect
+    assert tasks.last_number(text) == expect
 
 
 @pytest.mark.parametrize("task, text, gold, ok", [
@@ -36,25 +40,25 @@ def test_last_number(text, expect):
     ("MultiArith", "it is 4, no 5", "4", False),                           # the last number counts
 ])
 def test_extraction_rules(task, text, gold, ok):
-    assert ev.is_correct(task, ev.extract(task, text), gold) == ok
+    assert tasks.is_correct(task, tasks.extract(task, text), gold) == ok
 
 
 # ------------------------------------------------------------------ loaders in the released formats
 def test_loaders(tmp_path):
     la = [{"instruction": "Q?", "input": "", "output": "rationale 17", "answer": "18"}]
     (tmp_path / "la.json").write_text(json.dumps(la))
-    assert ev.load_items("gsm8k", tmp_path / "la.json")[0]["gold"] == "18"       # `answer`, never `output`
+    assert tasks.load_items("gsm8k", tmp_path / "la.json")[0]["gold"] == "18"       # `answer`, never `output`
     (tmp_path / "g.jsonl").write_text(json.dumps({"question": "Q", "answer": "so\n#### 1,080"}) + "\n")
-    assert ev.load_items("gsm8k-jsonl", tmp_path / "g.jsonl") == [{"prompt": "Q", "gold": "1080"}]
+    assert tasks.load_items("gsm8k-jsonl", tmp_path / "g.jsonl") == [{"prompt": "Q", "gold": "1080"}]
     (tmp_path / "m.jsonl").write_text(json.dumps({"text": "Add.", "code": GOOD, "test_list": ["assert add(1, 1) == 2"],
                                                   "test_setup_code": ""}) + "\n")
-    item = ev.load_items("mbpp", tmp_path / "m.jsonl")[0]
+    item = tasks.load_items("mbpp", tmp_path / "m.jsonl")[0]
     assert "assert add(1, 1) == 2" in item["prompt"] and ev.run_untrusted(item["canonical"], item["tests"], item["names"])
     (tmp_path / "bad.json").write_text(json.dumps([{"instruction": "Q"}]))
     with pytest.raises(ValueError, match="item 0 has no field 'answer'"):
-        ev.load_items("boolq", tmp_path / "bad.json")
+        tasks.load_items("boolq", tmp_path / "bad.json")
     with pytest.raises(ValueError, match="test file not found"):
-        ev.load_items("boolq", tmp_path / "none.json")
+        tasks.load_items("boolq", tmp_path / "none.json")
 
 
 # ------------------------------------------------------------------ generation, curves, summaries
@@ -70,26 +74,26 @@ def tiny(tmp_path):
 def test_batched_generation_equals_one_by_one(tiny):
     model, tok = tiny
     prompts = ["What is 1 plus 2?", "Hi", "What is 3 plus 4 plus 7?"]
-    both = ev.answer_all(model, tok, prompts, gen_length=8, steps=8, block_length=8, batch_size=3)
-    assert both == [ev.answer_all(model, tok, [p], gen_length=8, steps=8, block_length=8)[0] for p in prompts]
+    both = tasks.answer_all(model, tok, prompts, gen_length=8, steps=8, block_length=8, batch_size=3)
+    assert both == [tasks.answer_all(model, tok, [p], gen_length=8, steps=8, block_length=8)[0] for p in prompts]
     assert all("<|endoftext|>" not in g and "<|mdm_mask|>" not in g for g in both)
 
 
 def test_noise_curve_and_update_size_of_a_hand_set_nara(tiny):
     model, tok = tiny
-    nara.add_adapters(model, "nara", r=2, verbose=False).eval()            # eval: no adapter dropout
+    adapters.add_adapters(model, "nara", r=2, verbose=False).eval()            # eval: no adapter dropout
     with torch.no_grad():
         model.noise_nets["nara"].net[-1].bias.copy_(torch.tensor([1.0, 0.0, 0.0, 2.0]))   # C = I + 0.1·diag(1, 2)
         layer = model.transformer.blocks[0].q_proj
         layer.lora_B.fill_(0.5)
-    sizes = ev.update_magnitude(model, [0.3, 0.9])
+    sizes = figures.update_magnitude(model, [0.3, 0.9])
     assert sizes[0.3][0] == pytest.approx(0.1 * 5 ** 0.5) and sizes[0.9][0] == pytest.approx(0.1 * 5 ** 0.5)
     C = torch.eye(2) + 0.1 * torch.diag(torch.tensor([1.0, 2.0]))
     expect = (0.5 * torch.ones(64, 2) @ C @ layer.lora_A).norm().item() / 8   # 1 of 8 adapted layers is non-zero
     assert sizes[0.3][1] == pytest.approx(expect, rel=1e-5)
     ids = torch.randint(0, 40, (5, 12))
     answer = torch.arange(12).expand(5, 12) >= 4
-    a, b = ev.noise_curve(model, ids, answer, [0.5, 1.0]), ev.noise_curve(model, ids, answer, [0.5, 1.0])
+    a, b = figures.noise_curve(model, ids, answer, [0.5, 1.0]), figures.noise_curve(model, ids, answer, [0.5, 1.0])
     assert a == b and set(a) == {0.5, 1.0} and all(v > 0 for v in a.values())
     masked, _ = __import__("diffusion").sft_mask(answer, torch.ones(5))
     logits = model(torch.where(masked, model.config.mask_token_id, ids), noise_level=torch.ones(5))
@@ -101,8 +105,8 @@ def test_cli_writes_complete_results(tiny, tmp_path, monkeypatch):
     model, tok = tiny
     model.save_pretrained(tmp_path / "m")
     tok.save(str(tmp_path / "m" / "tokenizer.json"))
-    nara.add_adapters(model, "nara", r=2, verbose=False)
-    nara.save_adapter(model, tmp_path / "a")
+    adapters.add_adapters(model, "nara", r=2, verbose=False)
+    interop.save_adapter(model, tmp_path / "a")
     data = [{"instruction": "What is 1 plus 2?", "input": "", "output": "3", "answer": "3"}] * 3
     (tmp_path / "t.json").write_text(json.dumps(data))
     monkeypatch.chdir(tmp_path)
@@ -125,14 +129,14 @@ def test_multiple_choice_by_likelihood_picks_the_most_likely_label(tiny, monkeyp
     def fake(model, prompt, answer, mc_num, batch_size):
         seen.append(tok.decode(answer))
         return 1.0 if tok.decode(answer).endswith("option2") else -1.0
-    monkeypatch.setattr(ev, "log_likelihood", fake)
-    assert ev.choose_by_likelihood(model, tok, "winogrande", "Which?", mc_num=4) == "option2"
+    monkeypatch.setattr(tasks, "log_likelihood", fake)
+    assert tasks.choose_by_likelihood(model, tok, "winogrande", "Which?", mc_num=4) == "option2"
     assert [s.split()[-1] for s in seen] == ["option1", "option2"]
     seen.clear()
-    ev.choose_by_likelihood(model, tok, "ARC-Easy", "Which?", mc_num=4)
+    tasks.choose_by_likelihood(model, tok, "ARC-Easy", "Which?", mc_num=4)
     assert [s.split()[-1] for s in seen] == [f"answer{k}" for k in range(1, 6)]
     monkeypatch.undo()                                                     # and with the real estimator
-    assert ev.choose_by_likelihood(model, tok, "boolq", "Is it?", mc_num=4) in ("true", "false")
+    assert tasks.choose_by_likelihood(model, tok, "boolq", "Is it?", mc_num=4) in ("true", "false")
 
 
 # ------------------------------------------------------------------ user mistakes and result files
@@ -167,9 +171,9 @@ def test_two_adapters_of_one_run_keep_their_own_results(tiny, tmp_path, monkeypa
     model, tok = tiny
     model.save_pretrained(tmp_path / "m")
     tok.save(str(tmp_path / "m" / "tokenizer.json"))
-    nara.add_adapters(model, "lora", r=2, verbose=False)
+    adapters.add_adapters(model, "lora", r=2, verbose=False)
     for sub in ("adapter", "best"):
-        nara.save_adapter(model, tmp_path / "runs" / "x" / sub)
+        interop.save_adapter(model, tmp_path / "runs" / "x" / sub)
     (tmp_path / "t.json").write_text(json.dumps([{"instruction": "What is 1 plus 2?", "input": "", "answer": "3"}] * 2))
     monkeypatch.chdir(tmp_path)
     argv = ["--model", "m", "--adapter", "runs/x/adapter", "--adapter", "runs/x/best", "--data", "t.json", "--out", "res"]
@@ -216,9 +220,9 @@ def test_download_says_where_to_put_what_it_cannot_fetch(tmp_path):
 
 def test_update_size_of_a_density_conditioned_nara_uses_density_lambda(tiny):
     model, _ = tiny
-    nara.add_adapters(model, "nara", r=2, condition="density", init="kaiming", verbose=False).eval()
+    adapters.add_adapters(model, "nara", r=2, signal="density", init="kaiming", verbose=False).eval()
     net = model.noise_nets["nara"]
-    sizes = ev.update_magnitude(model, [0.2, 0.8])
+    sizes = figures.update_magnitude(model, [0.2, 0.8])
     for lam in (0.2, 0.8):
         C = net(None, density=torch.tensor([lam]))[0]
         assert sizes[lam][0] == pytest.approx((C - torch.eye(2)).norm().item(), rel=1e-6)

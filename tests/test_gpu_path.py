@@ -12,7 +12,10 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+import adapters
 import eval as ev
+import figures
+import interop
 import nara
 import train
 from conftest import random_model, train_args
@@ -27,7 +30,7 @@ def recipe_dtypes(method="nara", b_scale=1.0, **kw):
     """A tiny model as the recipe builds it on CUDA: bf16 base weights, fp32 adapters (B non-zero)."""
     model = random_model().to(torch.bfloat16)
     torch.manual_seed(3)
-    nara.add_adapters(model, method, r=4, verbose=False, dropout=0.0, **kw)
+    adapters.add_adapters(model, method, r=4, verbose=False, dropout=0.0, **kw)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nara.LoRALinear):
@@ -58,7 +61,7 @@ def test_a_core_of_i_plus_1e_3_survives_bf16_in_the_layer_and_the_model():
             with torch.no_grad(), torch.autocast(**BF16, enabled=dtype == torch.bfloat16):
                 layer = model.transformer.blocks[0].q_proj
                 x = model.transformer.wte(ids).to(dtype)
-                out[delta] = (layer(x, model.condition(lam)).double(), model(ids, noise_level=lam).double())
+                out[delta] = (layer(x, model.conditioning(lam)).double(), model(ids, noise_level=lam).double())
         changes[dtype] = [a - b for a, b in zip(out[1e-3], out[0.0])]
     for bf, exact in zip(changes[torch.bfloat16], changes[torch.float64]):
         share = float((bf * exact).sum() / (exact * exact).sum())
@@ -87,14 +90,14 @@ def test_training_validation_sampling_and_likelihood_run_in_the_recipe_dtypes(ti
 
 
 def test_noise_density_is_the_same_with_and_without_autocast():
-    model = recipe_dtypes(condition="density")
+    model = recipe_dtypes(signal="density")
     ids = torch.randint(0, 120, (3, 40))
     ids[:, 10:] = torch.where(torch.rand(3, 30) < 0.37, model.config.mask_token_id, ids[:, 10:])
     with torch.no_grad():
         model.noise_nets["nara"].net[-1].weight.normal_()                 # C depends on the density
-        plain = model.condition(None, ids)["nara"]
+        plain = model.conditioning(None, ids)["nara"]
         with torch.autocast(**BF16):
-            mixed = model.condition(None, ids)["nara"]
+            mixed = model.conditioning(None, ids)["nara"]
     assert mixed.dtype == torch.float32 and torch.equal(plain, mixed)
 
 
@@ -135,7 +138,7 @@ def test_no_global_reseed_in_validation_noise_curves_likelihood_or_generation(mo
     assert torch.equal(torch.get_rng_state(), state)                    # the training stream is untouched
     torch.rand(5)                                                       # whatever training draws meanwhile
     assert train.validation_loss(model, ids, answer, 2, seed=7) == first  # the same masks every time
-    assert ev.noise_curve(model, ids, answer, [0.5, 1.0]) == ev.noise_curve(model, ids, answer, [0.5, 1.0])
+    assert figures.noise_curve(model, ids, answer, [0.5, 1.0]) == figures.noise_curve(model, ids, answer, [0.5, 1.0])
     g = torch.Generator().manual_seed(1)
     log_likelihood(model, ids[0, :3], ids[0, 3:], mc_num=4, batch_size=2, generator=g)
     generate(model, ids[:, :3], steps=4, gen_length=4, block_length=4, temperature=1.0, remasking="random", generator=g)
@@ -158,11 +161,14 @@ FACTORIES = {torch.tensor, torch.zeros, torch.ones, torch.full, torch.empty, tor
 HOST_BY_DESIGN = {   # (file, function): why a tensor is made on the host there
     ("diffusion.py", "pad_sft"): "dataset rows live in host memory; batches are moved when used",
     ("diffusion.py", "log_likelihood"): "the stratified counts m_i (b integers) are computed on the host, then moved",
-    ("eval.py", "noise_curve"): "one integer seed per batch from a host generator",
+    ("figures.py", "noise_curve"): "one integer seed per batch from a host generator",
     ("model.py", "__init__"): "RMSNorm's weight at construction (meta device in from_pretrained)",
-    ("nara.py", "__init__"): "adapter modules are built, then moved with .to(device)",
+    ("nara.py", "make_embedding"): "e_λ's Fourier matrix at construction; the module is then moved with .to(device)",
+    ("ablations.py", "make_embedding"): "the same, for the ablations' embeddings",
+    ("baselines.py", "__init__"): "NaRA-C's P at construction, then moved with .to(device)",
+    ("prompts.py", "__init__"): "Prompt Tuning draws its initial rows on the host, then moves them",
     ("train.py", "main"): "the data split and order come from a CPU generator, whatever the device",
-    ("train.py", "save_checkpoint"): "an empty CUDA RNG state on a CPU run",
+    ("runs.py", "save_checkpoint"): "an empty CUDA RNG state on a CPU run",
 }
 
 
@@ -215,7 +221,7 @@ def test_every_entry_point_makes_its_tensors_on_the_models_device(tmp_path, monk
     spy(generate, model, prompt, torch.ones(2, 4, dtype=torch.long), steps=4, gen_length=4, block_length=4, cfg_scale=1.0,
         temperature=1.0, till_eos=True)
     spy(log_likelihood, model, prompt[0], prompt[1], mc_num=4, batch_size=2, cfg_scale=1.0)
-    spy(nara.export_peft, model, tmp_path / "peft", lam=0.5)
+    spy(interop.export_peft, model, tmp_path / "peft", lam=0.5)
     P, Q = torch.randn(6, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
     spy(nara.decompose, [P @ torch.randn(3, 3, dtype=torch.float64) @ Q for _ in range(3)], 4)
     spy(nara.merge, model, 0.5)
@@ -246,19 +252,19 @@ def test_eval_and_the_training_report_hold_one_model_at_a_time(one_model_at_a_ti
     del model
     adapter = str(tmp_path / "run" / "adapter")
     ev.main(["--adapter", adapter, "--adapter", adapter, "--limit", "2", "--out", str(tmp_path / "e")])
-    assert len(one_model_at_a_time) == 1 + 3 + 3                          # noise table, then scores: one at a time
+    assert len(one_model_at_a_time) == 1 + 3                              # base, then each adapter: once each
 
 
 def test_the_base_inside_base_only_is_the_loaded_base_exactly():
     for method in ("nara", "dora", "hira", "prompt-tuning"):
         base, model = random_model(), random_model()
-        nara.add_adapters(model, method, r=4, verbose=False)
+        adapters.add_adapters(model, method, r=4, verbose=False)
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if p.requires_grad:
                     p.normal_()
         ids, lam = torch.randint(0, 120, (2, 7)), torch.tensor([0.2, 0.9])
-        with torch.no_grad(), nara.base_only(model):
+        with torch.no_grad(), adapters.base_only(model):
             assert torch.equal(model.eval()(ids, noise_level=lam), base.eval()(ids)), method
         assert not torch.equal(model(ids, noise_level=lam), base(ids)), method
 

@@ -11,11 +11,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import adapters
 import interop
 import nara
 from benchmarks.interop_check import wrap
 from conftest import REFERENCE, random_model, write_real_layout
 from checkpoint import read_json
+from checkpoint import config_json
 from model import LLaDA, LLaDAConfig
 
 IDS = torch.tensor([[5, 9, 33, 8, 71, 2], [1, 4, 100, 3, 3, 60]])
@@ -39,9 +41,9 @@ def noisy(model, scale=0.3, seed=0):
 # ------------------------------------------------------------------ transformers' model directory
 def test_config_json_is_the_released_one():
     raw = read_json(REFERENCE / "config.json")
-    ours = LLaDAConfig.from_json(REFERENCE / "config.json").to_json_dict(base=raw, local_code=True)
+    ours = config_json(LLaDAConfig.from_json(REFERENCE / "config.json"), base=raw, local_code=True)
     assert {k: ours[k] for k in raw} == raw                               # every key and value of the release
-    hub = LLaDAConfig().to_json_dict()
+    hub = config_json(LLaDAConfig())
     assert hub["architectures"] == ["LLaDAModelLM"]
     assert hub["auto_map"]["AutoModel"] == "GSAI-ML/LLaDA-8B-Instruct--modeling_llada.LLaDAModelLM"
 
@@ -51,7 +53,7 @@ def test_save_pretrained_brings_the_code_and_tokenizer_along(tmp_path):
     for name in ("configuration_llada.py", "modeling_llada.py", "tokenizer.json", "tokenizer_config.json"):
         (source / name).write_text(f"# {name}\n")
     model = LLaDA.from_pretrained(source)
-    nara.merge(nara.add_adapters(model, "lora", r=2, verbose=False), 0.5).save_pretrained(tmp_path / "merged")
+    nara.merge(adapters.add_adapters(model, "lora", r=2, verbose=False), 0.5).save_pretrained(tmp_path / "merged")
     for name in ("configuration_llada.py", "modeling_llada.py", "tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "merged" / name).read_text() == f"# {name}\n"
     assert read_json(tmp_path / "merged" / "config.json")["auto_map"]["AutoModel"] == "modeling_llada.LLaDAModelLM"
@@ -66,8 +68,8 @@ def test_save_pretrained_brings_the_code_and_tokenizer_along(tmp_path):
 @pytest.mark.parametrize("method", ["lora", "nara", "multi-lora", "dora", "nara-dora"])
 def test_export_writes_only_what_every_peft_knows(tmp_path, method):
     source = write_real_layout(random_model(), tmp_path / "src")
-    model = noisy(nara.add_adapters(LLaDA.from_pretrained(source), method, r=4, alpha=8, verbose=False))
-    nara.export_peft(model, tmp_path / "out", lam=0.25)
+    model = noisy(adapters.add_adapters(LLaDA.from_pretrained(source), method, r=4, alpha=8, verbose=False))
+    interop.export_peft(model, tmp_path / "out", lam=0.25)
     body = read_json(tmp_path / "out" / "adapter_config.json")
     assert set(body) <= PEFT_0_13_FIELDS and body["peft_type"] == "LORA" and body["task_type"] == "CAUSAL_LM"
     assert body["base_model_name_or_path"] == str(source.resolve()) and body["use_dora"] == ("dora" in method)
@@ -77,7 +79,7 @@ def test_export_writes_only_what_every_peft_knows(tmp_path, method):
     assert torch.allclose(back(IDS), model(IDS, noise_level=torch.full((2,), 0.25)), rtol=1e-4, atol=1e-4)
     for refused in ("hira", "prompt-tuning"):
         with pytest.raises(ValueError, match="cannot hold it"):
-            nara.export_peft(nara.add_adapters(random_model(), refused, r=2, verbose=False), tmp_path / "x")
+            interop.export_peft(adapters.add_adapters(random_model(), refused, r=2, verbose=False), tmp_path / "x")
 
 
 def peft_dir(directory, model, body, ranks, dora=False, seed=1, suffix=".weight"):
@@ -185,8 +187,8 @@ def test_peft_adapters_load_here_unchanged(tmp_path, options):
 @pytest.mark.parametrize("method", ["lora", "nara", "dora"])
 def test_exported_adapters_load_into_peft_unchanged(tmp_path, method):
     peft = pytest.importorskip("peft")
-    model = noisy(nara.add_adapters(random_model(), method, r=4, dropout=0.0, verbose=False), 0.1)
-    nara.export_peft(model, tmp_path, lam=0.5)
+    model = noisy(adapters.add_adapters(random_model(), method, r=4, dropout=0.0, verbose=False), 0.1)
+    interop.export_peft(model, tmp_path, lam=0.5)
     config = peft.LoraConfig.from_pretrained(tmp_path)
     config.task_type = None                 # a bare PeftModel: ours is no transformers model (interop_check.py is)
     pm = peft.PeftModel.from_pretrained(wrap(random_model()), tmp_path, config=config).eval()

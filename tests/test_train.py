@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import nara
+import adapters
+import interop
+import tasks
 import train
 from conftest import random_model, train_args, write_real_layout
 from model import LLaDA, LLaDAConfig
@@ -20,13 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def train_loss(model, tiny_task):
     """The SFT loss over every example with fixed masks: comparable before and after training."""
     from diffusion import pad_sft
-    from model import load_tokenizer, sft_pair
+    from tasks import load_tokenizer, sft_pair
     tok, eos = load_tokenizer(tiny_task / "model"), model.config.eos_token_id
-    rows = [pad_sft(*sft_pair(tok, p, a, eos), 40, eos) for p, a in train.load_examples(tiny_task / "data.json")]
+    rows = [pad_sft(*sft_pair(tok, p, a, eos), 40, eos) for p, a in tasks.load_examples(tiny_task / "data.json")]
     return train.validation_loss(model.eval(), torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), 12, 0)
 
 
-@pytest.mark.parametrize("method", nara.METHODS)
+@pytest.mark.parametrize("method", adapters.METHODS)
 def test_a_few_updates_decrease_the_loss_and_touch_only_adapters(tiny_task, tmp_path, method):
     model = train.main(train_args(tiny_task, tmp_path / "run", "--method", method, "--max-updates", "10"))
     base = LLaDA.from_pretrained(tiny_task / "model")
@@ -79,16 +81,16 @@ def _env():
 def test_bad_data_files_are_named(tmp_path, content, words):
     (tmp_path / "d.json").write_text(content)
     with pytest.raises(ValueError, match=words):
-        train.load_examples(tmp_path / "d.json")
+        tasks.load_examples(tmp_path / "d.json")
 
 
 def test_data_formats_are_read(tmp_path):
     (tmp_path / "gsm.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "1+1=2\n#### 2"}) + "\n")
     (tmp_path / "code.jsonl").write_text(json.dumps({"query": "Write f.", "answer": "def f(): pass"}) + "\n")
     (tmp_path / "la.json").write_text(json.dumps([{"instruction": "Q", "input": "ctx", "output": "A", "answer": "A"}]))
-    assert train.load_examples(tmp_path / "gsm.jsonl") == [("1+1?", "1+1=2\n#### 2")]
-    assert train.load_examples(tmp_path / "code.jsonl") == [("Write f.", "def f(): pass")]
-    assert train.load_examples(tmp_path / "la.json") == [("Q\n\nctx", "A")]
+    assert tasks.load_examples(tmp_path / "gsm.jsonl") == [("1+1?", "1+1=2\n#### 2")]
+    assert tasks.load_examples(tmp_path / "code.jsonl") == [("Write f.", "def f(): pass")]
+    assert tasks.load_examples(tmp_path / "la.json") == [("Q\n\nctx", "A")]
 
 
 def test_user_mistakes_are_one_line_errors(tiny_task, tmp_path):
@@ -234,10 +236,10 @@ def test_corrupt_files_are_named(tiny_task, tmp_path, how):
         train.main(train_args(tiny_task, out, "--max-updates", "4", "--resume"))
     corrupt(out / "best" / "adapter.safetensors", how)
     with pytest.raises(ValueError, match="adapter.safetensors: not a readable safetensors file"):
-        nara.load_adapter(LLaDA.from_pretrained(tiny_task / "model"), out / "best")
+        interop.load_adapter(LLaDA.from_pretrained(tiny_task / "model"), out / "best")
     (out / "best" / "adapter_config.json").write_text('{"method": "nara",')
     with pytest.raises(ValueError, match="adapter_config.json: invalid JSON"):
-        nara.load_adapter(LLaDA.from_pretrained(tiny_task / "model"), out / "best")
+        interop.load_adapter(LLaDA.from_pretrained(tiny_task / "model"), out / "best")
 
 
 def test_ctrl_c_says_what_was_saved_and_how_to_resume(tiny_task, tmp_path):
@@ -261,15 +263,15 @@ def test_the_ablation_switches_reach_the_run(tiny_task, tmp_path):
     model = train.main(train_args(tiny_task, tmp_path / "nara", "--max-updates", "3", "--stage1", "1.0", "--freeze", "A",
                             "--warm-start", str(tmp_path / "lora" / "adapter")))
     torch.manual_seed(0)                                                  # the run's own init (--seed 0)
-    init = nara.add_adapters(LLaDA.from_pretrained(tiny_task / "model"), "nara", r=4, dropout=0.0, verbose=False)
-    for k, v in nara.adapter_state(model).items():
+    init = adapters.add_adapters(LLaDA.from_pretrained(tiny_task / "model"), "nara", r=4, dropout=0.0, verbose=False)
+    for k, v in adapters.adapter_state(model).items():
         if k.startswith("noise_nets."):
             assert torch.equal(v, init.state_dict()[k]), k                                # never trained
         if k.endswith(".lora_A"):
-            assert torch.equal(v, nara.adapter_state(lora)[k]), k                         # warm start, then frozen
-    assert any(not torch.equal(v, nara.adapter_state(lora)[k]) for k, v in nara.adapter_state(model).items()
+            assert torch.equal(v, adapters.adapter_state(lora)[k]), k                         # warm start, then frozen
+    assert any(not torch.equal(v, adapters.adapter_state(lora)[k]) for k, v in adapters.adapter_state(model).items()
                if k.endswith(".lora_B"))
-    for method in nara.PROMPT:
+    for method in adapters.PROMPT:
         train.main(train_args(tiny_task, tmp_path / method, "--method", method, "--max-updates", "2", "--virtual-tokens", "3",
                         "--prompt-init-text", "Say red"))
         assert (tmp_path / method / "adapter" / "adapter.safetensors").exists()

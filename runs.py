@@ -1,0 +1,195 @@
+"""Run management for train.py: devices and ranks, the run directory, resuming, checkpoints, the log.
+Skip on a first read: train.py's loop calls these at its edges.
+
+A run directory holds run.json (the settings and the data file's sha256: --resume refuses any other
+value and names the flag), metrics.jsonl (one line per update), checkpoint.pt (adapter, optimizer,
+schedule, step, RNG states, written atomically at each validation: --resume continues from it bit for
+bit on a CPU; on CUDA some reductions are not deterministic, so a resumed run is the same run but not
+bit for bit), best/ (the best validation adapter) and adapter/ (the final one). A finished run is never
+modified; a run killed before its first checkpoint starts again cleanly.
+"""
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+import adapters
+from checkpoint import atomic_write, read_json
+
+RESUMABLE = ("out", "resume", "stop_at", "test", "grad_checkpointing")   # what may change when a run is resumed
+
+
+def add_flags(ap):
+    ap.add_argument("--out", help="run directory (default runs/<data name>-<method>, or runs/default)")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    ap.add_argument("--stop-at", type=int, default=None, help="stop after this update, as if killed (time-boxed jobs)")
+    ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    ap.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
+                    help="base weights; bfloat16 also computes under bf16 autocast, adapters stay float32 "
+                         "(default: bfloat16 on CUDA, float32 on CPU)")
+
+
+def check_flags(args, name):
+    """One-line errors for the device and the run directory, before anything is loaded; the default --out."""
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cuda", "cpu"):
+            raise ValueError(f"--device {args.device!r}: choose cuda, cuda:N or cpu")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device here (this torch "
+                             f"{'has no CUDA support' if torch.version.cuda is None else 'sees no GPU'}); use --device cpu")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if args.stop_at is not None and args.stop_at < 1:
+        raise ValueError(f"--stop-at must be at least 1, got {args.stop_at}")
+    if args.out is None and args.resume:
+        raise ValueError("--resume needs --out RUN_DIR: the run to continue")
+    if args.resume and not Path(args.out).is_dir():
+        raise ValueError(f"--resume --out {args.out}: no such run directory (nothing to continue)")
+    if args.out is None:                                  # a fresh directory: runs/<name>, runs/<name>-2, ...
+        args.out = next(f"runs/{name}{'' if k == 1 else f'-{k}'}" for k in range(1, 10**6)
+                        if not Path(f"runs/{name}{'' if k == 1 else f'-{k}'}").exists())
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a run directory")
+
+
+def resolve_model(name):
+    """A local model directory, or a hub id ("org/name") fetched with huggingface_hub."""
+    if Path(name).is_dir():
+        return name
+    if name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).exists():
+        raise ValueError(f"--model {name}: no such model directory")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ValueError(f"--model {name}: not a directory, and huggingface_hub is not installed to fetch it") from None
+    try:
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as e:                                                  # noqa: BLE001 (any network failure)
+        raise ValueError(f"--model {name}: could not download it ({type(e).__name__}); download it on a machine "
+                         "with a network and pass the directory") from None
+
+
+def start(args):
+    """(rank, world size, device); under torchrun, the process group and this rank's GPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def settings(args, model_dir, world, device):
+    """What makes a run this run: every flag but RESUMABLE, the data file's hash, model, devices."""
+    digest = hashlib.sha256()
+    with open(args.data, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    kept = {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE}
+    return {**kept, "model": str(Path(model_dir).resolve()), "data": str(Path(args.data).resolve()),
+            "data_sha256": digest.hexdigest(), "world_size": world, "device": device.type}
+
+
+def prepare(out, args, settings, rank):
+    """A fresh run, a clean restart of a run killed before its first checkpoint, or a resume whose
+    settings match the recorded ones; never a change to a finished run. True when resuming."""
+    record, checkpoint = out / "run.json", out / "checkpoint.pt"
+    if (out / "adapter").exists():
+        raise ValueError(f"--out {out} holds a finished run (its adapter is in {out / 'adapter'}): choose another --out")
+    if not checkpoint.is_file():
+        if args.resume and (out / "metrics.jsonl").exists():
+            print(f"{out} has no checkpoint yet: starting it again from the beginning")
+        if rank == 0:
+            for stale in (out / "metrics.jsonl", record):
+                stale.unlink(missing_ok=True)
+            shutil.rmtree(out / "best", ignore_errors=True)
+        return False
+    if not args.resume:
+        raise ValueError(f"--out {out} already holds a run: pass --resume to continue it, or another --out")
+    if not record.is_file():
+        raise ValueError(f"--resume: {record} not found, so the settings cannot be checked: start a new run")
+    saved = read_json(record)
+    for key in sorted(set(saved) | set(settings)):
+        if saved.get(key) != settings.get(key):
+            what = {"data_sha256": "--data (the file changed since the run started)", "world_size": "the number of "
+                    "processes", "device": "--device"}.get(key, "--" + {"r": "adapter-rank"}.get(key, key.replace("_", "-")))
+            raise ValueError(f"--resume: {out} was run with {what} = {saved.get(key)!r}, not {settings.get(key)!r}; "
+                             f"only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE[2:])} may change on resume")
+    return True
+
+
+def begin(out, settings, resume, rank):
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=1)))
+
+
+def save_checkpoint(file, model, opt, sched, step, best, device):
+    """Everything --resume needs to continue bit for bit, written atomically."""
+    ck = {"adapter": adapters.adapter_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+          "step": step, "best": best, "rng": torch.get_rng_state(),
+          "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0)}
+    atomic_write(file, lambda tmp: torch.save(ck, tmp))
+
+
+def restore(out, model, opt, sched, device, rank, method):
+    """Load checkpoint.pt into the model, optimizer, schedule and RNG; forget later metrics. (step, best)."""
+    try:
+        ck = torch.load(out / "checkpoint.pt", weights_only=True, map_location="cpu")   # AdamW's steps stay there
+    except Exception as e:                                                  # noqa: BLE001 (the file is at fault)
+        raise ValueError(f"{out / 'checkpoint.pt'}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if set(ck["adapter"]) != set(adapters.adapter_state(model)):
+        raise ValueError(f"--resume: {out / 'checkpoint.pt'} holds other adapters than --method {method} builds")
+    model.load_state_dict(ck["adapter"], strict=False)                      # exactly the adapter keys
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    torch.set_rng_state(ck["rng"].cpu())
+    if device.type == "cuda" and ck["cuda_rng"].numel():
+        torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), device)
+    if rank == 0:                                     # forget the metrics of updates after the checkpoint
+        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= ck["step"]))
+    return ck["step"], ck["best"]
+
+
+def log(out, record, line, show):
+    """One metrics.jsonl line per update, and a dense line when stdout is a log file or a job's."""
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if show and not sys.stdout.isatty():
+        print(f"update {line} | {record['elapsed_s']:.0f} s", flush=True)
+
+
+def check_finite(loss, step, out, saved_at):
+    if not math.isfinite(loss):
+        kept = f"the last checkpoint (update {saved_at}) in {out} is intact" if saved_at else "no checkpoint was written yet"
+        raise FloatingPointError(f"update {step + 1}: loss is {loss}; stopped, {kept}")
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training, with what was saved and how to continue."""
+    def __init__(self, out, step, total, saved_at):
+        where = (f"the last checkpoint (update {saved_at}) is in {out}: continue with the same command and --resume "
+                 f"--out {out}") if saved_at else f"no checkpoint was written yet: run the command again with --out {out}"
+        super().__init__(f"interrupted at update {step}/{total}; {where}")
+
+
+def finish(world, params, device, say):
+    """After the last update: the ranks compare their adapters, then leave (rank 0 saves and reports alone)."""
+    if world > 1:
+        sums = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
+        torch.distributed.all_gather(sums, sum(p.double().sum() for p in params).reshape(1))
+        say(f"adapter checksum on {world} ranks: {'identical' if all(torch.equal(s, sums[0]) for s in sums) else 'DIFFERENT'}")
+        torch.distributed.destroy_process_group()         # no rank waits in a barrier while rank 0 reports

