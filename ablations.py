@@ -22,7 +22,7 @@ def mask_density(masked, valid=None, radius=5):
     valid = torch.ones_like(masked) if valid is None else valid.bool()
     m, v = (masked & valid).float()[:, None], valid.float()[:, None]        # (B, 1, L)
     kernel = torch.ones(1, 1, 2 * radius + 1, device=masked.device)
-    kernel[..., radius] = 0.0                                             # the position is not its own neighbour
+    kernel[..., radius] = 0.0   # the position is not its own neighbour
     with torch.autocast(masked.device.type, enabled=False):              # the same in training and evaluation
         near = F.conv1d(m, kernel, padding=radius) / F.conv1d(v, kernel, padding=radius).clamp(min=1.0)
     return (near * m).sum((1, 2)) / m.sum((1, 2)).clamp(min=1.0)
@@ -44,7 +44,8 @@ class Hypernetwork(nara.Hypernetwork):
                              "fourier|mlp|raw, signal lambda|density|both, init zero_last|kaiming|zero_all")
         if embedding == "fourier" and width % 2:
             raise ValueError(f"width={width}: a Fourier embedding needs an even width (sin and cos halves)")
-        self.embedding, self.inputs, self.radius = embedding, self.INPUTS[signal], radius   # read by make_embedding
+        # read by make_embedding
+        self.embedding, self.inputs, self.radius = embedding, self.INPUTS[signal], radius
         super().__init__(r, eta, width, hidden)
         if init == "kaiming":
             nn.init.kaiming_uniform_(self.net[-1].weight, a=math.sqrt(5))

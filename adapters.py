@@ -124,7 +124,7 @@ def add_adapters(model, method="nara", verbose=True, **options):
         n = nara.replace_linears(model, cfg.targets, make)
         what = f"adapted {n} layers ({', '.join(cfg.targets)} in {len(model.transformer.blocks)} blocks)"
     model.adapter_config = asdict(cfg)
-    model.train(model.training)                           # new modules follow the model's mode (eval: no dropout)
+    model.train(model.training)   # new modules follow the model's mode (eval: no dropout)
     return nara.report(model, f"{method}: {what}", verbose)
 
 

@@ -27,7 +27,7 @@ class HiRALinear(LoRALinear):
         return self.weight.float() * (self.s * self.lora_B @ self.lora_A)      # (d_out, d_in)
 
     def update(self, x, cond):
-        return F.linear(self.dropout(x), self.delta().to(x.dtype))        # full rank: recomputing would not pay
+        return F.linear(self.dropout(x), self.delta().to(x.dtype))   # full rank: recomputing would not pay
 
     def merged_weight(self, cond):
         return self.weight.float() + self.delta()

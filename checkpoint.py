@@ -110,7 +110,7 @@ def open_safetensors(file):
     from safetensors import safe_open
     try:
         return safe_open(str(file), framework="pt", device="cpu")
-    except Exception as e:                      # SafetensorError, OSError: the file, not the caller, is at fault
+    except Exception as e:   # SafetensorError, OSError: the file, not the caller, is at fault
         raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
@@ -120,7 +120,7 @@ def read_safetensors(file):
     from safetensors.torch import load_file
     try:
         return load_file(str(file))
-    except Exception as e:                      # SafetensorError, OSError: the file, not the caller, is at fault
+    except Exception as e:   # SafetensorError, OSError: the file, not the caller, is at fault
         raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 

@@ -1,25 +1,21 @@
 """Masked diffusion for LLaDA: the training losses, the sampler and the Monte-Carlo likelihood.
 
-Read with: LLaDA (arXiv 2502.09992) Eq. (3) (pre-training loss), Eq. (5) (SFT loss), Eq. (6)
-(conditional likelihood bound), Algorithms 4-5 and Appendix B.3 (semi-autoregressive low-confidence
-remasking); NaRA (arXiv 2605.29716) §4 for the noise level λ fed to the adapters.
+Read with LLaDA (arXiv 2502.09992): Eq. (3) pre-training loss, Eq. (5) SFT loss, Eq. (6) likelihood
+bound, Algorithms 4-5 and Appendix B.3 (semi-autoregressive low-confidence remasking); NaRA §4.
 
 Glossary
-    t          diffusion time of a sequence, drawn per sequence; p_mask = the masking probability
-    λ (lam)    the noise level handed to the model (`noise_level=`): λ = t in training; in sampling
-               and in the likelihood, λ = the fraction of the generated/answer region still masked,
-               so λ runs from 1 (all masked) down to 0 and means the same thing everywhere
+    t, p_mask  diffusion time of each sequence; the masking probability
+    λ (lam)    the noise level handed to the model (`noise_level=`): t in training; in sampling and the
+               likelihood, the fraction of the answer still masked: from 1 down to 0 everywhere
     mask_id    `model.config.mask_token_id` (126336 in LLaDA-8B); eos = `model.config.eos_token_id`
-    L_ans      answer length including its EOS padding (SFT); La the answer length (likelihood)
+    L_ans, La  answer length with its EOS padding (SFT); the answer length (likelihood)
+    generator  an explicit torch.Generator on the model's device for fixed-seed draws (validation, noise
+               curves): the global random stream is never reseeded
 
-Departures from the reference code, on purpose:
-    - SFT draws t = 1 - U[0, 1), i.e. t in (0, 1], so the 1/t weight is always finite.
-    - `confidence_eos_eot_inf` ranks EOS/EOT predictions below every other prediction (the intent
-      of LLaDA's flag, which in its code sets them to -inf after the argmax and can then commit an
-      already decoded position instead of a masked one); `logits_eos_inf` removes EOS before
-      sampling, at any temperature.
-    - Sequences that are finished (`till_eos`) are filled with EOS and cost no further steps.
-    - The sampler never predicts the mask id itself, so no mask can survive to the output.
+Departures from the reference code, on purpose: SFT draws t = 1 - U[0, 1) in (0, 1], so 1/t is
+finite; `confidence_eos_eot_inf` ranks EOS/EOT predictions below all others (LLaDA's flag sets them to
+-inf after the argmax and can then commit a decoded position); finished sequences (`till_eos`) are
+filled with EOS and cost no more steps; the sampler never predicts the mask id.
 """
 import math
 
@@ -30,14 +26,13 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------- forward process and losses
 def pretrain_loss(model, x, eps=1e-3, t=None, generator=None):
     """LLaDA Eq. (3): t ~ U[0,1], p = (1-eps) t + eps, each token masked independently with prob p;
-    loss = Σ_masked CE / p, divided by batch·length. Returns (loss, λ = t). `generator` (on x's
-    device), when given, draws t and the masks instead of the global random stream."""
+    loss = Σ_masked CE / p, divided by batch·length. Returns (loss, λ = t)."""
     B, L = x.shape
     t = torch.rand(B, device=x.device, generator=generator) if t is None else t
     p_mask = ((1 - eps) * t + eps)[:, None].expand(B, L)                    # (B, L)
     masked = torch.rand(B, L, device=x.device, generator=generator) < p_mask
     noisy = torch.where(masked, model.config.mask_token_id, x)
-    logits = model(noisy, noise_level=t, positions=masked)                  # (N, V): the masked positions only
+    logits = model(noisy, noise_level=t, positions=masked)                  # (N, V): masked positions only
     ce = F.cross_entropy(logits.float(), x[masked], reduction="none") / p_mask[masked]
     return ce.sum() / (B * L), t
 
@@ -52,32 +47,21 @@ def sft_mask(answer, t, exact=True, eps=1e-3, generator=None):
         p = (1 - eps) * t + eps
         return answer & (torch.rand(B, L, device=answer.device, generator=generator) < p[:, None]), p
     k = torch.ceil(t * answer.sum(1)).long().clamp(min=1)                   # (B,)
-    score = torch.rand(B, L, device=answer.device, generator=generator).masked_fill(~answer, 2.0)   # prompt last
+    score = torch.rand(B, L, device=answer.device, generator=generator).masked_fill(~answer, 2.0)  # prompt: 2
     rank = score.argsort(1).argsort(1)                                      # a uniform random order
     return rank < k[:, None], t
 
 
 def sft_loss(model, x, answer, exact=True, t=None, attention_mask=None, generator=None):
     """LLaDA Eq. (5) per sequence: Σ_masked CE / p / L_ans, averaged over the batch (λ = t per
-    sequence). x (B, L) prompt + answer + EOS padding; answer (B, L) bool. Returns (loss, λ).
-    `generator` (on x's device): t and the masks come from it (validation: fixed masks)."""
+    sequence). x (B, L) prompt + answer + EOS padding; answer (B, L) bool. Returns (loss, λ)."""
     t = 1 - torch.rand(x.shape[0], device=x.device, generator=generator) if t is None else t
     masked, p = sft_mask(answer, t, exact, generator=generator)
     noisy = torch.where(masked, model.config.mask_token_id, x)
-    logits = model(noisy, attention_mask, noise_level=t, positions=masked)  # (N, V): the masked positions only
+    logits = model(noisy, attention_mask, noise_level=t, positions=masked)  # (N, V): masked positions only
     ce = F.cross_entropy(logits.float(), x[masked], reduction="none")       # (N,), row-major like masked
     per_seq = torch.zeros(x.shape[0], device=x.device).index_add(0, masked.nonzero()[:, 0], ce)   # (B,)
     return (per_seq / p / answer.sum(1)).mean(), t
-
-
-def pad_sft(prompt, answer, length, eos_token_id):
-    """One SFT row: prompt ids + answer ids, right-padded with EOS to `length` (the padding is part
-    of the answer). Returns (ids (length,), answer mask (length,)) or None when it does not fit."""
-    if len(prompt) + len(answer) > length:
-        return None
-    ids = torch.full((length,), eos_token_id, dtype=torch.long)
-    ids[:len(prompt) + len(answer)] = torch.tensor(list(prompt) + list(answer))
-    return ids, torch.arange(length) >= len(prompt)
 
 
 # ---------------------------------------------------------------- the sampler
@@ -103,17 +87,13 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
              temperature=0., cfg_scale=0., remasking="low_confidence", logits_eos_inf=False,
              confidence_eos_eot_inf=False, till_eos=False, eot_token_id=None, stats=None, lam_over="answer",
              generator=None):
-    """LLaDA's semi-autoregressive sampler. prompt (B, P), left-padded with EOS when the lengths
-    differ, with attention_mask (B, P). The answer starts as gen_length masks, split into blocks
-    decoded left to right, each in steps/num_blocks steps; each step commits the transfer_counts
-    most confident (or random) predictions among the masked positions of the current block.
-    Every call passes λ = (masked positions of the answer) / gen_length per sequence (lam_over="answer",
-    the default, which runs from 1 to 0 like the training λ); lam_over="sequence" divides the masked
-    count by prompt + gen_length instead (the default of the authors' lm-eval wrapper, which never
-    reaches 1), to measure what that mismatch costs.
-    till_eos: once a fully decoded block holds EOS, decode one more block, fill the rest with EOS.
-    generator (on the prompt's device): the Gumbel noise and random remasking draw from it.
-    Returns (B, P + gen_length); `stats` (a dict), when given, receives the number of model calls."""
+    """LLaDA's semi-autoregressive sampler. prompt (B, P), left-padded with EOS when lengths differ, with
+    attention_mask (B, P). The answer starts as gen_length masks in blocks decoded left to right, each
+    in steps/num_blocks steps; each step commits the transfer_counts most confident (or random)
+    predictions among the masked positions of the current block. λ = (masked answer positions) /
+    gen_length per sequence, from 1 to 0 like training's; lam_over="sequence" divides by prompt + gen
+    instead (the authors' lm-eval default, which never reaches 1). till_eos: once a decoded block holds
+    EOS, decode one more, fill the rest with EOS. Returns (B, P + gen_length); `stats` gets the calls."""
     mask_id, eos = model.config.mask_token_id, model.config.eos_token_id
     if gen_length % block_length or steps % (gen_length // block_length):
         raise ValueError(f"gen_length={gen_length} must be a multiple of block_length={block_length}, "
@@ -129,9 +109,10 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
         attention_mask = torch.cat([attention_mask, torch.ones_like(x[:, P:])], dim=1)
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
-    real = torch.full((B,), float(P), device=x.device) if attention_mask is None else attention_mask[:, :P].sum(1).float()
-    lam_den = torch.full((B,), float(gen_length), device=x.device) if lam_over == "answer" else real + gen_length
-    eos_block = torch.full((B,), num_blocks, device=x.device)              # first block holding EOS
+    full = lambda v: torch.full((B,), float(v), device=x.device)  # noqa: E731
+    real = full(P) if attention_mask is None else attention_mask[:, :P].sum(1).float()   # prompt tokens (B,)
+    lam_den = full(gen_length) if lam_over == "answer" else real + gen_length
+    eos_block = full(num_blocks)                                          # first block holding EOS
     calls = 0
     for nb in range(num_blocks):
         lo, hi = P + nb * block_length, P + (nb + 1) * block_length
@@ -146,8 +127,9 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
                 un_x = x.clone()
                 un_x[:, :P] = mask_id
                 am = None if attention_mask is None else attention_mask.repeat(2, 1)
-                cond, uncond = model(torch.cat([x, un_x]), am, noise_level=lam.repeat(2), positions=block).chunk(2)
-                logits = uncond + (cfg_scale + 1) * (cond - uncond)
+                both = model(torch.cat([x, un_x]), am, noise_level=lam.repeat(2), positions=block)
+                with_prompt, without = both.chunk(2)                          # (B, block, V) each
+                logits = without + (cfg_scale + 1) * (with_prompt - without)
                 calls += 2
             else:
                 logits = model(x, attention_mask, noise_level=lam, positions=block)   # (B, block, V)
@@ -187,8 +169,7 @@ def log_likelihood(model, prompt, answer, mc_num=128, batch_size=16, cfg_scale=0
     """LLaDA Eq. (6), the lower bound on log p(answer | prompt) used for multiple choice: each of
     mc_num/batch_size rounds draws k in 1..La and masks exactly m_i answer positions in row i, with
     stratified counts m_i = ((round(linspace(k, k + (b-1)·La/b, b)) - 1) mod La) + 1; the loss is
-    Σ_masked CE · La/m_i averaged over the batch; λ = m_i / La. Returns minus the mean loss.
-    generator (on the model's device): k and the masked positions draw from it."""
+    Σ_masked CE · La/m_i averaged over the batch; λ = m_i / La. Returns minus the mean loss."""
     if mc_num < batch_size or mc_num % batch_size:
         raise ValueError(f"mc_num={mc_num} must be a positive multiple of batch_size={batch_size}")
     prompt, answer = torch.as_tensor(prompt).flatten(), torch.as_tensor(answer).flatten()
@@ -205,7 +186,7 @@ def log_likelihood(model, prompt, answer, mc_num=128, batch_size=16, cfg_scale=0
         masked = torch.cat([torch.zeros(b, P, dtype=torch.bool, device=dev), chosen], dim=1)
         noisy = torch.where(masked, mask_id, seq)
         lam = m.float() / La
-        logits = model(noisy, noise_level=lam, positions=masked)             # (N, V): the masked answer positions
+        logits = model(noisy, noise_level=lam, positions=masked)             # (N, V): masked answer positions
         if cfg_scale > 0:
             un = noisy.clone()
             un[:, :P] = mask_id

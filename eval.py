@@ -106,7 +106,8 @@ def labels(paths):
         names = ["-".join(Path(p).resolve().parts[-depth:]) for p in paths]
         if len(set(names)) == len(names):
             return names
-    return [f"{'-'.join(Path(p).resolve().parts[-2:])}-{i + 1}" for i, p in enumerate(paths)]   # the same path twice
+    # the same path twice
+    return [f"{'-'.join(Path(p).resolve().parts[-2:])}-{i + 1}" for i, p in enumerate(paths)]
 
 
 def test_file(task, args):
@@ -122,7 +123,7 @@ def test_file(task, args):
 def main(argv=None):
     args = parse_args(argv)
     sets = SUITES.get(args.task, [args.task])
-    items = {t: load_items(t, test_file(t, args))[:args.limit] for t in sets}          # bad files fail here, first
+    items = {t: load_items(t, test_file(t, args))[:args.limit] for t in sets}   # bad files fail here, first
     if any(t in ("humaneval", "mbpp") for t in sets) and why_unavailable() and not args.allow_unsandboxed_code:
         raise ValueError(f"cannot contain generated code here ({why_unavailable()}): pass --allow-unsandboxed-code "
                          "to run it with resource limits only, at your own risk")
@@ -138,7 +139,7 @@ def main(argv=None):
                                                                 zip(adapters, args.formats))
           + f"; on {', '.join(f'{t} ({len(items[t])} items)' for t in sets)}")
     curves, sizes, table = {}, {}, {}
-    for i, name in enumerate(names):                     # each model loaded once, freed before the next: 16 GB at 8B
+    for i, name in enumerate(names):   # each model loaded once, freed before the next: 16 GB at 8B
         model = LLaDA.from_pretrained(args.model)
         if i:
             interop.load_adapter(model, adapters[i - 1], verbose=False).eval()

@@ -8,8 +8,8 @@ import torch
 
 import adapters
 import nara
-from diffusion import pad_sft, sft_mask
-from tasks import sft_pair
+from diffusion import sft_mask
+from tasks import pad_sft, sft_pair
 
 LAMS = [round(0.1 * k, 1) for k in range(1, 11)]
 
@@ -30,7 +30,7 @@ def noise_curve(model, ids, answer, lams, batch_size=16, seed=0):
             g_x = torch.Generator(dev).manual_seed(int(torch.randint(0, 2**31, (), generator=g)))
             masked, _ = sft_mask(a, lam_x, generator=g_x)
             logits = model(torch.where(masked, model.config.mask_token_id, x), noise_level=lam_x,
-                           positions=masked)                                # (N, V): the masked positions only
+                           positions=masked)   # (N, V): the masked positions only
             total += float(torch.nn.functional.cross_entropy(logits.double(), x[masked], reduction="sum"))
             count += int(masked.sum())
         curve[lam] = total / count

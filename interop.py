@@ -103,7 +103,7 @@ def load_adapter(model, directory, verbose=True):
     for k in tensors:
         if tensors[k].shape != expected[k].shape:
             raise ValueError(f"{file}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(expected[k].shape)}")
-    model.load_state_dict(tensors, strict=False)                          # exactly the adapter keys, checked above
+    model.load_state_dict(tensors, strict=False)   # exactly the adapter keys, checked above
     return model
 
 

@@ -182,7 +182,7 @@ def replace_linears(model, targets, make):
     for name in chosen:
         parent, child = name.rsplit(".", 1)
         setattr(model.get_submodule(parent), child, make(name, linears[name]))
-    model.train(model.training)                           # new layers follow the model's mode (eval: no dropout)
+    model.train(model.training)   # new layers follow the model's mode (eval: no dropout)
     return len(chosen)
 
 
@@ -204,7 +204,7 @@ def merge(model, lam, cond=None):
     cond = cond or model.conditioning(torch.tensor([float(lam)], device=device))
     for name, layer in list(model.named_modules()):
         if isinstance(layer, LoRALinear):
-            with torch.device("meta"):                                    # no throw-away init of a d x d weight
+            with torch.device("meta"):   # no throw-away init of a d x d weight
                 plain = Linear(layer.weight.shape[1], layer.weight.shape[0])
             plain.weight = nn.Parameter(layer.merged_weight(cond).to(layer.weight.dtype), requires_grad=False)
             parent, child = name.rsplit(".", 1)

@@ -20,8 +20,10 @@ import torch
 
 import adapters
 from checkpoint import atomic_write, read_json
+from tasks import accuracy, load_items, read_records
 
-RESUMABLE = ("out", "resume", "stop_at", "test", "grad_checkpointing")   # what may change when a run is resumed
+# what may change when a run is resumed
+RESUMABLE = ("out", "resume", "stop_at", "test", "grad_checkpointing")
 
 
 def add_flags(ap):
@@ -35,7 +37,19 @@ def add_flags(ap):
 
 
 def check_flags(args, name):
-    """One-line errors for the device and the run directory, before anything is loaded; the default --out."""
+    """One-line errors for the training numbers, the files, the device and the run directory, before
+    anything is loaded; the default --out is runs/<name>, runs/<name>-2, ..."""
+    for key in ("batch_size", "grad_accum", "eval_every", "max_length", "max_updates", "val_size", "stop_at"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    for key in ("lr", "epochs"):
+        if not getattr(args, key) > 0:
+            raise ValueError(f"--{key} must be positive, got {getattr(args, key)}")
+    for path, what in ((args.data, "--data"), (args.test, "--test"), (args.warm_start, "--warm-start")):
+        if path and not Path(path).exists():
+            raise ValueError(f"{what} {path}: {what[2:]} file not found")
+    if args.test:
+        load_items("arith", args.test)                  # a bad test file fails now, not after training
     if args.device is not None:
         try:
             device = torch.device(args.device)
@@ -48,13 +62,11 @@ def check_flags(args, name):
                              f"{'has no CUDA support' if torch.version.cuda is None else 'sees no GPU'}); use --device cpu")
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if args.stop_at is not None and args.stop_at < 1:
-        raise ValueError(f"--stop-at must be at least 1, got {args.stop_at}")
     if args.out is None and args.resume:
         raise ValueError("--resume needs --out RUN_DIR: the run to continue")
     if args.resume and not Path(args.out).is_dir():
         raise ValueError(f"--resume --out {args.out}: no such run directory (nothing to continue)")
-    if args.out is None:                                  # a fresh directory: runs/<name>, runs/<name>-2, ...
+    if args.out is None:
         args.out = next(f"runs/{name}{'' if k == 1 else f'-{k}'}" for k in range(1, 10**6)
                         if not Path(f"runs/{name}{'' if k == 1 else f'-{k}'}").exists())
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -73,7 +85,7 @@ def resolve_model(name):
         raise ValueError(f"--model {name}: not a directory, and huggingface_hub is not installed to fetch it") from None
     try:
         return snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
-    except Exception as e:                                                  # noqa: BLE001 (any network failure)
+    except Exception as e:   # noqa: BLE001 (any network failure)
         raise ValueError(f"--model {name}: could not download it ({type(e).__name__}); download it on a machine "
                          "with a network and pass the directory") from None
 
@@ -147,8 +159,9 @@ def save_checkpoint(file, model, opt, sched, step, best, device):
 def restore(out, model, opt, sched, device, rank, method):
     """Load checkpoint.pt into the model, optimizer, schedule and RNG; forget later metrics. (step, best)."""
     try:
-        ck = torch.load(out / "checkpoint.pt", weights_only=True, map_location="cpu")   # AdamW's steps stay there
-    except Exception as e:                                                  # noqa: BLE001 (the file is at fault)
+        # AdamW's steps stay there
+        ck = torch.load(out / "checkpoint.pt", weights_only=True, map_location="cpu")
+    except Exception as e:   # noqa: BLE001 (the file is at fault)
         raise ValueError(f"{out / 'checkpoint.pt'}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if set(ck["adapter"]) != set(adapters.adapter_state(model)):
         raise ValueError(f"--resume: {out / 'checkpoint.pt'} holds other adapters than --method {method} builds")
@@ -193,3 +206,33 @@ def finish(world, params, device, say):
         torch.distributed.all_gather(sums, sum(p.double().sum() for p in params).reshape(1))
         say(f"adapter checksum on {world} ranks: {'identical' if all(torch.equal(s, sums[0]) for s in sums) else 'DIFFERENT'}")
         torch.distributed.destroy_process_group()         # no rank waits in a barrier while rank 0 reports
+
+
+def report(model, tok, args, adapter):
+    """Held-out accuracy of the base model and of the fine-tuned one: the same model in memory, with its
+    adapters bypassed for the base (adapters.base_only), so no second copy is ever loaded."""
+    examples = read_records(args.test, "test")
+    try:
+        tuned, _ = accuracy(model.eval(), tok, examples)
+        with adapters.base_only(model):
+            plain, _ = accuracy(model, tok, examples)
+    except torch.cuda.OutOfMemoryError:
+        raise ValueError(f"out of GPU memory while scoring --test; the adapter is saved in {adapter}: score it with "
+                         f"python eval.py --model {args.model} --adapter {adapter} --data {args.test} --batch-size 4") from None
+    print(f"held-out accuracy on {len(examples)} items: base {100 * plain:.1f} % -> {args.method} {100 * tuned:.1f} %")
+
+
+def cli(main):
+    """python train.py: one-line errors, and Ctrl-C says what was saved and how to continue."""
+    try:
+        main()
+    except Interrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit("\ninterrupted before training started; nothing was saved")
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+    except torch.cuda.OutOfMemoryError:
+        sys.exit("error: out of GPU memory: lower --batch-size and raise --grad-accum by the same factor, "
+                 "and/or add --grad-checkpointing (docs/memory.md: measured memory per setting)")

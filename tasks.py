@@ -55,6 +55,24 @@ def sft_pair(tokenizer, instruction, answer, eos_token_id):
     return prompt, tokenizer.encode(answer, add_special_tokens=False).ids + [eos_token_id]
 
 
+def pad_sft(prompt, answer, length, eos_token_id):
+    """One SFT row: prompt ids + answer ids, right-padded with EOS to `length` (the padding is part
+    of the answer). Returns (ids (length,), answer mask (length,)) or None when it does not fit."""
+    if len(prompt) + len(answer) > length:
+        return None
+    ids = torch.full((length,), eos_token_id, dtype=torch.long)
+    ids[:len(prompt) + len(answer)] = torch.tensor(list(prompt) + list(answer))
+    return ids, torch.arange(length) >= len(prompt)
+
+
+def sft_rows(tok, path, max_length, eos):
+    """The training file as padded SFT rows: ids (N, L), answer mask (N, L), and how many were skipped."""
+    rows = [pad_sft(*sft_pair(tok, p, a, eos), max_length, eos) for p, a in tqdm(load_examples(path), desc="tokenizing",
+                                                                                   leave=False, disable=None)]
+    kept = [r for r in rows if r is not None]
+    return torch.stack([r[0] for r in kept]), torch.stack([r[1] for r in kept]), len(rows) - len(kept)
+
+
 def load_examples(path):
     """[(instruction, output)] from an LLM-Adapters .json, a GSM8K-style or CodeFeedback-style file."""
     out = []

@@ -13,7 +13,6 @@ checkpoint.pt for --resume, best/ and adapter/); adapters.py turns the method fl
 import argparse
 import contextlib
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,9 @@ import ablations
 import adapters
 import interop
 import runs
-from diffusion import pad_sft, sft_loss
+from diffusion import sft_loss
 from model import LLaDA
-from tasks import accuracy, load_examples, load_items, load_tokenizer, read_records, sft_pair
+from tasks import load_tokenizer, sft_rows
 
 HERE = Path(__file__).resolve().parent
 
@@ -75,23 +74,9 @@ def parse_args(argv=None):
             setattr(args, k, v)
     if args.data is None:
         ap.error("--data is required with --model")
-    for name in ("batch_size", "grad_accum", "eval_every", "max_length", "max_updates", "val_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("lr", "epochs"):
-        if not getattr(args, name) > 0:
-            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
     adapters.check_flags(args)
     runs.check_flags(args, "default" if default_run else f"{Path(args.data).stem}-{args.method}")
     return args
-
-
-def sft_rows(tok, path, max_length, eos):
-    """The training file as padded SFT rows: ids (N, L), answer mask (N, L), and how many were skipped."""
-    rows = [pad_sft(*sft_pair(tok, p, a, eos), max_length, eos) for p, a in tqdm(load_examples(path), desc="tokenizing",
-                                                                                   leave=False, disable=None)]
-    kept = [r for r in rows if r is not None]
-    return torch.stack([r[0] for r in kept]), torch.stack([r[1] for r in kept]), len(rows) - len(kept)
 
 
 @torch.no_grad()
@@ -109,18 +94,13 @@ def main(argv=None):
     rank, world, device = runs.start(args)
     say = print if rank == 0 else (lambda *a, **k: None)
     out, model_dir = Path(args.out), runs.resolve_model(args.model)
-    for path, what in ((args.data, "--data"), (args.test, "--test"), (args.warm_start, "--warm-start")):
-        if path and not Path(path).exists():
-            raise ValueError(f"{what} {path}: {what[2:]} file not found")
-    if args.test:
-        load_items("arith", args.test)                  # a bad test file fails now, not after training
     settings = runs.settings(args, model_dir, world, device)
     resume = runs.prepare(out, args, settings, rank)
     torch.manual_seed(args.seed)
 
     model = LLaDA.from_pretrained(model_dir, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     tok, eos = load_tokenizer(model_dir), model.config.eos_token_id
-    ids, answer, skipped = sft_rows(tok, args.data, args.max_length, eos)                     # (N, L), host memory
+    ids, answer, skipped = sft_rows(tok, args.data, args.max_length, eos)   # (N, L), host memory
     if len(ids) <= args.val_size:
         raise ValueError(f"--data {args.data}: {len(ids)} usable examples ({skipped} longer than --max-length "
                          f"{args.max_length}), not more than --val-size {args.val_size}")
@@ -145,7 +125,8 @@ def main(argv=None):
     order = torch.cat([torch.randperm(len(ids), generator=g) for _ in range(math.ceil(total * per_update / len(ids)) + 1)])
     step, best, saved_at = 0, math.inf, None
     if resume:
-        step, best = saved_at, _ = runs.restore(out, model, opt, sched, device, rank, args.method)
+        step, best = runs.restore(out, model, opt, sched, device, rank, args.method)
+        saved_at = step
         say(f"resumed {out} at update {step}/{total}")
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=args.stage1 > 0) if world > 1 else model
     ddp.config = model.config
@@ -206,34 +187,9 @@ def main(argv=None):
         interop.save_adapter(model, out / "adapter")
         say(f"adapter saved to {out / 'adapter'} (best validation loss {best:.4f} in {out / 'best'})")
         if args.test:
-            report(model, tok, args, out / "adapter")
+            runs.report(model, tok, args, out / "adapter")
     return model
 
 
-def report(model, tok, args, adapter):
-    """Held-out accuracy of the base model and of the fine-tuned one: the same model in memory, with its
-    adapters bypassed for the base (adapters.base_only), so no second copy is ever loaded."""
-    examples = read_records(args.test, "test")
-    try:
-        tuned, _ = accuracy(model.eval(), tok, examples)
-        with adapters.base_only(model):
-            plain, _ = accuracy(model, tok, examples)
-    except torch.cuda.OutOfMemoryError:
-        raise ValueError(f"out of GPU memory while scoring --test; the adapter is saved in {adapter}: score it with "
-                         f"python eval.py --model {args.model} --adapter {adapter} --data {args.test} --batch-size 4") from None
-    print(f"held-out accuracy on {len(examples)} items: base {100 * plain:.1f} % -> {args.method} {100 * tuned:.1f} %")
-
-
 if __name__ == "__main__":
-    try:
-        main()
-    except runs.Interrupted as e:
-        print(f"\n{e}", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        sys.exit("\ninterrupted before training started; nothing was saved")
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
-    except torch.cuda.OutOfMemoryError:
-        sys.exit("error: out of GPU memory: lower --batch-size and raise --grad-accum by the same factor, "
-                 "and/or add --grad-checkpointing (README: measured memory per setting)")
+    runs.cli(main)

@@ -67,7 +67,7 @@ def commands(report, work, tiny):
     py, env = sys.executable, {**os.environ, "PYTHONUNBUFFERED": "1"}
     updates = ["--max-updates", "6" if tiny else "40", "--eval-every", "3" if tiny else "10"]
     short = ["--limit", "8"] if tiny else []
-    if tiny:                                              # a shorter held-out report than the default's 100 items
+    if tiny:   # a shorter held-out report than the default's 100 items
         test = json.loads((ROOT / "data" / "arith" / "test.json").read_text())[:8]
         (work / "test.json").write_text(json.dumps(test))
         updates += ["--test", str(work / "test.json")]
@@ -163,7 +163,7 @@ class AuthorsPathNaRA(nara.NaRALinear):
 
 def core_share(model, device, L):
     """How much of C − I = 1e-3·D the first q_proj applies in bf16, against fp64 (1 = all of it)."""
-    layer, r = model.eval().transformer.blocks[0].q_proj, model.transformer.blocks[0].q_proj.r      # no dropout
+    layer, r = model.eval().transformer.blocks[0].q_proj, model.transformer.blocks[0].q_proj.r   # no dropout
     D = torch.diag(torch.tensor([(-1.0) ** i for i in range(r)], device=device))
     x = model.transformer.wte(torch.randint(0, model.config.eos_token_id, (2, L), device=device))
     with torch.no_grad():
@@ -238,7 +238,7 @@ def shapes(report, args, device, tiny):
     for micro, ckpt, recompute in layouts:
         model.train().gradient_checkpointing = ckpt
         model.recompute = recompute is not False
-        for m in model.modules():                 # the last layout: the rank-r product in bf16, as the authors'
+        for m in model.modules():   # the last layout: the rank-r product in bf16, as the authors'
             if isinstance(m, nara.NaRALinear):
                 m.__class__ = AuthorsPathNaRA if recompute == "authors" else nara.NaRALinear
         if cuda:
@@ -262,12 +262,12 @@ def shapes(report, args, device, tiny):
             continue
         report.add(what, f"{dt:.2f} s, {32 * L / dt:.0f} tok/s, peak GPU {peak():.1f} GiB, {100 * mfu(32 * L, dt):.0f} % MFU")
     del opt
-    model.eval()                                  # a sampling step of the GSM8K setting: 16 prompts, gen 256, block 8
+    model.eval()   # a sampling step of the GSM8K setting: 16 prompts, gen 256, block 8
     prompts = torch.randint(0, cfg.eos_token_id, (16, 100 + 256 if not tiny else 24), device=device)
     block, lam16 = slice(prompts.shape[1] - 8, prompts.shape[1]), torch.full((16,), 0.5, device=device)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
         t_nara = timed(lambda: model(prompts, noise_level=lam16, positions=block), device)
-        with adapters.base_only(model):                                        # the same model, adapters bypassed
+        with adapters.base_only(model):   # the same model, adapters bypassed
             t_base = timed(lambda: model(prompts, noise_level=lam16, positions=block), device)
     report.add("GSM8K sampling step (16 x 356 tokens, head at the 8-token block): base / nara",
                f"{t_base * 1e3:.1f} / {t_nara * 1e3:.1f} ms (ratio {t_nara / t_base:.3f})")

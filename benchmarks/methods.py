@@ -95,8 +95,7 @@ def check_lengths(task):
 def test_rows(task, tok, eos, limit=None):
     """The test file's examples and their gold outputs as padded SFT rows (for the noise curve)."""
     import torch
-    from diffusion import pad_sft
-    from tasks import sft_pair
+    from tasks import pad_sft, sft_pair
     examples = json.loads((ROOT / TASKS[task]["test"]).read_text())[:limit]
     pairs = [sft_pair(tok, e["instruction"], e["output"], eos) for e in examples]
     L = max(len(p) + len(a) for p, a in pairs)

@@ -223,7 +223,7 @@ def account_table(tokens):
         model.recompute = recompute
         torch.manual_seed(1)
         kept = saved_for_backward(model, lambda: sft_loss(model, ids, answer, t=torch.tensor([0.5])))
-        per_token[recompute] = {k: v / tokens for k, v in kept.items()                 # what grows with tokens
+        per_token[recompute] = {k: v / tokens for k, v in kept.items()   # what grows with tokens
                                 if k[0] not in ("elsewhere", "ln_f") and tokens in k[1]}
     label = lambda k: f"{k[0]}: {k[2]} {'x'.join(str(n) for n in k[1] if n not in (1, tokens))}"  # noqa: E731
     merged = {r: {} for r in per_token}
@@ -306,7 +306,7 @@ def main():
     samp, sp = sampling_table(models, 4, 32 if q else 128, 3 if q else 15)
     early, which = early_stop_table(4 if q else 30)
     head, ht, hs, hk = head_table(3 if q else 9, q)
-    account, totals = account_table(20 if q else 80)                  # a token count no width of the model has
+    account, totals = account_table(20 if q else 80)   # a token count no width of the model has
     per_token_8b = [t * 32 / 2**10 for t in totals]              # MiB per token over LLaDA-8B's 32 blocks
     lines = [
         "# Benchmarks", "",

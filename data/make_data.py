@@ -99,7 +99,7 @@ def main():
     train_tokenizer(texts).save(str(out / "base" / "tokenizer.json"))
     print(f"wrote {out}/corpus.txt ({len(lines)} lines), arith/train.json ({len(train)}), "
           f"arith/test.json ({len(test)}), base/tokenizer.json")
-    rng = random.Random(args.seed + 1)                      # the instruct world: its own stream, its own tokenizer
+    rng = random.Random(args.seed + 1)   # the instruct world: its own stream, its own tokenizer
     lines, sft, train, test = instruct_world(rng, 20000)
     (out / "instruct" / "base").mkdir(parents=True, exist_ok=True)
     (out / "instruct" / "corpus.txt").write_text("\n".join(lines) + "\n")

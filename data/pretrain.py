@@ -17,9 +17,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from diffusion import pad_sft, pretrain_loss, sft_loss  # noqa: E402
+from diffusion import pretrain_loss, sft_loss  # noqa: E402
 from model import LLaDA, LLaDAConfig  # noqa: E402
-from tasks import load_tokenizer, sft_pair  # noqa: E402
+from tasks import load_tokenizer, pad_sft, sft_pair  # noqa: E402
 
 
 def run(model, loss_fn, steps, lr, what, t0):

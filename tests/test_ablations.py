@@ -57,7 +57,7 @@ def test_mask_density_by_hand():
     # radius 2: position 1 sees 0, 2, 3 (1 of 3 masked), 2 sees 0, 1, 3, 4 (2/4), 4 sees 2, 3, 5, 6 (1/4)
     assert torch.allclose(ablations.mask_density(masked, radius=2), torch.tensor([(1 / 3 + 1 / 2 + 1 / 4) / 3, 0.0]))
     valid = torch.ones(2, 8, dtype=torch.bool)
-    valid[0, 0] = False                                 # padding is not a neighbour: 1 sees 2, 3; 2 sees 1, 3, 4
+    valid[0, 0] = False   # padding is not a neighbour: 1 sees 2, 3; 2 sees 1, 3, 4
     assert torch.allclose(ablations.mask_density(masked, valid, radius=2)[0], torch.tensor((1 / 2 + 2 / 3 + 1 / 4) / 3))
 
 

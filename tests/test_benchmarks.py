@@ -58,7 +58,8 @@ def test_methods_comparison_runs_end_to_end_and_reuses_only_matching_records(tmp
     for name in ("arith_figure1.csv", "arith_figure1_relative.csv", "arith_figure3.csv", "arith.json"):
         assert (tmp_path / "res" / name).exists()
     records = sorted((tmp_path / "res" / "runs").rglob("*seed*.json"))
-    assert len(records) == 7            # budget ladder 4, 8; sweep 2 arms x 2 rates (lora's 4-update run shared); seed 1
+    # budget ladder 4, 8; sweep 2 arms x 2 rates (lora's 4-update run shared); seed 1
+    assert len(records) == 7
     stamp = [r.stat().st_mtime for r in records]
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)      # a second call reuses every record
     assert [r.stat().st_mtime for r in records] == stamp
@@ -76,7 +77,8 @@ def test_methods_comparison_runs_end_to_end_and_reuses_only_matching_records(tmp
     assert "`python benchmarks/methods.py --task arith --name abl --lr-from nara --seeds 1 --smoke --arm nara" in table
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:3] for line in table.splitlines() if line.startswith("| nara")}
     assert rows["nara"] == rows["nara --stage1 0.5"] == [rows["nara"][0], f"{chosen:g}"] and "| lora |" not in table
-    assert len(sorted((tmp_path / "res" / "runs").rglob("*seed*.json"))) == 8    # nara's seed 0 reused, one new run
+    # nara's seed 0 reused, one new run
+    assert len(sorted((tmp_path / "res" / "runs").rglob("*seed*.json"))) == 8
     bad = subprocess.run(cmd + ["--lr-from", "dora"], capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "no learning rate for dora" in bad.stderr
 

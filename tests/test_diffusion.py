@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 import adapters
 from conftest import random_model
-from diffusion import generate, log_likelihood, pad_sft, pretrain_loss, sft_loss, sft_mask, transfer_counts
+from diffusion import generate, log_likelihood, pretrain_loss, sft_loss, sft_mask, transfer_counts
 from model import LLaDAConfig
+from tasks import pad_sft
 
 MASK, EOS = 126, 125          # LLaDAConfig.tiny()'s ids
 
@@ -274,7 +275,7 @@ def test_the_head_at_selected_positions_changes_no_loss_or_likelihood():
     assert torch.equal(model(x, noise_level=lam, positions=slice(4, 7)), model(x, noise_level=lam)[:, 4:7])
     torch.manual_seed(0)
     new, _ = sft_loss(model, x, answer)
-    torch.manual_seed(0)                                                   # the previous sft_loss, written out
+    torch.manual_seed(0)   # the previous sft_loss, written out
     t = 1 - torch.rand(3)
     masked, p = sft_mask(answer, t)
     logits = model(torch.where(masked, MASK, x), noise_level=t)

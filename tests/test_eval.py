@@ -83,13 +83,15 @@ def test_noise_curve_and_update_size_of_a_hand_set_nara(tiny):
     model, tok = tiny
     adapters.add_adapters(model, "nara", r=2, verbose=False).eval()            # eval: no adapter dropout
     with torch.no_grad():
-        model.noise_nets["nara"].net[-1].bias.copy_(torch.tensor([1.0, 0.0, 0.0, 2.0]))   # C = I + 0.1·diag(1, 2)
+        # C = I + 0.1·diag(1, 2)
+        model.noise_nets["nara"].net[-1].bias.copy_(torch.tensor([1.0, 0.0, 0.0, 2.0]))
         layer = model.transformer.blocks[0].q_proj
         layer.lora_B.fill_(0.5)
     sizes = figures.update_magnitude(model, [0.3, 0.9])
     assert sizes[0.3][0] == pytest.approx(0.1 * 5 ** 0.5) and sizes[0.9][0] == pytest.approx(0.1 * 5 ** 0.5)
     C = torch.eye(2) + 0.1 * torch.diag(torch.tensor([1.0, 2.0]))
-    expect = (0.5 * torch.ones(64, 2) @ C @ layer.lora_A).norm().item() / 8   # 1 of 8 adapted layers is non-zero
+    # 1 of 8 adapted layers is non-zero
+    expect = (0.5 * torch.ones(64, 2) @ C @ layer.lora_A).norm().item() / 8
     assert sizes[0.3][1] == pytest.approx(expect, rel=1e-5)
     ids = torch.randint(0, 40, (5, 12))
     answer = torch.arange(12).expand(5, 12) >= 4
@@ -193,7 +195,7 @@ def test_a_whole_table_of_the_paper_is_one_command(tiny, tmp_path, monkeypatch):
     model, tok = tiny
     model.save_pretrained(tmp_path / "m")
     tok.save(str(tmp_path / "m" / "tokenizer.json"))
-    for name in ev.SUITES["math"]:                                       # the math table's six sets, two items each
+    for name in ev.SUITES["math"]:   # the math table's six sets, two items each
         gold = "A" if name == "AQuA" else "3"
         (tmp_path / "d" / name).mkdir(parents=True)
         (tmp_path / "d" / name / "test.json").write_text(json.dumps([{"instruction": "What is 1 plus 2?", "answer": gold}] * 2))

@@ -303,7 +303,7 @@ def test_two_ranks_draw_their_own_t_and_masks_around_validation_and_nobody_waits
     logs = [[json.loads(line) for line in (tmp_path / f"draws{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
     draws = [[d for d in log if d.get("training")] for log in logs]
     assert len(draws[0]) == len(draws[1]) == 6                           # one micro-batch per update
-    for a, b in zip(*draws):                                             # updates 1-3, then 4-6 after a validation
+    for a, b in zip(*draws):   # updates 1-3, then 4-6 after a validation
         assert a["t"] != b["t"] and a["masked"] != b["masked"]
     for log in draws:                                                    # no stream restarts after validation
         assert all(log[i]["t"] != log[i + 3]["t"] for i in range(3))

@@ -60,7 +60,7 @@ def test_save_pretrained_brings_the_code_and_tokenizer_along(tmp_path):
     again = LLaDA.from_pretrained(tmp_path / "merged")                     # and it loads here as well
     assert torch.equal(again(IDS), model(IDS))
     bare = random_model()
-    bare.save_pretrained(tmp_path / "bare")                                # no source: the hub's code by reference
+    bare.save_pretrained(tmp_path / "bare")   # no source: the hub's code by reference
     assert read_json(tmp_path / "bare" / "config.json")["auto_map"]["AutoConfig"].startswith("GSAI-ML/LLaDA-8B-Instruct--")
 
 
@@ -190,6 +190,6 @@ def test_exported_adapters_load_into_peft_unchanged(tmp_path, method):
     model = noisy(adapters.add_adapters(random_model(), method, r=4, dropout=0.0, verbose=False), 0.1)
     interop.export_peft(model, tmp_path, lam=0.5)
     config = peft.LoraConfig.from_pretrained(tmp_path)
-    config.task_type = None                 # a bare PeftModel: ours is no transformers model (interop_check.py is)
+    config.task_type = None   # a bare PeftModel: ours is no transformers model (interop_check.py is)
     pm = peft.PeftModel.from_pretrained(wrap(random_model()), tmp_path, config=config).eval()
     assert torch.allclose(pm(IDS), model(IDS, noise_level=torch.full((2,), 0.5)), rtol=1e-4, atol=1e-4)

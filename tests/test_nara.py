@@ -110,7 +110,7 @@ def test_multi_lora_bins_follow_ceil_lambda_k():
     layer = adapted("multi-lora").transformer.blocks[0].q_proj
     lam = torch.tensor([0.0, 0.2, 0.2001, 0.6, 1.0])
     A, _, _ = layer.factors({"lam": lam})
-    expect = [0, 0, 1, 2, 4]                                              # ceil(λ·5) clamped to [1, 5], minus 1
+    expect = [0, 0, 1, 2, 4]   # ceil(λ·5) clamped to [1, 5], minus 1
     for i, k in enumerate(expect):
         assert torch.equal(A[i], layer.lora_A[k])
 
@@ -239,7 +239,7 @@ def test_theorem_4_1_reconstructs_to_float64_precision(N, r, d_out, d_in):
 def test_theorem_4_1_refuses_joint_rank_above_r():
     updates = family(4, 5, 12, 12, seed=1)
     extra = torch.zeros(12, 12, dtype=torch.float64)
-    extra[0, 0] = 1.0                                                      # pushes the joint rank to 6 (generic)
+    extra[0, 0] = 1.0   # pushes the joint rank to 6 (generic)
     with pytest.raises(ValueError, match="dimension 6 > r = 5"):
         nara.decompose(updates + [updates[0] + extra], 5)
     nara.decompose(updates + [updates[0] + extra], 6)

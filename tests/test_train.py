@@ -21,8 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def train_loss(model, tiny_task):
     """The SFT loss over every example with fixed masks: comparable before and after training."""
-    from diffusion import pad_sft
-    from tasks import load_tokenizer, sft_pair
+    from tasks import load_tokenizer, pad_sft, sft_pair
     tok, eos = load_tokenizer(tiny_task / "model"), model.config.eos_token_id
     rows = [pad_sft(*sft_pair(tok, p, a, eos), 40, eos) for p, a in tasks.load_examples(tiny_task / "data.json")]
     return train.validation_loss(model.eval(), torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), 12, 0)
@@ -110,7 +109,7 @@ def test_data_generator_is_deterministic(tmp_path):
     for f in ("corpus.txt", "arith/train.json", "arith/test.json", "base/tokenizer.json", "instruct/corpus.txt",
               "instruct/sft.json", "instruct/train.json", "instruct/test.json", "instruct/base/tokenizer.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
-        assert (tmp_path / "a" / f).read_bytes() == (ROOT / "data" / f).read_bytes(), f     # the bundled files
+        assert (tmp_path / "a" / f).read_bytes() == (ROOT / "data" / f).read_bytes(), f   # the bundled files
 
 
 @pytest.mark.parametrize("base", ["base", "instruct/base"])
@@ -132,7 +131,8 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_task
     monkeypatch.setattr(train, "sft_loss", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(FloatingPointError, match="update 4: loss is nan; stopped, the last checkpoint \\(update 3\\)"):
-        train.main(train_args(tiny_task, out, "--max-updates", "8"))     # calls: updates 1-3, validation at 3, update 4
+        # calls: updates 1-3, validation at 3, update 4
+        train.main(train_args(tiny_task, out, "--max-updates", "8"))
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 3 and all(torch.isfinite(v).all() for v in ck["adapter"].values())
     assert not (out / "adapter").exists()
@@ -188,7 +188,8 @@ def test_resume_refuses_other_settings(tiny_task, tmp_path, change, words):
     train.main(train_args(tiny_task, out, "--max-updates", "4", "--stop-at", "3"))
     with pytest.raises(ValueError, match=__import__("re").escape(words)):
         train.main(train_args(tiny_task, out, "--max-updates", "4", "--resume", *change))
-    train.main(train_args(tiny_task, out, "--max-updates", "4", "--resume", "--stop-at", "4"))   # --stop-at may change
+    # --stop-at may change
+    train.main(train_args(tiny_task, out, "--max-updates", "4", "--resume", "--stop-at", "4"))
     assert (out / "adapter").exists()
 
 
@@ -268,7 +269,7 @@ def test_the_ablation_switches_reach_the_run(tiny_task, tmp_path):
         if k.startswith("noise_nets."):
             assert torch.equal(v, init.state_dict()[k]), k                                # never trained
         if k.endswith(".lora_A"):
-            assert torch.equal(v, adapters.adapter_state(lora)[k]), k                         # warm start, then frozen
+            assert torch.equal(v, adapters.adapter_state(lora)[k]), k   # warm start, then frozen
     assert any(not torch.equal(v, adapters.adapter_state(lora)[k]) for k, v in adapters.adapter_state(model).items()
                if k.endswith(".lora_B"))
     for method in adapters.PROMPT:
