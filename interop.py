@@ -11,9 +11,9 @@ The authors' code (github.com/wataeiei/NaRA, commits 7a11f2e-15718ac, `nara/tune
 with weights_only=True, never unpickled) and an `adapter_config.json` with peft_type "NARA". Its keys,
 after the authors strip the adapter name:
     base_model.model.model.transformer.blocks.{i}.{q_proj,...}.lora_A / .lora_B   A (r, d_in), B (d_out, r)
-    base_model.global_mapper[.{group}].model.{0,2,4}.{weight,bias}                F_φ (one per group)
-    base_model.embedding_layers.{NL,ND}_emb.W   (or .proj.weight/.bias)          e_λ / e_density
-    base_model.constant_c                                                         NaRA-C's P (input_mode "constant")
+    base_model.global_mapper[.{group}].model.{0,2,4}.{weight,bias}         F_φ (one per group)
+    base_model.embedding_layers.{NL,ND}_emb.W   (or .proj.weight/.bias)   e_λ / e_density
+    base_model.constant_c                                                  NaRA-C's P (input_mode "constant")
 and its layer computes W0 x + scale_ab · ((dropout(x) Aᵀ) M) Bᵀ with M = I + c_scale · F.view(r, r):
 with nara.core's column-major reading C = Mᵀ, so the same tensors load unchanged and give the same
 outputs. Departure: the authors share one embedding between mapper groups; here each group's
@@ -41,8 +41,10 @@ def write_adapter_files(directory, tensor_file, tensors, body, metadata=None):
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(directory / tensor_file, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})}))
-    atomic_write(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(body, indent=2)))
+    metadata = {"format": "pt", **(metadata or {})}
+    atomic_write(directory / tensor_file, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    text = json.dumps(body, indent=2)
+    atomic_write(directory / "adapter_config.json", lambda tmp: Path(tmp).write_text(text))
 
 
 def save_adapter(model, directory):
@@ -66,11 +68,13 @@ def adapter_format(directory):
         raise ValueError(f"--adapter {directory}: no adapter_config.json{hint}")
     body = read_json(cfg_file)
     kind = {"NARA": "authors", "LORA": "peft"}.get(body.get("peft_type")) if isinstance(body, dict) else None
-    names = {"authors": ("adapter_model.safetensors", "adapter_model.bin"), "peft": ("adapter_model.safetensors",)}
-    file = next((directory / n for n in names.get(kind, ("adapter.safetensors",)) if (directory / n).is_file()), None)
+    names = {"authors": ("adapter_model.safetensors", "adapter_model.bin"),
+             "peft": ("adapter_model.safetensors",)}
+    names = names.get(kind, ("adapter.safetensors",))
+    file = next((directory / n for n in names if (directory / n).is_file()), None)
     if file is None:
-        raise ValueError(f"{directory}: no {' or '.join(names.get(kind, ('adapter.safetensors',)))} beside "
-                         f"adapter_config.json ({kind or 'this project'}'s layout)")
+        raise ValueError(f"{directory}: no {' or '.join(names)} beside adapter_config.json "
+                         f"({kind or 'this project'}'s layout)")
     if file.suffix == ".bin":
         import zipfile
         if not zipfile.is_zipfile(file):
@@ -98,30 +102,38 @@ def load_adapter(model, directory, verbose=True):
         adapters.add_adapters(model, verbose=verbose, **vars(cfg))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{cfg_file}: {e}") from None
-    tensors, expected = read_safetensors(file), adapters.adapter_state(model)
-    check_keys(f"{file} ({config['method']} adapters)", tensors, expected)
-    for k in tensors:
-        if tensors[k].shape != expected[k].shape:
-            raise ValueError(f"{file}: {k} has shape {tuple(tensors[k].shape)}, expected {tuple(expected[k].shape)}")
-    model.load_state_dict(tensors, strict=False)   # exactly the adapter keys, checked above
+    return load_checked(model, read_safetensors(file), f"{file} ({config['method']} adapters)")
+
+
+def load_checked(model, state, where):
+    """Load exactly the adapter tensors `state` into model, every key and shape checked first."""
+    expected = adapters.adapter_state(model)
+    check_keys(where, state, expected)
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(f"{where}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    model.load_state_dict(state, strict=False)                        # exactly the adapter keys
     return model
 
 
 def shape_id(model):
     c = model.config
-    return f"d_model={c.d_model} n_layers={c.n_layers} n_heads={c.n_heads} n_kv_heads={c.n_kv_heads} mlp={c.mlp_hidden_size}"
+    return (f"d_model={c.d_model} n_layers={c.n_layers} n_heads={c.n_heads} n_kv_heads={c.n_kv_heads} "
+            f"mlp={c.mlp_hidden_size}")
 
 
 # ---------------------------------------------------------------- PEFT's LoRA layout
 # Fields that every PEFT release from 0.13 on knows (LoraConfig); export writes no other.
-PEFT_FIELDS = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "r", "lora_alpha",
-               "lora_dropout", "target_modules", "bias", "fan_in_fan_out", "init_lora_weights", "use_rslora", "use_dora",
-               "rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform", "layers_pattern")
+PEFT_FIELDS = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "r",
+               "lora_alpha", "lora_dropout", "target_modules", "bias", "fan_in_fan_out", "init_lora_weights",
+               "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "modules_to_save",
+               "layers_to_transform", "layers_pattern")
 # Read but without effect on the loaded model: provenance, how PEFT initialised A and B, settings of
 # features that are off (qalora_group_size without use_qalora), and what load_peft honours.
-PEFT_NEUTRAL = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-                "runtime_config", "peft_version", "megatron_core", "qalora_group_size", "eva_config", "r", "lora_alpha", "lora_dropout",
-                "target_modules", "exclude_modules", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern"}
+PEFT_NEUTRAL = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+                "auto_mapping", "runtime_config", "peft_version", "megatron_core", "qalora_group_size",
+                "eva_config", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
+                "use_rslora", "use_dora", "rank_pattern", "alpha_pattern"}
 
 
 def export_peft(model, directory, lam=None):
@@ -131,7 +143,8 @@ def export_peft(model, directory, lam=None):
     into the safetensors metadata (PEFT ignores it)."""
     cfg = model.adapter_config
     if cfg["method"] in ("hira", *adapters.PROMPT):
-        raise ValueError(f"{cfg['method']} is not a low-rank additive update: PEFT's LoRA layout cannot hold it")
+        raise ValueError(f"{cfg['method']} is not a low-rank additive update: PEFT's LoRA layout cannot "
+                         "hold it")
     if cfg["method"] in adapters.NOISE_AWARE and lam is None:
         raise ValueError(f"{cfg['method']} depends on λ: pass lam= to export LoRA at that noise level")
     cond, tensors, ranks, alphas = adapters.cond_at(model, 0.0 if lam is None else lam), {}, {}, {}
@@ -144,15 +157,17 @@ def export_peft(model, directory, lam=None):
                 tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = m.magnitude
             ranks[name], alphas[name] = m.r, m.s * m.r             # PEFT: s = lora_alpha / r
     r = cfg["r"]
-    body = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": getattr(model, "source", None),
-            "revision": None, "inference_mode": True, "r": r, "lora_alpha": alphas[next(iter(alphas))],
-            "lora_dropout": cfg["dropout"], "target_modules": cfg["targets"], "bias": "none", "fan_in_fan_out": False,
-            "init_lora_weights": True, "use_rslora": False, "use_dora": cfg["method"] in ("dora", "nara-dora"),
-            "rank_pattern": {n: v for n, v in ranks.items() if v != r}, "modules_to_save": None,
-            "layers_to_transform": None, "layers_pattern": None}
+    body = {"peft_type": "LORA", "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": getattr(model, "source", None), "revision": None,
+            "inference_mode": True, "r": r, "lora_alpha": alphas[next(iter(alphas))],
+            "lora_dropout": cfg["dropout"], "target_modules": cfg["targets"], "bias": "none",
+            "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False,
+            "use_dora": cfg["method"] in ("dora", "nara-dora"),
+            "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+            "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None}
     body["alpha_pattern"] = {n: v for n, v in alphas.items() if v != body["lora_alpha"]}
     write_adapter_files(directory, "adapter_model.safetensors", tensors, body,
-                             metadata={"nara_method": cfg["method"], "nara_noise_level": str(lam)})
+                        metadata={"nara_method": cfg["method"], "nara_noise_level": str(lam)})
 
 
 def peft_targets(body, names, where):
@@ -191,42 +206,43 @@ def load_peft(model, directory, verbose=True):
         raise ValueError(f"{cfg_file}: peft_type={body['peft_type']!r}: only LORA adapters load here")
     init = str(body.get("init_lora_weights", True)).lower()
     if not init.startswith(("true", "false", "gaussian")):
-        raise ValueError(f"{cfg_file}: init_lora_weights={body['init_lora_weights']!r} changes the base weights: "
-                         "convert it to a plain LoRA with PEFT first (path_initial_model_for_weight_conversion)")
+        raise ValueError(f"{cfg_file}: init_lora_weights={body['init_lora_weights']!r} changes the base "
+                         "weights: convert it to a plain LoRA with PEFT first "
+                         "(path_initial_model_for_weight_conversion)")
     for key, value in body.items():
-        if key not in PEFT_NEUTRAL and key != "init_lora_weights" and value not in (None, False, "none", [], {}, ""):
+        off = value in (None, False, "none", [], {}, "")
+        if key not in PEFT_NEUTRAL and key != "init_lora_weights" and not off:
             raise ValueError(f"{cfg_file}: {key}={value!r} is not supported (it would change the model)")
-    linears = [n for n, m in model.named_modules() if n.startswith("transformer.") and isinstance(m, (Linear, torch.nn.Linear))]
+    linears = [n for n, m in model.named_modules() if n.startswith("transformer.")
+               and isinstance(m, (Linear, torch.nn.Linear))]
     chosen = peft_targets(body, linears, cfg_file)
     odd = [n for n in chosen if not n.startswith("transformer.blocks.")]
     if odd:
         raise ValueError(f"{cfg_file}: adapters on {odd[0]} (the LM head or embedding) are not supported")
-    r, alpha, rp, ap = body["r"], body.get("lora_alpha", 8), body.get("rank_pattern") or {}, body.get("alpha_pattern") or {}
+    r, alpha = body["r"], body.get("lora_alpha", 8)
+    rp, ap = body.get("rank_pattern") or {}, body.get("alpha_pattern") or {}
     for n in chosen:                                        # PEFT 0.13 took one key for both patterns
-        kr, ka = (next((k for k in pat if re.match(rf"(.*\.)?({k})$", "model." + n)), None) for pat in (rp, ap))
+        kr, ka = (next((k for k in pat if re.match(rf"(.*\.)?({k})$", "model." + n)), None)
+                  for pat in (rp, ap))
         if kr is not None and ka is not None and kr != ka:
-            raise ValueError(f"{cfg_file}: rank_pattern key {kr!r} and alpha_pattern key {ka!r} both match {n}: "
-                             "PEFT releases disagree on what that means")
+            raise ValueError(f"{cfg_file}: rank_pattern key {kr!r} and alpha_pattern key {ka!r} both match "
+                             f"{n}: PEFT releases disagree on what that means")
     adapters.add_adapters(model, "dora" if body.get("use_dora") else "lora", r=r, targets=chosen, alpha=alpha,
-                      dropout=body.get("lora_dropout", 0.0), rslora=bool(body.get("use_rslora")), verbose=verbose,
-                      rank_pattern={n: pattern_value(rp, "model." + n, r) for n in chosen},
-                      alpha_pattern={n: pattern_value(ap, "model." + n, alpha) for n in chosen})
+                          dropout=body.get("lora_dropout", 0.0), rslora=bool(body.get("use_rslora")),
+                          rank_pattern={n: pattern_value(rp, "model." + n, r) for n in chosen},
+                          alpha_pattern={n: pattern_value(ap, "model." + n, alpha) for n in chosen},
+                          verbose=verbose)
     tensors = read_safetensors(file)
     names = {}
     for n, m in model.named_modules():
         if isinstance(m, nara.LoRALinear):
-            names.update({f"{PEFT_PREFIX}{n}.lora_A.weight": f"{n}.lora_A", f"{PEFT_PREFIX}{n}.lora_B.weight": f"{n}.lora_B"})
+            names.update({f"{PEFT_PREFIX}{n}.lora_A.weight": f"{n}.lora_A",
+                          f"{PEFT_PREFIX}{n}.lora_B.weight": f"{n}.lora_B"})
             if isinstance(m, baselines.DoRALinear):              # PEFT >= 0.10 saves it as a module's .weight
                 key = f"{PEFT_PREFIX}{n}.lora_magnitude_vector"
                 names[key + ".weight" if key + ".weight" in tensors else key] = f"{n}.magnitude"
     check_keys(file, tensors, names)
-    state = {names[k]: v for k, v in tensors.items()}
-    expected = adapters.adapter_state(model)
-    for k, v in state.items():
-        if v.shape != expected[k].shape:
-            raise ValueError(f"{file}: the tensor for {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
-    model.load_state_dict(state, strict=False)
-    return model
+    return load_checked(model, {names[k]: v for k, v in tensors.items()}, file)
 
 
 # ---------------------------------------------------------------- the authors' NaRA checkpoints
@@ -293,9 +309,10 @@ def load_authors(model, directory, verbose=True):
     cfg_file = directory / "adapter_config.json"
     body = read_json(cfg_file)
     adapters.add_adapters(model, **authors_config(body, cfg_file), verbose=verbose)
-    file = next((directory / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (directory / f).is_file()), None)
+    names = ("adapter_model.safetensors", "adapter_model.bin")
+    file = next((directory / f for f in names if (directory / f).is_file()), None)
     if file is None:
-        raise FileNotFoundError(f"{directory}: neither adapter_model.safetensors nor adapter_model.bin found")
+        raise FileNotFoundError(f"{directory}: neither {' nor '.join(names)} found")
     if file.suffix == ".bin":
         try:
             saved = torch.load(file, map_location="cpu", weights_only=True)
@@ -311,12 +328,7 @@ def load_authors(model, directory, verbose=True):
         for short, suffix in (("NL", ""), ("ND", "_density")):
             for k, v in emb.items():
                 if k.startswith(f"base_model.embedding_layers.{short}_emb."):
-                    rest = k.split(f"{short}_emb.", 1)[1]
-                    state[f"noise_nets.{key}." + ("W" + suffix if rest == "W" else f"embed{suffix}.0.{rest.split('.', 1)[1]}")] = v
-    expected = adapters.adapter_state(model)
-    check_keys(f"{file} (the authors' NaRA)", state, expected)
-    for k, v in state.items():
-        if v.shape != expected[k].shape:
-            raise ValueError(f"{file}: the tensor for {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
-    model.load_state_dict(state, strict=False)
-    return model
+                    rest = k.split(f"{short}_emb.", 1)[1]                # W, or proj.weight / proj.bias
+                    ours = "W" + suffix if rest == "W" else f"embed{suffix}.0.{rest.split('.', 1)[1]}"
+                    state[f"noise_nets.{key}.{ours}"] = v
+    return load_checked(model, state, f"{file} (the authors' NaRA)")

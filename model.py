@@ -232,7 +232,7 @@ class LLaDA(nn.Module):
     def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
         """Write the backbone in the layout from_pretrained reads and transformers' AutoModel loads (with
         trust_remote_code=True), atomically, one shard in host memory at a time (checkpoint.py).
-        Adapters are not saved here: nara.merge folds them in first."""
+        Adapters are not saved here: adapters.merge folds them in first."""
         sd = self.state_dict()
         tensors = {k: sd[k[6:]].detach() for k in self.base_shapes()}        # "model.<key>": the backbone
         files.write_pretrained(path, self.config, tensors, getattr(self, "source", None), max_shard_bytes)

@@ -1,25 +1,18 @@
-"""NaRA: Noise-Aware LoRA (arXiv 2605.29716): the paper's objects, with LoRA and Multi-LoRA beside them.
-
-Read with the paper: §3 (the noise level), §4 (ΔW(λ) = B C(λ) A, the hypernetwork), Theorem 4.1. The
-other baselines are in baselines.py and prompts.py, the ablation switches in ablations.py, every
-method by name in adapters.py, adapter files in interop.py.
+"""NaRA: Noise-Aware LoRA (arXiv 2605.29716) §3, §4 and Theorem 4.1, with LoRA and Multi-LoRA beside it.
+Other baselines: baselines.py, prompts.py; ablations: ablations.py; every method, and merge: adapters.py.
 
 Glossary (code -> paper)
     W0 = weight      frozen pretrained weight of an adapted linear layer, (d_out, d_in)
     A, B             lora_A (r, d_in), kaiming-uniform(a=√5); lora_B (d_out, r), zero: ΔW = 0 at step 0
-    C(λ)             the r x r core I + η unvec F_φ(e_λ), one per sequence: (B, r, r)
-    F_φ, e_λ         `Hypernetwork`, ONE shared by every adapted layer; e_λ = [sin(λW), cos(λW)]
+    C(λ), F_φ, e_λ   the r x r core I + η unvec F_φ(e_λ), one per sequence; F_φ = `Hypernetwork`, ONE
+                     shared by every adapted layer, reached through cond = {"lam": λ, "nara": C(λ)}
     lam (λ), eta, s  noise level of each sequence (t in training); core scale η = 0.1; s = alpha/r = 1
 
-Each method is a drop-in for model.Linear that keeps the base `weight` key where it was. λ travels as
-an argument: LLaDA.conditioning computes cond = {"lam": λ, "nara": C(λ)} once per forward for every
-layer; a noise-aware layer without λ raises instead of reusing an old one.
-
 Departure from the authors' code, on purpose: under bf16 autocast their rank-r product ((x Aᵀ) M) Bᵀ
-runs in bf16, where 1 + δ rounds to 1 for |δ| < 2⁻⁸, so a core near I mostly never reaches the output.
-Here the rank-r part after A x runs in fp32 with one rounding at the output (`LoRALinear.update`): the
-layer applies ~100 % of C − I = 1e-3·D instead of 0 % (tests/test_gpu_path.py), for 2·r·d_out fp32
-FLOPs per token (0.8 % of the layer's at r = 32, d = 4096; BENCHMARKS.md, gpu_check.py). fp32: unchanged.
+is bf16, where 1 + δ rounds to 1 for |δ| < 2⁻⁸, so a core near I mostly never reaches the output. Here
+the rank-r part after A x runs in fp32 with one rounding at the output (`LoRALinear.update`): ~100 % of
+C − I = 1e-3·D is applied instead of 0 %, for 2·r·d_out fp32 FLOPs per token (0.8 % of the layer's at
+r = 32, d = 4096; BENCHMARKS.md). In fp32 nothing changes.
 """
 import math
 
@@ -30,6 +23,7 @@ import torch.nn.functional as F
 from model import Linear, checkpointed
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "attn_out")
+NEEDS_LAMBDA = "this model has noise-aware adapters: call it with noise_level=λ (one per sequence)"
 
 
 # ---------------------------------------------------------------- C(λ) and the hypernetwork F_φ
@@ -42,9 +36,9 @@ def core(raw, r, eta):
 
 
 class Hypernetwork(nn.Module):
-    """C(λ) = I_r + η · unvec F_φ(e_λ) once per forward for the batch: (B,) -> (B, r, r). e_λ = [sin(λW),
-    cos(λW)], W ~ N(0, 16²) fixed (no 2π); F_φ = Linear(64, 256) SiLU Linear(256, 512) SiLU Linear(512, r²),
-    zero biases, last layer zero: C = I at step 0, NaRA starts as LoRA (ablations.py varies all of it)."""
+    """C(λ) = I_r + η · unvec F_φ(e_λ), once per forward for the batch: (B,) -> (B, r, r). e_λ =
+    [sin(λW), cos(λW)], W ~ N(0, 16²) fixed (no 2π); F_φ = Linear(64, 256) SiLU Linear(256, 512) SiLU
+    Linear(512, r²), zero biases, the last layer zero: C = I at step 0, so NaRA starts as LoRA."""
     def __init__(self, r, eta=0.1, width=64, hidden=(256, 512)):
         super().__init__()
         self.r, self.eta = r, eta
@@ -63,8 +57,7 @@ class Hypernetwork(nn.Module):
     def features(self, lam, masked, valid):
         """e_λ in fp32: (B,) -> (B, width)."""
         if lam is None:
-            raise ValueError("this model has noise-aware adapters: call it with noise_level=λ "
-                             "(one per sequence)")
+            raise ValueError(NEEDS_LAMBDA)
         proj = lam.float()[:, None] @ self.W.float()                      # (B, width/2)
         return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
 
@@ -136,84 +129,63 @@ class MultiLoRALinear(LoRALinear):
     """Multi-LoRA: K separate LoRAs, one per noise bin k = clamp(ceil(λK), 1, K); per sequence."""
     def __init__(self, base, r, s=1.0, dropout=0.05, bins=5):
         super().__init__(base, r, s, dropout)
-        self.lora_A = nn.Parameter(torch.stack([self.lora_A.data] + [
-            nn.init.kaiming_uniform_(torch.empty_like(self.lora_A), a=math.sqrt(5)) for _ in range(bins - 1)]))
+        more = [nn.init.kaiming_uniform_(torch.empty_like(self.lora_A), a=math.sqrt(5))
+                for _ in range(bins - 1)]
+        self.lora_A = nn.Parameter(torch.stack([self.lora_A.data] + more))             # (K, r, d_in)
         self.lora_B = nn.Parameter(torch.zeros(bins, *self.lora_B.shape, device=self.lora_B.device))
 
     def factors(self, cond):
         if cond.get("lam") is None:
-            raise ValueError("this model has Multi-LoRA adapters: call it with noise_level=λ (one per sequence)")
+            raise ValueError(NEEDS_LAMBDA.replace("noise-aware", "Multi-LoRA"))
         K = self.lora_A.shape[0]
         k = torch.ceil(cond["lam"] * K).long().clamp(1, K) - 1            # (B,) bin of each sequence
         return self.lora_A[k], None, self.lora_B[k]                       # (B, r, d_in), (B, d_out, r)
 
 
-# ---------------------------------------------------------------- adding them to a model, merging
+# ---------------------------------------------------------------- adding them to a model
 def add_adapters(model, method="nara", r=32, targets=TARGETS, alpha=None, dropout=0.05, eta=0.1, *, bins=5,
                  verbose=True):
     """Freeze `model`; replace each linear layer of transformer.blocks whose name ends with a target (never
     the LM head) by `method`'s, s = alpha / r (None: s = 1, as NaRA's authors); NaRA also gets its one
-    shared hypernetwork. lora, nara, multi-lora; every other method: adapters.add_adapters."""
+    shared hypernetwork. Here lora, nara, multi-lora; every method of the paper: adapters.add_adapters."""
     layers = {"lora": LoRALinear, "nara": NaRALinear, "multi-lora": lambda *a: MultiLoRALinear(*a, bins=bins)}
-    if method not in layers or getattr(model, "adapter_config", None):
-        raise ValueError(f"this model already has {model.adapter_config['method']} adapters" if method in layers
-                         else f"method={method!r}: here lora, nara, multi-lora; adapters.add_adapters has them all")
+    if method not in layers:
+        raise ValueError(f"method={method!r}: here lora, nara, multi-lora; adapters.add_adapters has all")
+    if getattr(model, "adapter_config", None):
+        raise ValueError(f"this model already has {model.adapter_config['method']} adapters")
     for p in model.parameters():
         p.requires_grad_(False)
     if method == "nara":
         model.noise_nets["nara"] = Hypernetwork(r, eta).to(model.transformer.wte.weight.device)
     s = 1.0 if alpha is None else alpha / r
     n = replace_linears(model, targets, lambda name, base: layers[method](base, r, s, dropout))
-    model.adapter_config = dict(method=method, r=r, targets=list(targets), alpha=alpha, dropout=dropout, eta=eta,
-                                bins=bins)
-    return report(model, f"{method}: adapted {n} layers ({', '.join(targets)} in {len(model.transformer.blocks)} "
-                         "blocks)", verbose)
+    model.adapter_config = dict(method=method, r=r, targets=list(targets), alpha=alpha, dropout=dropout,
+                                eta=eta, bins=bins)
+    return report(model, f"{method}: adapted {n} layers ({', '.join(targets)} in "
+                         f"{len(model.transformer.blocks)} blocks)", verbose)
 
 
 def replace_linears(model, targets, make):
     """Swap each model.Linear in transformer.blocks whose name ends with a target for make(name, layer)."""
-    linears = {n: m for n, m in model.named_modules() if n.startswith("transformer.blocks.") and isinstance(m, Linear)}
-    hit = lambda n, t: n == t or n.endswith("." + t)  # noqa: E731   (a layer name, or a full module name)
+    linears = {n: m for n, m in model.named_modules()
+               if n.startswith("transformer.blocks.") and isinstance(m, Linear)}
+    chosen = [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
     for t in targets:
-        if not any(hit(n, t) for n in linears):
+        if not any(n == t or n.endswith("." + t) for n in chosen):
             names = ", ".join(sorted({n.rsplit(".", 1)[1] for n in linears}))
             raise ValueError(f"target {t!r} matches no linear layer; available: {names}")
-    chosen = [n for n in linears if any(hit(n, t) for t in targets)]
     for name in chosen:
         parent, child = name.rsplit(".", 1)
         setattr(model.get_submodule(parent), child, make(name, linears[name]))
-    model.train(model.training)   # new layers follow the model's mode (eval: no dropout)
+    model.train(model.training)                               # new layers follow the model's mode
     return len(chosen)
 
 
 def report(model, what, verbose):
     if verbose:
-        trainable, total = (sum(p.numel() for p in model.parameters() if p.requires_grad or a) for a in (0, 1))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
         print(f"{what}; trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f} %)")
-    return model
-
-
-@torch.no_grad()
-def merge(model, lam, cond=None):
-    """W0 <- W0 + ΔW(λ) in every adapted layer, at one fixed λ (NaRA's update depends on it): a plain LLaDA
-    again. The sum is computed in fp32 and stored in W0's dtype (with bf16 weights, a line says so).
-    cond: what the layers receive (default: model.conditioning at λ; adapters.cond_at for density)."""
-    if model.prompt is not None:
-        raise ValueError(f"{model.adapter_config['method']} adds input tokens, not a weight update: nothing to merge")
-    dtype, device = model.transformer.wte.weight.dtype, model.transformer.wte.weight.device
-    cond = cond or model.conditioning(torch.tensor([float(lam)], device=device))
-    for name, layer in list(model.named_modules()):
-        if isinstance(layer, LoRALinear):
-            with torch.device("meta"):   # no throw-away init of a d x d weight
-                plain = Linear(layer.weight.shape[1], layer.weight.shape[0])
-            plain.weight = nn.Parameter(layer.merged_weight(cond).to(layer.weight.dtype), requires_grad=False)
-            parent, child = name.rsplit(".", 1)
-            setattr(model.get_submodule(parent), child, plain)
-    model.noise_nets.clear()
-    model.adapter_config = None
-    if dtype != torch.float32:
-        print(f"merge: W0 + ΔW(λ={lam}) summed in float32, stored in {str(dtype)[6:]}: the merged model differs "
-              "from the adapted one by that rounding")
     return model
 
 
@@ -225,20 +197,20 @@ def decompose(updates, r):
 
     Construction: B = P, an orthonormal basis of the joint column space (left singular vectors of
     [ΔW_1 ... ΔW_N]); A = Qᵀ, Q one of the joint row space (of [ΔW_1; ...; ΔW_N]); C_i = Pᵀ ΔW_i Q.
-    Then B C_i A = P Pᵀ ΔW_i Q Qᵀ = ΔW_i: P Pᵀ and Q Qᵀ project onto spaces that hold every column and
+    Then B C_i A = P Pᵀ ΔW_i Q Qᵀ = ΔW_i: P Pᵀ and Q Qᵀ project onto spaces holding every column and
     row of ΔW_i. Returns (B, A, [C_1..C_N]) in float64; raises ValueError when a joint rank exceeds r."""
     W = [torch.as_tensor(u, dtype=torch.float64) for u in updates]
-    if not W or any(w.shape != W[0].shape or w.dim() != 2 for w in W):
+    if not W or any(w.shape != W[0].shape or w.dim() != 2 or not w.numel() for w in W):
         raise ValueError("decompose needs a non-empty list of matrices of one shape")
     bases = []
     for stacked, side in ((torch.cat(W, dim=1), "column"), (torch.cat(W, dim=0).T, "row")):
         U, S, _ = torch.linalg.svd(stacked, full_matrices=False)          # thin: U (d, min(d, N·d'))
-        rank = int((S > S.max() * max(stacked.shape) * torch.finfo(torch.float64).eps).sum()) if S.numel() else 0
+        rank = int((S > S.max() * max(stacked.shape) * torch.finfo(torch.float64).eps).sum())
         if rank > r:
             raise ValueError(f"the joint {side} space has dimension {rank} > r = {r}: "
                              f"no static B, A of rank {r} can represent these updates")
-        # U's first `rank` columns span the joint space; the next ones up to r are orthonormal but arbitrary,
-        # and zero where r exceeds U's width: P Pᵀ still projects onto a space holding the joint one
+        # U's first `rank` columns span the joint space, the next ones up to r are orthonormal but
+        # arbitrary, and zero where r exceeds U's width: P Pᵀ still projects onto a space holding it
         basis = torch.zeros(stacked.shape[0], r, dtype=torch.float64, device=stacked.device)
         basis[:, :min(r, U.shape[1])] = U[:, :r]
         bases.append(basis)

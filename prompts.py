@@ -31,7 +31,8 @@ class VirtualTokens(nn.Module):
         else:                                                               # P-Tuning
             h = encoder_hidden
             self.embedding = nn.Parameter(torch.randn(n, d, device=dev))
-            self.encoder = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, d)).to(dev)
+            self.encoder = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(),
+                                         nn.Linear(h, d)).to(dev)
 
     def tokens(self):
         return self.embedding if self.encoder is None else self.encoder(self.embedding)   # (n, d)

@@ -26,10 +26,25 @@ from tasks import accuracy, load_items, read_records
 RESUMABLE = ("out", "resume", "stop_at", "test", "grad_checkpointing")
 
 
-def add_flags(ap):
+def add_flags(ap, recipe):
+    """train.py's flags but the adapters' (adapters.add_flags): data, schedule, run directory, device."""
+    ap.add_argument("--model", help="LLaDA directory (or a hub id, with huggingface_hub and a network)")
+    ap.add_argument("--data", help="LLM-Adapters .json, GSM8K-style .jsonl or CodeFeedback-style .json")
+    ap.add_argument("--test", help="held-out LLM-Adapters .json scored by generation at the end")
+    ap.add_argument("--max-length", type=int, help=f"prompt + answer tokens (recipe: {recipe.max_length})")
+    ap.add_argument("--val-size", type=int, help=f"examples held out (recipe: {recipe.val_size})")
+    ap.add_argument("--eval-every", type=int, help=f"validate every N updates (recipe: {recipe.eval_every})")
+    ap.add_argument("--lr", type=float, help=f"peak learning rate (recipe: {recipe.lr})")
+    ap.add_argument("--epochs", type=float, help=f"passes over the data (recipe: {recipe.epochs})")
+    ap.add_argument("--max-updates", type=int, help="stop after this many updates (overrides --epochs)")
+    ap.add_argument("--batch-size", type=int, help=f"sequences per micro-batch (recipe: {recipe.batch_size})")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (authors: 1 x 32)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (data split, order, masks, init)")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
     ap.add_argument("--out", help="run directory (default runs/<data name>-<method>, or runs/default)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    ap.add_argument("--stop-at", type=int, default=None, help="stop after this update, as if killed (time-boxed jobs)")
+    ap.add_argument("--stop-at", type=int, default=None,
+                    help="stop after this update, as if killed (time-boxed jobs)")
     ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     ap.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
                     help="base weights; bfloat16 also computes under bf16 autocast, adapters stay float32 "
@@ -58,10 +73,12 @@ def check_flags(args, name):
         if device is None or device.type not in ("cuda", "cpu"):
             raise ValueError(f"--device {args.device!r}: choose cuda, cuda:N or cpu")
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: no CUDA device here (this torch "
-                             f"{'has no CUDA support' if torch.version.cuda is None else 'sees no GPU'}); use --device cpu")
+            why = "has no CUDA support" if torch.version.cuda is None else "sees no GPU"
+            raise ValueError(f"--device {args.device}: no CUDA device here (this torch {why}); "
+                             "use --device cpu")
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA "
+                             "device(s)")
     if args.out is None and args.resume:
         raise ValueError("--resume needs --out RUN_DIR: the run to continue")
     if args.resume and not Path(args.out).is_dir():
@@ -82,12 +99,13 @@ def resolve_model(name):
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise ValueError(f"--model {name}: not a directory, and huggingface_hub is not installed to fetch it") from None
+        raise ValueError(f"--model {name}: not a directory, and huggingface_hub is not installed to "
+                         "fetch it") from None
     try:
         return snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
     except Exception as e:   # noqa: BLE001 (any network failure)
-        raise ValueError(f"--model {name}: could not download it ({type(e).__name__}); download it on a machine "
-                         "with a network and pass the directory") from None
+        raise ValueError(f"--model {name}: could not download it ({type(e).__name__}); download it on a "
+                         "machine with a network and pass the directory") from None
 
 
 def start(args):
@@ -118,7 +136,8 @@ def prepare(out, args, settings, rank):
     settings match the recorded ones; never a change to a finished run. True when resuming."""
     record, checkpoint = out / "run.json", out / "checkpoint.pt"
     if (out / "adapter").exists():
-        raise ValueError(f"--out {out} holds a finished run (its adapter is in {out / 'adapter'}): choose another --out")
+        raise ValueError(f"--out {out} holds a finished run (its adapter is in {out / 'adapter'}): "
+                         "choose another --out")
     if not checkpoint.is_file():
         if args.resume and (out / "metrics.jsonl").exists():
             print(f"{out} has no checkpoint yet: starting it again from the beginning")
@@ -134,11 +153,16 @@ def prepare(out, args, settings, rank):
     saved = read_json(record)
     for key in sorted(set(saved) | set(settings)):
         if saved.get(key) != settings.get(key):
-            what = {"data_sha256": "--data (the file changed since the run started)", "world_size": "the number of "
-                    "processes", "device": "--device"}.get(key, "--" + {"r": "adapter-rank"}.get(key, key.replace("_", "-")))
-            raise ValueError(f"--resume: {out} was run with {what} = {saved.get(key)!r}, not {settings.get(key)!r}; "
-                             f"only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE[2:])} may change on resume")
+            what = {"data_sha256": "--data (the file changed since the run started)", "device": "--device",
+                    "world_size": "the number of processes"}.get(key, flag(key))
+            raise ValueError(f"--resume: {out} was run with {what} = {saved.get(key)!r}, not "
+                             f"{settings.get(key)!r}; only {', '.join(map(flag, RESUMABLE[2:]))} may change "
+                             "on resume")
     return True
+
+
+def flag(key):
+    return "--" + {"r": "adapter-rank"}.get(key, key.replace("_", "-"))
 
 
 def begin(out, settings, resume, rank):
@@ -150,7 +174,8 @@ def begin(out, settings, resume, rank):
 
 def save_checkpoint(file, model, opt, sched, step, best, device):
     """Everything --resume needs to continue bit for bit, written atomically."""
-    ck = {"adapter": adapters.adapter_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+    ck = {"adapter": adapters.adapter_state(model), "optimizer": opt.state_dict(),
+          "scheduler": sched.state_dict(),
           "step": step, "best": best, "rng": torch.get_rng_state(),
           "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0)}
     atomic_write(file, lambda tmp: torch.save(ck, tmp))
@@ -162,9 +187,11 @@ def restore(out, model, opt, sched, device, rank, method):
         # AdamW's steps stay there
         ck = torch.load(out / "checkpoint.pt", weights_only=True, map_location="cpu")
     except Exception as e:   # noqa: BLE001 (the file is at fault)
-        raise ValueError(f"{out / 'checkpoint.pt'}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{out / 'checkpoint.pt'}: not a readable checkpoint ({type(e).__name__}: "
+                         f"{e})") from None
     if set(ck["adapter"]) != set(adapters.adapter_state(model)):
-        raise ValueError(f"--resume: {out / 'checkpoint.pt'} holds other adapters than --method {method} builds")
+        raise ValueError(f"--resume: {out / 'checkpoint.pt'} holds other adapters than --method {method} "
+                         "builds")
     model.load_state_dict(ck["adapter"], strict=False)                      # exactly the adapter keys
     opt.load_state_dict(ck["optimizer"])
     sched.load_state_dict(ck["scheduler"])
@@ -173,7 +200,8 @@ def restore(out, model, opt, sched, device, rank, method):
         torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), device)
     if rank == 0:                                     # forget the metrics of updates after the checkpoint
         lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= ck["step"]))
+        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines
+                                                   if json.loads(line)["step"] <= ck["step"]))
     return ck["step"], ck["best"]
 
 
@@ -187,24 +215,27 @@ def log(out, record, line, show):
 
 def check_finite(loss, step, out, saved_at):
     if not math.isfinite(loss):
-        kept = f"the last checkpoint (update {saved_at}) in {out} is intact" if saved_at else "no checkpoint was written yet"
+        kept = (f"the last checkpoint (update {saved_at}) in {out} is intact" if saved_at
+                else "no checkpoint was written yet")
         raise FloatingPointError(f"update {step + 1}: loss is {loss}; stopped, {kept}")
 
 
 class Interrupted(Exception):
     """Ctrl-C during training, with what was saved and how to continue."""
     def __init__(self, out, step, total, saved_at):
-        where = (f"the last checkpoint (update {saved_at}) is in {out}: continue with the same command and --resume "
-                 f"--out {out}") if saved_at else f"no checkpoint was written yet: run the command again with --out {out}"
+        where = (f"the last checkpoint (update {saved_at}) is in {out}: continue with the same command and "
+                 f"--resume --out {out}" if saved_at
+                 else f"no checkpoint was written yet: run the command again with --out {out}")
         super().__init__(f"interrupted at update {step}/{total}; {where}")
 
 
 def finish(world, params, device, say):
-    """After the last update: the ranks compare their adapters, then leave (rank 0 saves and reports alone)."""
+    """After the last update the ranks compare their adapters, then leave: rank 0 saves and reports alone."""
     if world > 1:
         sums = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
         torch.distributed.all_gather(sums, sum(p.double().sum() for p in params).reshape(1))
-        say(f"adapter checksum on {world} ranks: {'identical' if all(torch.equal(s, sums[0]) for s in sums) else 'DIFFERENT'}")
+        same = all(torch.equal(s, sums[0]) for s in sums)
+        say(f"adapter checksum on {world} ranks: {'identical' if same else 'DIFFERENT'}")
         torch.distributed.destroy_process_group()         # no rank waits in a barrier while rank 0 reports
 
 
@@ -217,9 +248,11 @@ def report(model, tok, args, adapter):
         with adapters.base_only(model):
             plain, _ = accuracy(model, tok, examples)
     except torch.cuda.OutOfMemoryError:
-        raise ValueError(f"out of GPU memory while scoring --test; the adapter is saved in {adapter}: score it with "
-                         f"python eval.py --model {args.model} --adapter {adapter} --data {args.test} --batch-size 4") from None
-    print(f"held-out accuracy on {len(examples)} items: base {100 * plain:.1f} % -> {args.method} {100 * tuned:.1f} %")
+        raise ValueError(f"out of GPU memory while scoring --test; the adapter is saved in {adapter}: "
+                         f"score it with python eval.py --model {args.model} --adapter {adapter} --data "
+                         f"{args.test} --batch-size 4") from None
+    print(f"held-out accuracy on {len(examples)} items: base {100 * plain:.1f} % -> {args.method} "
+          f"{100 * tuned:.1f} %")
 
 
 def cli(main):

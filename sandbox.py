@@ -82,8 +82,9 @@ out = os.open(".out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
 os.dup2(out, 1)
 os.dup2(out, 2)
-for lim, value in ((resource.RLIMIT_CPU, seconds), (resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, 8 << 20),
-                   (resource.RLIMIT_NPROC, 0), (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, 64)):
+for lim, value in ((resource.RLIMIT_CPU, seconds), (resource.RLIMIT_AS, memory),
+                   (resource.RLIMIT_FSIZE, 8 << 20), (resource.RLIMIT_NPROC, 0), (resource.RLIMIT_CORE, 0),
+                   (resource.RLIMIT_NOFILE, 64)):
     resource.setrlimit(lim, (value, value))
 source = json.loads(rpc_in.readline())
 ns = {"__name__": "solution"}
@@ -126,7 +127,7 @@ class Remote:
     def __init__(self, name):
         self.name = name
     def __call__(self, *args, **kwargs):
-        cid = secrets.token_hex(8)                            # a frame written unasked cannot answer this call
+        cid = secrets.token_hex(8)                # a frame written unasked cannot answer this call
         send(["call", cid, self.name, enc(list(args), 0, [0]), enc(kwargs, 0, [0])])
         reply = receive()
         if reply[1:2] != [cid]:
@@ -175,7 +176,8 @@ cd /
 umount -l /.old
 rmdir /.old
 cd /work
-exec setpriv --no-new-privs --bounding-set=-all --inh-caps=-all "$py" -I -S -c "$CHILD" "$SECONDS_LIMIT" "$MEMORY_LIMIT"
+exec setpriv --no-new-privs --bounding-set=-all --inh-caps=-all \
+    "$py" -I -S -c "$CHILD" "$SECONDS_LIMIT" "$MEMORY_LIMIT"
 '''
 
 
@@ -225,7 +227,8 @@ def why_unavailable():
             reason = "util-linux unshare/setpriv not found"
         else:
             try:
-                ok = _judge("def f():\n    return 1\n", "assert f() == 1\n", ["f"], "", 20, 256, _jail_command)
+                ok = _judge("def f():\n    return 1\n", "assert f() == 1\n", ["f"], "",
+                            20, 256, _jail_command)
                 reason = None if ok else "user namespaces are not available to this user (unshare failed)"
             except (OSError, SandboxUnavailable) as e:
                 reason = str(e)
@@ -239,7 +242,8 @@ def _judge(program, tests, names, setup, timeout, memory_mb, command):
            "jail": command(timeout + 1, memory_mb)}
     work = tempfile.mkdtemp(prefix="nara-judge-")   # the unsandboxed child's working directory
     os.chmod(work, 0o777 if os.getuid() == 0 else 0o700)
-    judge = subprocess.Popen([sys.executable, "-I", "-c", JUDGE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    judge = subprocess.Popen([sys.executable, "-I", "-c", JUDGE], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, start_new_session=True, cwd=work)
     try:
         out, _ = judge.communicate(json.dumps(job).encode(), timeout=timeout)
@@ -262,6 +266,7 @@ def run_untrusted(program, tests, names, setup="", timeout=10, memory_mb=1024, a
     allow_unsandboxed (then only resource limits and a dropped uid contain the program)."""
     reason = why_unavailable()
     if reason and not allow_unsandboxed:
-        raise SandboxUnavailable(f"cannot contain generated code here ({reason}): pass --allow-unsandboxed-code "
-                                 "to run it with resource limits only, at your own risk")
-    return _judge(program, tests, names, setup, timeout, memory_mb, _plain_command if reason else _jail_command)
+        raise SandboxUnavailable(f"cannot contain generated code here ({reason}): pass --allow-unsandboxed-"
+                                 "code to run it with resource limits only, at your own risk")
+    return _judge(program, tests, names, setup, timeout, memory_mb,
+                  _plain_command if reason else _jail_command)

@@ -33,7 +33,8 @@ def load_tokenizer(path):
     return Tokenizer.from_file(str(file))
 
 
-BOS, HEADER_START, HEADER_END, EOT = "<|startoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
+BOS, EOT = "<|startoftext|>", "<|eot_id|>"
+HEADER_START, HEADER_END = "<|start_header_id|>", "<|end_header_id|>"
 
 
 def chat_text(messages):
@@ -67,7 +68,8 @@ def pad_sft(prompt, answer, length, eos_token_id):
 
 def sft_rows(tok, path, max_length, eos):
     """The training file as padded SFT rows: ids (N, L), answer mask (N, L), and how many were skipped."""
-    rows = [pad_sft(*sft_pair(tok, p, a, eos), max_length, eos) for p, a in tqdm(load_examples(path), desc="tokenizing",
+    rows = [pad_sft(*sft_pair(tok, p, a, eos), max_length, eos)
+            for p, a in tqdm(load_examples(path), desc="tokenizing",
                                                                                    leave=False, disable=None)]
     kept = [r for r in rows if r is not None]
     return torch.stack([r[0] for r in kept]), torch.stack([r[1] for r in kept]), len(rows) - len(kept)
@@ -126,7 +128,10 @@ def read_records(path, what="data"):
     if not text.strip():
         raise ValueError(f"{path}: the {what} file is empty")
     try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+        if text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not JSON or JSON lines ({e})") from None
     for i, row in enumerate(rows):
@@ -154,26 +159,30 @@ def load_items(task, path):
         if missing:
             raise ValueError(f"{path}: item {i} has no field {missing[0]!r} (expected for --task {task})")
         if task == "gsm8k-jsonl":
-            items.append({"prompt": r["question"], "gold": r["answer"].split("####")[-1].strip().replace(",", "")})
+            gold = r["answer"].split("####")[-1].strip().replace(",", "")
+            items.append({"prompt": r["question"], "gold": gold})
         elif task == "humaneval":             # the prompt's helpers are trusted; the entry point is judged
             items.append({"prompt": f"Complete the following Python function.\n```python\n{r['prompt']}```",
-                          "code_prefix": r["prompt"], "gold": "pass", "setup": r["prompt"], "names": [r["entry_point"]],
-                          "tests": f"{r['test']}\ncheck({r['entry_point']})\n", "canonical": r.get("canonical_solution")})
+                          "code_prefix": r["prompt"], "gold": "pass", "setup": r["prompt"],
+                          "names": [r["entry_point"]], "tests": f"{r['test']}\ncheck({r['entry_point']})\n",
+                          "canonical": r.get("canonical_solution")})
         elif task == "mbpp":
             tests, setup = "\n".join(r["test_list"]), r.get("test_setup_code", "")
-            items.append({"prompt": f"{r['text']}\nYour code should pass these tests:\n{tests}", "code_prefix": "",
-                          "gold": "pass", "setup": setup, "names": called_names(tests, setup), "tests": tests + "\n",
-                          "canonical": r.get("code")})
+            items.append({"prompt": f"{r['text']}\nYour code should pass these tests:\n{tests}",
+                          "code_prefix": "", "gold": "pass", "setup": setup, "tests": tests + "\n",
+                          "names": called_names(tests, setup), "canonical": r.get("code")})
         else:
-            items.append({"prompt": r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else ""), "gold": r["answer"],
-                          "output": r.get("output")})
+            prompt = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
+            items.append({"prompt": prompt, "gold": r["answer"], "output": r.get("output")})
         gold = str(items[-1]["gold"]).strip()
         if task in NUMERIC or task == "gsm8k-jsonl":
             try:
                 float(gold.replace(",", ""))
             except ValueError:
-                raise ValueError(f"{path}: item {i} has the non-numeric answer {gold!r} (--task {task} scores numbers)") from None
-        elif (task in LABELS and not re.fullmatch(LABELS[task], gold.lower())) or (task == "AQuA" and gold not in "ABCDE"):
+                raise ValueError(f"{path}: item {i} has the non-numeric answer {gold!r} (--task {task} "
+                                 "scores numbers)") from None
+        elif ((task in LABELS and not re.fullmatch(LABELS[task], gold.lower()))
+              or (task == "AQuA" and gold not in "ABCDE")):
             raise ValueError(f"{path}: item {i} has the answer {gold!r}, not one of --task {task}'s labels")
     if not items:
         raise ValueError(f"{path}: no test items")
@@ -187,8 +196,10 @@ def called_names(tests, setup=""):
     import ast
     import builtins
     defined = {n.name for n in ast.walk(ast.parse(setup)) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-    defined |= {t.id for n in ast.walk(ast.parse(setup)) if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
-    calls = [n.func.id for n in ast.walk(ast.parse(tests)) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    defined |= {t.id for n in ast.walk(ast.parse(setup)) if isinstance(n, ast.Assign) for t in n.targets
+                if isinstance(t, ast.Name)}
+    calls = [n.func.id for n in ast.walk(ast.parse(tests)) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Name)]
     return sorted({c for c in calls if c not in defined and not hasattr(builtins, c)})
 
 
@@ -200,7 +211,8 @@ def completion_code(text):
 
 # ---------------------------------------------------------------- generation and likelihood
 @torch.no_grad()
-def answer_all(model, tok, prompts, gen_length=16, steps=16, block_length=16, batch_size=32, desc="generating", **gen):
+def answer_all(model, tok, prompts, gen_length=16, steps=16, block_length=16, batch_size=32,
+               desc="generating", **gen):
     """Generate an answer to each prompt (one user turn through the chat template), left-padded batches."""
     eos, eot = model.config.eos_token_id, tok.token_to_id("<|eot_id|>")
     device = next(model.parameters()).device
@@ -221,14 +233,19 @@ def answer_all(model, tok, prompts, gen_length=16, steps=16, block_length=16, ba
 def accuracy(model, tok, examples, **gen):
     """Math-scored accuracy of LLM-Adapters examples (the default run's task)."""
     generations = answer_all(model, tok, [e["instruction"] for e in examples], **gen)
-    return sum(math_correct(g, e["answer"]) for g, e in zip(generations, examples)) / max(1, len(examples)), generations
+    correct = sum(math_correct(g, e["answer"]) for g, e in zip(generations, examples))
+    return correct / max(1, len(examples)), generations
 
 
 def choose_by_likelihood(model, tok, task, prompt, mc_num):
     """The label with the highest Monte-Carlo log-likelihood of 'the correct answer is <label>'."""
-    labels = [l for part in LABELS[task].split("|") for l in (
-        [part[:-5] + str(k) for k in range(int(part[-4]), int(part[-2]) + 1)] if part.endswith("]") else [part])]
+    labels = []                                              # "answer[1-5]" -> answer1 ... answer5
+    for part in LABELS[task].split("|"):
+        labels += ([part[:-5] + str(k) for k in range(int(part[-4]), int(part[-2]) + 1)] if part.endswith("]")
+                   else [part])
     p = chat_ids(tok, [{"role": "user", "content": prompt}])
-    scores = {l: log_likelihood(model, p, tok.encode(f"the correct answer is {l}", add_special_tokens=False).ids,
-                                mc_num=mc_num, batch_size=min(16, mc_num)) for l in labels}
+    scores = {}
+    for label in labels:
+        answer = tok.encode(f"the correct answer is {label}", add_special_tokens=False).ids
+        scores[label] = log_likelihood(model, p, answer, mc_num=mc_num, batch_size=min(16, mc_num))
     return max(scores, key=scores.get)

@@ -53,29 +53,19 @@ DEFAULT = Config(max_length=64, val_size=30, eval_every=20, lr=2e-3, epochs=60, 
 
 
 def parse_args(argv=None):
+    """The flags (runs.py and adapters.py define them); RECIPE's values with --model, else DEFAULT's."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="LLaDA directory (or a hub id, with huggingface_hub and a network)")
-    ap.add_argument("--data", help="LLM-Adapters .json, GSM8K-style .jsonl (question/answer) or CodeFeedback-style")
-    ap.add_argument("--test", help="held-out LLM-Adapters .json scored by generation at the end (math scoring)")
-    for name, kind, what in (("max-length", int, "prompt + answer tokens"), ("val-size", int, "examples held out"),
-                             ("eval-every", int, "validate every N updates"), ("lr", float, "peak learning rate"),
-                             ("epochs", float, "passes over the data"), ("batch-size", int, "sequences per micro-batch")):
-        ap.add_argument("--" + name, type=kind, help=f"{what} (recipe: {getattr(RECIPE, name.replace('-', '_'))})")
-    ap.add_argument("--max-updates", type=int, help="stop after this many updates (overrides --epochs)")
-    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (the authors: 1 x 32)")
-    ap.add_argument("--seed", type=int, default=0, help="random seed (data split, order, masks, init)")
-    ap.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
+    runs.add_flags(ap, RECIPE)
     adapters.add_flags(ap)
-    runs.add_flags(ap)
     args = ap.parse_args(argv)
-    default_run = args.model is None
-    for k, v in vars(DEFAULT if default_run else RECIPE).items():
-        if getattr(args, k, None) is None:
+    preset = DEFAULT if args.model is None else RECIPE
+    for k, v in vars(preset).items():
+        if getattr(args, k) is None:
             setattr(args, k, v)
     if args.data is None:
         ap.error("--data is required with --model")
     adapters.check_flags(args)
-    runs.check_flags(args, "default" if default_run else f"{Path(args.data).stem}-{args.method}")
+    runs.check_flags(args, "default" if preset is DEFAULT else f"{Path(args.data).stem}-{args.method}")
     return args
 
 
@@ -98,16 +88,18 @@ def main(argv=None):
     resume = runs.prepare(out, args, settings, rank)
     torch.manual_seed(args.seed)
 
-    model = LLaDA.from_pretrained(model_dir, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    dtype = getattr(torch, args.dtype) if args.dtype else None            # default: bf16 on CUDA, else fp32
+    model = LLaDA.from_pretrained(model_dir, device=device, dtype=dtype)
     tok, eos = load_tokenizer(model_dir), model.config.eos_token_id
     ids, answer, skipped = sft_rows(tok, args.data, args.max_length, eos)   # (N, L), host memory
     if len(ids) <= args.val_size:
-        raise ValueError(f"--data {args.data}: {len(ids)} usable examples ({skipped} longer than --max-length "
-                         f"{args.max_length}), not more than --val-size {args.val_size}")
+        raise ValueError(f"--data {args.data}: {len(ids)} usable examples ({skipped} longer than "
+                         f"--max-length {args.max_length}), not more than --val-size {args.val_size}")
     perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(args.seed))
     ids, answer = ids[perm], answer[perm]
-    val_ids, val_answer, ids, answer = ids[:args.val_size], answer[:args.val_size], ids[args.val_size:], answer[args.val_size:]
-    say(f"data: {len(ids)} train, {len(val_ids)} held out, {skipped} skipped (longer than {args.max_length} tokens)")
+    n = args.val_size                                                     # the first n rows are held out
+    val_ids, val_answer, ids, answer = ids[:n], answer[:n], ids[n:], answer[n:]
+    say(f"data: {len(ids)} train, {n} held out, {skipped} skipped (longer than {args.max_length} tokens)")
 
     adapters.add_adapters(model, args.method, verbose=rank == 0, **adapters.from_flags(args, tok))
     ablations.freeze(model, [p for p in args.freeze.split(",") if p])
@@ -122,20 +114,25 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else
                                               max(0.0, (total - s) / max(1, total - warmup)))
     g = torch.Generator().manual_seed(args.seed + 1)     # the order of every example the run will see
-    order = torch.cat([torch.randperm(len(ids), generator=g) for _ in range(math.ceil(total * per_update / len(ids)) + 1)])
+    epochs = math.ceil(total * per_update / len(ids)) + 1
+    order = torch.cat([torch.randperm(len(ids), generator=g) for _ in range(epochs)])
     step, best, saved_at = 0, math.inf, None
+    stage1 = round(args.stage1 * total)                   # updates trained with C = I (two-stage training)
     if resume:
         step, best = runs.restore(out, model, opt, sched, device, rank, args.method)
         saved_at = step
         say(f"resumed {out} at update {step}/{total}")
-    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=args.stage1 > 0) if world > 1 else model
+    ddp = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, find_unused_parameters=args.stage1 > 0)                 # stage 1 leaves F_φ without gradients
     ddp.config = model.config
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=model.transformer.wte.weight.dtype == torch.bfloat16)
+    bf16 = model.transformer.wte.weight.dtype == torch.bfloat16           # the recipe's mixed precision
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     runs.begin(out, settings, resume, rank)
     if world > 1:                                         # decorrelate the ranks' masks and noise levels
         torch.manual_seed(args.seed + 7919 * rank + step)
-    stage1 = round(args.stage1 * total)                   # updates trained with C = I (two-stage training)
-    stage = lambda: ablations.identity_cores(model) if step < stage1 else contextlib.nullcontext()  # noqa: E731
+    def stage():                                          # two-stage training: C = I for the first updates
+        return ablations.identity_cores(model) if step < stage1 else contextlib.nullcontext()
+
     model.train()
     bar = tqdm(total=total, initial=step, desc="training", disable=rank != 0 or None)
     t0, tokens = time.time(), 0

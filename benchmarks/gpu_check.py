@@ -94,7 +94,8 @@ def commands(report, work, tiny):
     run("same run killed after its first checkpoint, then --resume",
         [py, str(ROOT / "train.py"), "--out", "runs/split", "--resume", *updates])
     try:
-        a, b = (load_file(str(work / "runs" / d / "adapter" / "adapter.safetensors")) for d in ("whole", "split"))
+        a, b = (load_file(str(work / "runs" / d / "adapter" / "adapter.safetensors"))
+                for d in ("whole", "split"))
         report.add("resumed vs uninterrupted adapter, max abs difference",
                    f"{max(float((a[k].float() - b[k].float()).abs().max()) for k in a):.3g}")
     except Exception as e:                                                 # noqa: BLE001 (the report goes on)
@@ -228,12 +229,14 @@ def shapes(report, args, device, tiny):
                        f"{dt * 1e3:.0f} ms, peak GPU {peak():.1f} GiB, {L / dt:.0f} tok/s, MFU {100 * mfu(L, dt):.0f} %")
         del opt
         if method == "lora":
-            nara.merge(model, 0.5)
-    report.add("NaRA in bf16: share of C − I = 1e-3·D applied (fp32 rank-r path; 1 = all)", f"{core_share(model, device, L):.3f}")
+            adapters.merge(model, 0.5)
+    report.add("NaRA in bf16: share of C − I = 1e-3·D applied (fp32 rank-r path; 1 = all)",
+               f"{core_share(model, device, L):.3f}")
     # the recipe's update: 32 sequences of length L with NaRA, as one batch or as accumulated micro-batches
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     answer = torch.arange(L, device=device)[None] >= L // 4                    # prompt = first quarter
-    layouts = ((1, True, True), (4, True, True), (8, True, True), (32, True, True), (8, False, True), (32, False, True),
+    layouts = ((1, True, True), (4, True, True), (8, True, True), (32, True, True),
+               (8, False, True), (32, False, True),
                (32, False, False), (32, False, "authors"))
     for micro, ckpt, recompute in layouts:
         model.train().gradient_checkpointing = ckpt

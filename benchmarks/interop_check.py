@@ -133,7 +133,8 @@ def main():
             pm = PeftModel.from_pretrained(theirs(work / "base"), work / f"export-{method}")
         return diff(expect, logits(pm.eval()))
     for method in ("lora", "nara", "dora"):
-        check(f"interop.export_peft ({method}) -> PeftModel.from_pretrained", lambda m=method: ours_to_peft(m))
+        check(f"interop.export_peft ({method}) -> PeftModel.from_pretrained",
+              lambda m=method: ours_to_peft(m))
     for auto in ("AutoPeftModelForCausalLM", "AutoPeftModel"):
         check(f"interop.export_peft -> {auto}.from_pretrained", lambda a=auto: ours_to_peft("nara", auto=a))
 
@@ -145,10 +146,10 @@ def main():
                 if p.requires_grad:
                     p.add_(torch.randn_like(p) * 0.1)
         expect = logits(model.eval(), noise_level=torch.full((2,), lam))
-        nara.merge(model, lam).save_pretrained(work / "merged")
+        adapters.merge(model, lam).save_pretrained(work / "merged")
         return diff(expect, logits(theirs(work / "merged")))
     check("save_pretrained -> AutoModel", lambda: diff(logits(ours), logits(theirs(work / "base"))))
-    check("nara.merge(λ) + save_pretrained -> AutoModel", merged)
+    check("adapters.merge(λ) + save_pretrained -> AutoModel", merged)
     width = max(len(r[0]) for r in rows)
     for name, result in rows:
         print(f"{name:<{width}}  {result}")

@@ -58,7 +58,8 @@ sys.path.insert(0, str(ROOT))
 TASKS = {
     "arith": dict(model="data/base", data="data/arith/train.json", test="data/arith/test.json", val_size=30,
                   max_length=48, gen=dict(gen_length=16, steps=16, block_length=16)),
-    "instruct": dict(model="data/instruct/base", data="data/instruct/train.json", test="data/instruct/test.json",
+    "instruct": dict(model="data/instruct/base", data="data/instruct/train.json",
+                     test="data/instruct/test.json",
                      val_size=100, max_length=72, gen=dict(gen_length=32, steps=32, block_length=8)),
 }
 CENTRAL = ("lora", "nara", "nara-c", "multi-lora")
@@ -68,7 +69,8 @@ ABLATIONS = ("nara", "nara-c", "nara --condition density", "nara --condition bot
              "nara --embedding-width 16 --hyper-hidden 16,16")
 PROTOCOL = dict(batch_size=16, rank=8, budget_lr=3e-3, budgets=(600, 1200, 2400, 4800, 9600, 19200), plateau=0.01,
                 lrs=(1e-3, 3e-3, 1e-2, 3e-2), wider=(3e-4, 1e-4, 1e-1, 3e-1), seeds=5, other_seeds=3, test_items=None)
-SMOKE = dict(batch_size=4, rank=2, budget_lr=1e-2, budgets=(4, 8, 16), plateau=1.0, lrs=(1e-3, 1e-2), wider=(),
+SMOKE = dict(batch_size=4, rank=2, budget_lr=1e-2, budgets=(4, 8, 16), plateau=1.0,
+             lrs=(1e-3, 1e-2), wider=(),
              seeds=2, other_seeds=1, test_items=8)
 SMOKE_ARMS = ("lora", "nara")
 LAMS = [round(0.1 * k, 1) for k in range(1, 11)]
@@ -84,7 +86,8 @@ def check_lengths(task):
     spec = TASKS[task]
     tok = load_tokenizer(ROOT / spec["model"])
     for split in ("data", "test"):
-        pairs = [sft_pair(tok, e["instruction"], e["output"], 0) for e in json.loads((ROOT / spec[split]).read_text())]
+        pairs = [sft_pair(tok, e["instruction"], e["output"], 0)
+                 for e in json.loads((ROOT / spec[split]).read_text())]
         longest, answer = max(len(p) + len(a) for p, a in pairs), max(len(a) for _, a in pairs)
         if longest > spec["max_length"] or answer > spec["gen"]["gen_length"]:
             sys.exit(f"error: {spec[split]}: an item of {longest} tokens (answer {answer}) does not fit --max-length "
@@ -132,7 +135,8 @@ def run_job(job):
     shutil.rmtree(work, ignore_errors=True)             # anything else starts over
     work.mkdir(parents=True)
     spec, s = TASKS[task], job["settings"]
-    argv = ["--model", str(ROOT / spec["model"]), "--data", str(ROOT / spec["data"]), "--out", str(work / "run"),
+    argv = ["--model", str(ROOT / spec["model"]), "--data", str(ROOT / spec["data"]),
+            "--out", str(work / "run"),
             *s["train"], "--method", *shlex.split(s["arm"])]
     t0 = time.time()
     with open(work / "log.txt", "w") as log:                           # train.py as users run it, one thread
@@ -149,7 +153,8 @@ def run_job(job):
     model_dir = ROOT / spec["model"]
     with open(work / "log.txt", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         model = interop.load_adapter(LLaDA.from_pretrained(model_dir), work / "run" / "best")
-        record.update(score(task, model, load_tokenizer(model_dir), s["test_items"]), score_s=time.time() - t0,
+        record.update(score(task, model, load_tokenizer(model_dir), s["test_items"]),
+                      score_s=time.time() - t0,
                       torch=torch.__version__, finished=time.strftime("%Y-%m-%d %H:%M"))
     record_file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(record_file, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
@@ -203,20 +208,20 @@ class Runner:
         return [f.result() for f in futures]
 
     def budget(self):
-        """The first T of the ladder whose best validation loss is within `plateau` of the 2T run's."""
+        """The first T of the ladder whose best validation loss is within `plateau` of the 2T run's (the
+        ladder runs in order, one run at a time, and stops as soon as that holds)."""
         done = {}
-        ladder = self.p["budgets"]
-        for i in range(0, len(ladder), 2):
-            for r in self.run([self.job("lora", self.p["budget_lr"], 0, T) for T in ladder[i:i + 2]], "budget (lora)"):
-                done[r["settings"]["updates"]] = r
-            for T in ladder[:i + 1]:
-                if 2 * T in done and done[T]["best_val_loss"] - done[2 * T]["best_val_loss"] < self.p["plateau"] * done[T]["best_val_loss"]:
-                    return T, [done[t] for t in sorted(done)]
-        sys.exit(f"error: {self.task}: LoRA still improves by over {self.p['plateau']:.0%} at {ladder[-1]} updates")
+        for T in self.p["budgets"]:
+            done[T] = self.run([self.job("lora", self.p["budget_lr"], 0, T)], f"budget (lora, {T} updates)")[0]
+            if T // 2 in done and done[T // 2]["best_val_loss"] - done[T]["best_val_loss"] < \
+                    self.p["plateau"] * done[T // 2]["best_val_loss"]:
+                return T // 2, list(done.values())
+        sys.exit(f"error: {self.task}: LoRA still improves by over {self.p['plateau']:.0%} at {T} updates")
 
     def sweep(self, arms, T):
         """{arm: chosen rate} at budget T, seed 0; an arm's grid is widened while its best rate is on the edge."""
-        grids, done, todo = {a: list(self.p["lrs"]) for a in arms}, {}, [(a, lr) for a in arms for lr in self.p["lrs"]]
+        grids, done, todo = {a: list(self.p["lrs"]) for a in arms}, {}, [(a, lr) for a in arms
+                                                                         for lr in self.p["lrs"]]
         best = lambda a: min(grids[a], key=lambda lr: done[a, lr]["best_val_loss"])  # noqa: E731
         while todo:
             for r in self.run([self.job(a, lr, 0, T) for a, lr in todo], "learning-rate sweep (seed 0)"):
@@ -238,11 +243,13 @@ def main(argv=None):
                     "(repeatable; default: the task's arms)")
     ap.add_argument("--name", default=None, help="name of the result files (default: the task)")
     ap.add_argument("--quick", action="store_true", help="seeds 0-1 at the learning rates chosen by the full run")
-    ap.add_argument("--lr-from", default=None, metavar="ARM", help="no sweep: every arm runs at the learning rate "
+    ap.add_argument("--lr-from", default=None, metavar="ARM",
+                    help="no sweep: every arm runs at the learning rate "
                     "the task's full comparison chose for ARM (for ablations of one method)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the protocol's per arm)")
     ap.add_argument("--smoke", action="store_true", help="a tiny protocol in a temporary folder: checks the script runs")
-    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs, one thread each")
+    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                    help="parallel runs, one thread each")
     ap.add_argument("--runs", default=None, help="training folders (default runs/methods; smoke: temporary)")
     ap.add_argument("--results", default=None, help="tables, figures and run records (default benchmarks/results; "
                     "smoke: temporary)")
@@ -282,14 +289,18 @@ def main(argv=None):
         base = base.result()
     if not (args.quick or args.lr_from):
         edge = {a: lr_of[a] in (min(r["settings"]["lr"] for r in sweep if r["settings"]["arm"] == a),
-                                max(r["settings"]["lr"] for r in sweep if r["settings"]["arm"] == a)) for a in arms}
+                                max(r["settings"]["lr"] for r in sweep
+                                    if r["settings"]["arm"] == a)) for a in arms}
         body = {"updates": T, "lr": lr_of, "at_grid_edge": edge,
                 "budget": {r["settings"]["updates"]: r["best_val_loss"] for r in ladder},
-                "sweep": {a: {f"{r['settings']['lr']:g}": r["best_val_loss"] for r in sweep if r["settings"]["arm"] == a}
+                "sweep": {a: {f"{r['settings']['lr']:g}": r["best_val_loss"] for r in sweep
+                              if r["settings"]["arm"] == a}
                           for a in arms}}
         (results / f"{args.task}.json").write_text(json.dumps(body, indent=1))
-    command = ["python", "benchmarks/methods.py", "--task", args.task, *(["--name", args.name] if args.name else []),
-               *(["--lr-from", args.lr_from] if args.lr_from else []), *(["--seeds", str(args.seeds)] if args.seeds else []),
+    command = ["python", "benchmarks/methods.py", "--task", args.task,
+               *(["--name", args.name] if args.name else []),
+               *(["--lr-from", args.lr_from] if args.lr_from else []), *(["--seeds", str(args.seeds)]
+                                                                         if args.seeds else []),
                *(["--quick"] if args.quick else []), *(["--smoke"] if args.smoke else []),
                *[x for a in args.arm or [] for x in ("--arm", a)]]
     report(name + ("-quick" if args.quick else ""), shlex.join(command), args.task,
@@ -318,7 +329,8 @@ def report(name, command, task, arms, lr_of, records, base, results, ladder, swe
     first = {r["settings"]["seed"]: r["best_val_loss"] for r in by_arm[arms[0]]}
     for a, rs in by_arm.items():
         acc, val = mean_std([100 * r["accuracy"] for r in rs]), mean_std([r["best_val_loss"] for r in rs])
-        diff = mean_std([r["best_val_loss"] - first[r["settings"]["seed"]] for r in rs if r["settings"]["seed"] in first])
+        diff = mean_std([r["best_val_loss"] - first[r["settings"]["seed"]] for r in rs
+                         if r["settings"]["seed"] in first])
         wall = statistics.mean(r["train_s"] + r["score_s"] for r in rs) / 60
         lines.append(f"| {a} | {rs[0]['trainable']:,} | {lr_of[a]:g} | {len(rs)} | {acc[0]:.1f} ± {acc[1]:.1f} | "
                      f"{val[0]:.4f} ± {val[1]:.4f} | {diff[0]:+.4f} ± {diff[1]:.4f} | {wall:.1f} |")
@@ -336,9 +348,11 @@ def report(name, command, task, arms, lr_of, records, base, results, ladder, swe
             got = {r["settings"]["lr"]: r["best_val_loss"] for r in sweep if r["settings"]["arm"] == a}
             lines.append(f"| {a} | " + " | ".join("" if lr not in got else f"**{got[lr]:.4f}**" if lr == lr_of[a]
                                                    else f"{got[lr]:.4f}" for lr in grid) + " |")
-    for what, rel in (("gain over the base per masked token", False), ("gain relative to the base's loss", True)):
+    for what, rel in (("gain over the base per masked token", False),
+                      ("gain relative to the base's loss", True)):
         rows = [[lam] + [v for a in arms for v in mean_std([(base["curve"][str(lam)] - r["curve"][str(lam)])
-                                                            / (base["curve"][str(lam)] if rel else 1.0) for r in by_arm[a]])]
+                                                            / (base["curve"][str(lam)]
+                                                               if rel else 1.0) for r in by_arm[a]])]
                 for lam in LAMS]
         tag = "figure1_relative" if rel else "figure1"
         write_csv(results / f"{name}_{tag}.csv", ["lambda"] + [f"{a} {k}" for a in arms for k in ("mean", "std")], rows)
@@ -346,7 +360,8 @@ def report(name, command, task, arms, lr_of, records, base, results, ladder, swe
                   "| λ | base loss | " + " | ".join(arms) + " |", "|---" * (len(arms) + 2) + "|"]
         lines += [f"| {row[0]} | {base['curve'][str(row[0])]:.3f} | " + " | ".join(
             f"{row[1 + 2 * i]:{'.1%' if rel else '.3f'}}" for i in range(len(arms))) + " |" for row in rows]
-        plot(results / f"{name}_{tag}.png", arms, rows, f"{task}: {what} (Figure 1)", "relative CE reduction" if rel
+        plot(results / f"{name}_{tag}.png", arms, rows, f"{task}: {what} (Figure 1)",
+             "relative CE reduction" if rel
              else "CE reduction per masked token")
     sized = [a for a in arms if "sizes" in by_arm[a][0]]
     if sized:
@@ -382,7 +397,8 @@ def plot(path, arms, rows, title, ylabel):
     for i, a in enumerate(arms):
         mean, std = [row[1 + 2 * i] for row in rows], [row[2 + 2 * i] for row in rows]
         ax.plot(lams, mean, marker="o", ms=3, label=a)
-        ax.fill_between(lams, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
+        ax.fill_between(lams, [m - s for m, s in zip(mean, std)],
+                        [m + s for m, s in zip(mean, std)], alpha=0.15)
     ax.set_xlabel("noise level λ (masked fraction of the answer)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -99,13 +99,15 @@ def layer_table(d, tokens, batch, repeats, dtype):
     except ImportError:
         pass
     t = interleaved(fns, repeats)
-    rows = [f"| {k} | {1e3 * v:.1f} | {v / t['frozen base']:.3f} | {v / t['lora']:.3f} |" for k, v in t.items()]
+    rows = [f"| {k} | {1e3 * v:.1f} | {v / t['frozen base']:.3f} | {v / t['lora']:.3f} |"
+            for k, v in t.items()]
     head = ["| method | ms | x frozen base | x LoRA |", "|---|---|---|---|"]
     return head + rows, t
 
 
 def small_config():
-    return LLaDAConfig(d_model=512, n_heads=8, n_kv_heads=8, n_layers=4, mlp_hidden_size=1408, vocab_size=4096,
+    return LLaDAConfig(d_model=512, n_heads=8, n_kv_heads=8, n_layers=4,
+                       mlp_hidden_size=1408, vocab_size=4096,
                        embedding_size=4096, max_sequence_length=512, mask_token_id=4095, eos_token_id=4094, pad_token_id=4094)
 
 
@@ -185,7 +187,8 @@ def saved_for_backward(model, fn):
     """{(where, shape, dtype): bytes} of the tensors autograd keeps while fn() runs its forward,
     each storage once, parameters and buffers left out (they are resident anyway)."""
     import collections
-    seen = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in [*model.parameters(), *model.buffers()]}
+    seen = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            for t in [*model.parameters(), *model.buffers()]}
     stack, kept, hooks = ["elsewhere"], collections.Counter(), []
     for name, m in model.named_modules():
         if name.startswith("transformer.blocks.1.") or name in ("transformer.blocks.1", "transformer.ln_f"):
@@ -210,7 +213,8 @@ def account_table(tokens):
     """What one block of LLaDA-8B's width keeps for backward per token (bf16, NaRA r = 32 on q/k/v/o,
     dropout 0.05, block 1 of 2 so that its input needs a gradient), keeping every intermediate vs
     recomputing norms, SiLU and the adapters' dropout."""
-    cfg = LLaDAConfig(d_model=4096, n_heads=32, n_kv_heads=32, n_layers=2, mlp_hidden_size=12288, vocab_size=512,
+    cfg = LLaDAConfig(d_model=4096, n_heads=32, n_kv_heads=32, n_layers=2,
+                      mlp_hidden_size=12288, vocab_size=512,
                       embedding_size=512, max_sequence_length=tokens, mask_token_id=511, eos_token_id=510, pad_token_id=510)
     torch.manual_seed(0)
     model = LLaDA(cfg).to(torch.bfloat16)
@@ -229,7 +233,8 @@ def account_table(tokens):
     merged = {r: {} for r in per_token}
     for r, kept in per_token.items():
         for k, v in kept.items():
-            name = label(k) if max(per_token[False].get(k, 0), per_token[True].get(k, 0)) >= 512 else "smaller tensors"
+            name = label(k) if max(per_token[False].get(k, 0),
+                                   per_token[True].get(k, 0)) >= 512 else "smaller tensors"
             merged[r][name] = merged[r].get(name, 0) + v
     rows = ["| kept for backward (block 1, per token) | every intermediate | recomputed |", "|---|---|---|"]
     for name in sorted(set(merged[False]) | set(merged[True]), key=lambda n: (n == "smaller tensors", n)):
@@ -270,7 +275,8 @@ def head_table(repeats, quick):
     L, block = ids.shape[1], slice(ids.shape[1] - 8, ids.shape[1])
     with torch.no_grad():
         samp = interleaved({"full head": lambda: model(noisy, noise_level=t)[:, block],
-                            "selected positions": lambda: model(noisy, noise_level=t, positions=block)}, repeats)
+                            "selected positions": lambda: model(noisy, noise_level=t,
+                                                                positions=block)}, repeats)
     rows = ["| head computed at | training step ms | kept for backward | sampling step ms (block of 8) |", "|---|---|---|---|"]
     for k in step:
         rows.append(f"| {k} ({int(masked.sum())} of {masked.numel()} positions are read) | {1e3 * times[k]:.0f} | "

@@ -58,7 +58,8 @@ def fit(method, targets, r=4, steps=600, lr=1e-2, seed=0):
     layer = {"lora": lambda: nara.LoRALinear(base, r, dropout=0.0),
              "nara": lambda: nara.NaRALinear(base, r, dropout=0.0),
              "multi-lora": lambda: nara.MultiLoRALinear(base, r, dropout=0.0, bins=len(LAMS))}[method]()
-    params = [p for p in layer.parameters() if p.requires_grad] + ([] if net is None else list(net.parameters()))
+    params = [p for p in layer.parameters() if p.requires_grad] + ([] if net is None
+                                                                   else list(net.parameters()))
     opt = torch.optim.Adam(params, lr=lr)
     norm, errors = targets.square().sum(), []
     for step in range(steps + 1):

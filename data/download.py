@@ -44,7 +44,8 @@ def content(name):
             raise OSError("huggingface_hub is not installed (pip install huggingface_hub); or fetch "
                           "https://huggingface.co/datasets/fxmeng/pissa-dataset/resolve/main/python/train.json") from None
         try:
-            return Path(hf_hub_download("fxmeng/pissa-dataset", "python/train.json", repo_type="dataset")).read_bytes()
+            return Path(hf_hub_download("fxmeng/pissa-dataset", "python/train.json",
+                                        repo_type="dataset")).read_bytes()
         except Exception as e:
             raise OSError(f"could not download fxmeng/pissa-dataset python/train.json ({type(e).__name__})") from None
     if name == "mbpp":                               # the test split: task ids 11-510

@@ -35,7 +35,8 @@ def corpus(rng, n_lines):
 
 def task(rng):
     """Every (a, b, question) combination once, shuffled, split 300 train / 100 test."""
-    items = [{"instruction": q.format(a=a, b=b), "input": "", "output": f"{a} + {b} = {a + b}. The answer is {a + b}",
+    items = [{"instruction": q.format(a=a, b=b), "input": "",
+              "output": f"{a} + {b} = {a + b}. The answer is {a + b}",
               "answer": str(a + b)} for a in range(10) for b in range(10) for q in QUESTIONS]
     rng.shuffle(items)
     return items[:300], items[300:]

@@ -48,17 +48,20 @@ def test_a_layer_with_a_non_symmetric_core_gives_the_authors_output():
     # row vector (1, 10) @ M = (1.1 + 3.0, 0.2 + 14.0) = (4.1, 14.2)
     assert torch.allclose(out[0, 0, :2], torch.tensor([4.1, 14.2])) and out[0, 0, 2:].abs().max() == 0
     assert torch.allclose(cond["nara"][0], torch.tensor([[1.1, 0.3], [0.2, 1.4]]))   # C = Mᵀ
-    assert torch.allclose(layer.merged_weight(cond) - layer.weight, layer.lora_B @ cond["nara"][0] @ layer.lora_A)
+    assert torch.allclose(layer.merged_weight(cond) - layer.weight,
+                          layer.lora_B @ cond["nara"][0] @ layer.lora_A)
 
 
 # ------------------------------------------------------------------ noise density
 def test_mask_density_by_hand():
     masked = torch.tensor([[0, 1, 1, 0, 1, 0, 0, 0], [0] * 8]).bool()
     # radius 2: position 1 sees 0, 2, 3 (1 of 3 masked), 2 sees 0, 1, 3, 4 (2/4), 4 sees 2, 3, 5, 6 (1/4)
-    assert torch.allclose(ablations.mask_density(masked, radius=2), torch.tensor([(1 / 3 + 1 / 2 + 1 / 4) / 3, 0.0]))
+    assert torch.allclose(ablations.mask_density(masked, radius=2),
+                          torch.tensor([(1 / 3 + 1 / 2 + 1 / 4) / 3, 0.0]))
     valid = torch.ones(2, 8, dtype=torch.bool)
     valid[0, 0] = False   # padding is not a neighbour: 1 sees 2, 3; 2 sees 1, 3, 4
-    assert torch.allclose(ablations.mask_density(masked, valid, radius=2)[0], torch.tensor((1 / 2 + 2 / 3 + 1 / 4) / 3))
+    assert torch.allclose(ablations.mask_density(masked, valid, radius=2)[0],
+                          torch.tensor((1 / 2 + 2 / 3 + 1 / 4) / 3))
 
 
 @pytest.mark.parametrize("condition, width", [("density", 64), ("both", 128)])
@@ -213,7 +216,7 @@ def test_virtual_tokens_train_never_get_masked_and_keep_batches_exact(method):
     assert torch.equal(out[0], generate(model, torch.tensor([a]), steps=8, gen_length=8, block_length=4)[0])
     assert torch.equal(out[1, 3:], generate(model, torch.tensor([b]), steps=8, gen_length=8, block_length=4)[0])
     with pytest.raises(ValueError, match="nothing to merge"):
-        nara.merge(model, 0.5)
+        adapters.merge(model, 0.5)
 
 
 # ------------------------------------------------------------------ the authors' checkpoints
@@ -222,7 +225,8 @@ def authors_dir(tmp_path, model_config, mode="nl", groups=None, seed=0):
     (their NARAConfig fields) and adapter_model.bin (torch.save of their stripped key names)."""
     g = torch.Generator().manual_seed(seed)
     r, d, hid = 2, model_config.d_model, (6, 5)
-    body = {"peft_type": "NARA", "r_ab": r, "lora_alpha": 32, "lora_dropout": 0.05, "scale_ab": 0.5, "c_scale": 0.1,
+    body = {"peft_type": "NARA", "r_ab": r, "lora_alpha": 32, "lora_dropout": 0.05,
+            "scale_ab": 0.5, "c_scale": 0.1,
             "fnn_hidden_size_1": hid[0], "fnn_hidden_size_2": hid[1], "embedding_dim": 8, "embedding_type": "fourier",
             "input_mode": mode, "density_radius": 3 if mode in ("nd", "both") else None, "init_c": "zero_last",
             "target_modules": ["q_proj", "v_proj"], "mapper_groups": groups, "bias": "none", "fan_in_fan_out": False,
@@ -256,7 +260,8 @@ def authors_layer(x, W0, t, prefix, value_embeddings, scale_ab=0.5, c_scale=0.1,
     else:
         e = torch.cat([torch.cat([torch.sin(v * W), torch.cos(v * W)], -1) for v, W in value_embeddings], -1)
         for j in (0, 2, 4):
-            e = F.linear(e, t[f"base_model.global_mapper.{mapper}model.{j}.weight"], t[f"base_model.global_mapper.{mapper}model.{j}.bias"])
+            e = F.linear(e, t[f"base_model.global_mapper.{mapper}model.{j}.weight"],
+                         t[f"base_model.global_mapper.{mapper}model.{j}.bias"])
             e = F.silu(e) if j < 4 else e
         M = torch.eye(r) + c_scale * e.view(r, r)
     A, B = t[f"{prefix}.lora_A"], t[f"{prefix}.lora_B"]

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_check_runs_the_real_commands_and_the_shapes_on_cpu_with_a_tiny_config(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--dir", str(tmp_path / "ck"),
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--dir",
+                    str(tmp_path / "ck"),
                     "--work", str(tmp_path / "work"), "--out", str(tmp_path / "gpu.md")], check=True, capture_output=True,
                    timeout=900)
     text = (tmp_path / "gpu.md").read_text()
@@ -33,7 +34,8 @@ def test_ratio_benchmarks_run_quickly(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path / "b.md")],
                    check=True, capture_output=True, timeout=600)
     text = (tmp_path / "b.md").read_text()
-    for section in ("## Adapted layer", "## Training step", "## Sampling step", "## Early termination", "## Size at LLaDA-8B",
+    for section in ("## Adapted layer", "## Training step", "## Sampling step", "## Early termination",
+                    "## Size at LLaDA-8B",
                     "| nara | 34,227,968 | 0.4252 |", "NaRA / LoRA per training step", "## The LM head only where it is read",
                     "| attn_norm: float32 4096 | 16.0 KiB | 0.0 KiB |", "Expected activation memory"):
         assert section in text
@@ -48,12 +50,14 @@ def test_methods_comparison_runs_end_to_end_and_reuses_only_matching_records(tmp
     assert {f: f.stat().st_mtime for f in (ROOT / "benchmarks" / "results").rglob("*") if f.is_file()} == tracked
     shutil.rmtree(scratch)
 
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "methods.py"), "--smoke", "--runs", str(tmp_path / "runs"),
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "methods.py"), "--smoke", "--runs",
+           str(tmp_path / "runs"),
            "--results", str(tmp_path / "res")]
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
     table = (tmp_path / "res" / "arith.md").read_text()
     assert "| lora | 16,384 |" in table and "| nara |" in table and "The budget: LoRA" in table
-    for part in ("Figure 1 (gain over the base", "Figure 1 (gain relative", "Figure 3", "Learning-rate sweep"):
+    for part in ("Figure 1 (gain over the base", "Figure 1 (gain relative", "Figure 3",
+                 "Learning-rate sweep"):
         assert part in table
     for name in ("arith_figure1.csv", "arith_figure1_relative.csv", "arith_figure3.csv", "arith.json"):
         assert (tmp_path / "res" / name).exists()
@@ -71,11 +75,13 @@ def test_methods_comparison_runs_end_to_end_and_reuses_only_matching_records(tmp
     assert json.loads(seed1.read_text())["settings"]["train"][1] == "4"    # so run again, not reused
 
     chosen = json.loads((tmp_path / "res" / "arith.json").read_text())["lr"]["nara"]
-    ablation = cmd + ["--lr-from", "nara", "--seeds", "1", "--arm", "nara", "--arm", "nara --stage1 0.5", "--name", "abl"]
+    ablation = cmd + ["--lr-from", "nara", "--seeds", "1", "--arm", "nara", "--arm",
+                      "nara --stage1 0.5", "--name", "abl"]
     subprocess.run(ablation, check=True, capture_output=True, timeout=600)
     table = (tmp_path / "res" / "abl.md").read_text()
     assert "`python benchmarks/methods.py --task arith --name abl --lr-from nara --seeds 1 --smoke --arm nara" in table
-    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:3] for line in table.splitlines() if line.startswith("| nara")}
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:3] for line in table.splitlines()
+            if line.startswith("| nara")}
     assert rows["nara"] == rows["nara --stage1 0.5"] == [rows["nara"][0], f"{chosen:g}"] and "| lora |" not in table
     # nara's seed 0 reused, one new run
     assert len(sorted((tmp_path / "res" / "runs").rglob("*seed*.json"))) == 8

@@ -20,7 +20,8 @@ SHORT = ["--max-updates", "2", "--eval-every", "2", "--batch-size", "4", "--val-
 
 def cli(cwd, script, *argv):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=cwd,
+                          capture_output=True, text=True,
                           timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
 
 
@@ -74,16 +75,19 @@ def test_adapter_directories_are_checked_before_any_model_loads(finished, tmp_pa
     one_line_error(cli(finished, "eval.py", "--adapter", "runs/default"),
                    "runs/default: no adapter_config.json: it is a training run; pass runs/default/adapter or "
                    "runs/default/best")
-    one_line_error(cli(finished, "eval.py", "--adapter", "runs"), "runs: no adapter_config.json: not an adapter directory")
+    one_line_error(cli(finished, "eval.py", "--adapter", "runs"),
+                   "runs: no adapter_config.json: not an adapter directory")
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in ("adapter_config.json", "adapter.safetensors"):
         (broken / f).write_bytes((finished / "runs" / "default" / "adapter" / f).read_bytes())
     data = (broken / "adapter.safetensors").read_bytes()
     (broken / "adapter.safetensors").write_bytes(data[:len(data) // 2])           # truncated
-    one_line_error(cli(finished, "eval.py", "--adapter", str(broken)), "adapter.safetensors: not a readable safetensors")
+    one_line_error(cli(finished, "eval.py", "--adapter", str(broken)),
+                   "adapter.safetensors: not a readable safetensors")
     (broken / "adapter.safetensors").unlink()
-    one_line_error(cli(finished, "eval.py", "--adapter", str(broken)), "no adapter.safetensors beside adapter_config.json")
+    one_line_error(cli(finished, "eval.py", "--adapter", str(broken)),
+                   "no adapter.safetensors beside adapter_config.json")
 
 
 def test_eval_names_what_it_scores_loads_each_model_once_and_explains_its_table(finished):
@@ -99,15 +103,18 @@ def test_eval_names_what_it_scores_loads_each_model_once_and_explains_its_table(
 
 
 def test_a_peft_directory_is_evaluated_through_load_peft(finished, tmp_path):
-    model = interop.load_adapter(LLaDA.from_pretrained(ROOT / "data" / "base"), finished / "runs" / "default" / "adapter")
+    model = interop.load_adapter(LLaDA.from_pretrained(ROOT / "data" / "base"),
+                                 finished / "runs" / "default" / "adapter")
     interop.export_peft(model, tmp_path / "peft", lam=0.5)
-    res = cli(finished, "eval.py", "--adapter", str(tmp_path / "peft"), "--limit", "2", "--out", str(tmp_path / "e"))
+    res = cli(finished, "eval.py", "--adapter", str(tmp_path / "peft"), "--limit", "2",
+              "--out", str(tmp_path / "e"))
     assert res.returncode == 0, res.stderr[-2000:]
     assert "(peft adapter)" in res.stdout and "arith: tmp" not in res.stdout and "accuracy" in res.stdout
 
 
 def test_train_writes_a_dense_line_to_a_log_and_files_the_user_can_share(tmp_path):
-    res = cli(tmp_path, "train.py", "--out", "runs/r", "--max-updates", "4", "--eval-every", "2", "--batch-size", "4",
+    res = cli(tmp_path, "train.py", "--out", "runs/r", "--max-updates", "4", "--eval-every",
+              "2", "--batch-size", "4",
               "--val-size", "4", "--test", str(ROOT / "data" / "arith" / "test.json"))
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [line for line in res.stdout.splitlines() if line.startswith("update ")]

@@ -77,7 +77,8 @@ def reference_generate(model, prompt, steps, gen_length, block_length):
 
 # ------------------------------------------------------------------ schedule
 @pytest.mark.parametrize("n, steps, expect", [(8, 4, [2, 2, 2, 2]), (10, 4, [3, 3, 2, 2]),
-                                              (5, 8, [1, 1, 1, 1, 1, 0, 0, 0]), (7, 1, [7]), (32, 5, [7, 7, 6, 6, 6])])
+                                              (5, 8, [1, 1, 1, 1, 1, 0, 0, 0]), (7, 1, [7]), (32,
+                                                                                              5, [7, 7, 6, 6, 6])])
 def test_transfer_counts(n, steps, expect):
     masked = torch.zeros(2, 40, dtype=torch.bool)
     masked[:, :n] = True
@@ -127,19 +128,22 @@ def test_lambda_is_the_masked_fraction_of_the_answer_at_every_step():
 def test_early_termination_decodes_one_block_after_the_first_eos_block():
     stub = Stub(favour={3 + 5: EOS})                                     # EOS certain in block 1 (of 6)
     stats = {}
-    out = generate(stub, torch.tensor([[7, 8, 9]]), steps=24, gen_length=24, block_length=4, till_eos=True, stats=stats)
+    out = generate(stub, torch.tensor([[7, 8, 9]]), steps=24, gen_length=24, block_length=4,
+                   till_eos=True, stats=stats)
     assert out[0, 8] == EOS and not (out == MASK).any()
     assert (out[0, 3 + 12:] == EOS).all()                                # blocks 3.. filled with EOS
     assert stats["model_calls"] == 3 * 4 == len(stub.calls)              # blocks 0, 1, 2 only
     full = {}
-    generate(Stub(favour={8: EOS}), torch.tensor([[7, 8, 9]]), steps=24, gen_length=24, block_length=4, stats=full)
+    generate(Stub(favour={8: EOS}), torch.tensor([[7, 8, 9]]), steps=24, gen_length=24,
+             block_length=4, stats=full)
     assert full["model_calls"] == 24
 
 
 def test_eos_options():
     prompt = torch.tensor([[7, 8, 9]])
     likes_eos = {p: EOS for p in range(3, 11)}
-    assert (generate(Stub(favour=likes_eos), prompt, steps=8, gen_length=8, block_length=8)[:, 3:] == EOS).all()
+    assert (generate(Stub(favour=likes_eos), prompt, steps=8,
+                     gen_length=8, block_length=8)[:, 3:] == EOS).all()
     for temperature in (0.0, 1.0):
         out = generate(Stub(favour=likes_eos), prompt, steps=8, gen_length=8, block_length=8,
                        temperature=temperature, logits_eos_inf=True)
@@ -213,7 +217,8 @@ def test_sft_mask_counts_and_never_touches_the_prompt():
     answer = torch.zeros(3, 10, dtype=torch.bool)
     answer[:, 4:] = True
     masked, p = sft_mask(answer, torch.tensor([0.01, 0.5, 1.0]))
-    assert masked.sum(1).tolist() == [1, 3, 6] and not masked[:, :4].any() and torch.equal(p, torch.tensor([0.01, 0.5, 1.0]))
+    assert masked.sum(1).tolist() == [1, 3, 6] and not masked[:, :4].any() and torch.equal(p,
+                                                                                           torch.tensor([0.01, 0.5, 1.0]))
     masked, p = sft_mask(answer.repeat(200, 1), torch.full((600,), 0.3), exact=False)
     assert not masked[:, :4].any() and abs(masked.float().sum(1).mean() / 6 - p[0]) < 0.02
 
@@ -279,7 +284,8 @@ def test_the_head_at_selected_positions_changes_no_loss_or_likelihood():
     t = 1 - torch.rand(3)
     masked, p = sft_mask(answer, t)
     logits = model(torch.where(masked, MASK, x), noise_level=t)
-    old = ((F.cross_entropy(logits.float().transpose(1, 2), x, reduction="none") * masked).sum(1) / p / answer.sum(1)).mean()
+    old = ((F.cross_entropy(logits.float().transpose(1, 2), x,
+                            reduction="none") * masked).sum(1) / p / answer.sum(1)).mean()
     assert torch.allclose(new, old, rtol=1e-6)
     torch.manual_seed(1)
     new, _ = pretrain_loss(model, x)

@@ -50,10 +50,12 @@ def test_loaders(tmp_path):
     assert tasks.load_items("gsm8k", tmp_path / "la.json")[0]["gold"] == "18"       # `answer`, never `output`
     (tmp_path / "g.jsonl").write_text(json.dumps({"question": "Q", "answer": "so\n#### 1,080"}) + "\n")
     assert tasks.load_items("gsm8k-jsonl", tmp_path / "g.jsonl") == [{"prompt": "Q", "gold": "1080"}]
-    (tmp_path / "m.jsonl").write_text(json.dumps({"text": "Add.", "code": GOOD, "test_list": ["assert add(1, 1) == 2"],
+    (tmp_path / "m.jsonl").write_text(json.dumps({"text": "Add.", "code": GOOD,
+                                                  "test_list": ["assert add(1, 1) == 2"],
                                                   "test_setup_code": ""}) + "\n")
     item = tasks.load_items("mbpp", tmp_path / "m.jsonl")[0]
-    assert "assert add(1, 1) == 2" in item["prompt"] and ev.run_untrusted(item["canonical"], item["tests"], item["names"])
+    assert "assert add(1, 1) == 2" in item["prompt"] and ev.run_untrusted(item["canonical"],
+                                                                          item["tests"], item["names"])
     (tmp_path / "bad.json").write_text(json.dumps([{"instruction": "Q"}]))
     with pytest.raises(ValueError, match="item 0 has no field 'answer'"):
         tasks.load_items("boolq", tmp_path / "bad.json")
@@ -95,7 +97,8 @@ def test_noise_curve_and_update_size_of_a_hand_set_nara(tiny):
     assert sizes[0.3][1] == pytest.approx(expect, rel=1e-5)
     ids = torch.randint(0, 40, (5, 12))
     answer = torch.arange(12).expand(5, 12) >= 4
-    a, b = figures.noise_curve(model, ids, answer, [0.5, 1.0]), figures.noise_curve(model, ids, answer, [0.5, 1.0])
+    a, b = figures.noise_curve(model, ids, answer, [0.5, 1.0]), figures.noise_curve(model,
+                                                                                    ids, answer, [0.5, 1.0])
     assert a == b and set(a) == {0.5, 1.0} and all(v > 0 for v in a.values())
     masked, _ = __import__("diffusion").sft_mask(answer, torch.ones(5))
     logits = model(torch.where(masked, model.config.mask_token_id, ids), noise_level=torch.ones(5))
@@ -114,7 +117,8 @@ def test_cli_writes_complete_results(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ev.main(["--model", "m", "--adapter", "a", "--task", "arith", "--data", "t.json", "--out", "res"])
     summary = json.loads((tmp_path / "res" / "arith-base.summary.json").read_text())
-    for key in ("accuracy", "correct", "items", "gen_length", "steps", "block_length", "temperature", "remasking",
+    for key in ("accuracy", "correct", "items", "gen_length", "steps", "block_length",
+                "temperature", "remasking",
                 "till_eos", "model", "adapter", "wall_s"):
         assert key in summary
     assert summary["items"] == 3
@@ -157,12 +161,14 @@ def test_bad_eval_flags_are_named(tmp_path, extra, words):
 
 @pytest.mark.parametrize("rows, words", [
     ([], "no test items"),
-    ([{"instruction": "q", "answer": "7"}, {"instruction": "q", "answer": "seven"}], "item 1 has the non-numeric answer 'seven'"),
+    ([{"instruction": "q", "answer": "7"}, {"instruction": "q", "answer": "seven"}],
+     "item 1 has the non-numeric answer 'seven'"),
 ])
 def test_bad_test_files_are_named_before_any_model_loads(tmp_path, rows, words):
     (tmp_path / "t.json").write_text(json.dumps(rows))
     with pytest.raises(ValueError, match=words):
-        ev.main(["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "t.json"), "--adapter", "none",
+        ev.main(["--model", str(tmp_path / "no-model"), "--data",
+                 str(tmp_path / "t.json"), "--adapter", "none",
                  "--out", str(tmp_path / "r")])
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="is a file, not a folder"):
@@ -176,9 +182,11 @@ def test_two_adapters_of_one_run_keep_their_own_results(tiny, tmp_path, monkeypa
     adapters.add_adapters(model, "lora", r=2, verbose=False)
     for sub in ("adapter", "best"):
         interop.save_adapter(model, tmp_path / "runs" / "x" / sub)
-    (tmp_path / "t.json").write_text(json.dumps([{"instruction": "What is 1 plus 2?", "input": "", "answer": "3"}] * 2))
+    (tmp_path / "t.json").write_text(json.dumps([{"instruction": "What is 1 plus 2?",
+                                                  "input": "", "answer": "3"}] * 2))
     monkeypatch.chdir(tmp_path)
-    argv = ["--model", "m", "--adapter", "runs/x/adapter", "--adapter", "runs/x/best", "--data", "t.json", "--out", "res"]
+    argv = ["--model", "m", "--adapter", "runs/x/adapter", "--adapter", "runs/x/best", "--data",
+            "t.json", "--out", "res"]
     ev.main(argv)
     ev.main(argv)
     assert {p.name for p in (tmp_path / "res").glob("*.summary.json")} == {
@@ -200,7 +208,8 @@ def test_a_whole_table_of_the_paper_is_one_command(tiny, tmp_path, monkeypatch):
         (tmp_path / "d" / name).mkdir(parents=True)
         (tmp_path / "d" / name / "test.json").write_text(json.dumps([{"instruction": "What is 1 plus 2?", "answer": gold}] * 2))
     monkeypatch.chdir(tmp_path)
-    ev.main(["--model", "m", "--task", "math", "--data", "d", "--out", "res", "--gen-length", "8", "--steps", "8",
+    ev.main(["--model", "m", "--task", "math", "--data", "d", "--out", "res",
+             "--gen-length", "8", "--steps", "8",
              "--block-length", "8", "--adapter", "none"])
     table = (tmp_path / "res" / "math-table.md").read_text().splitlines()
     assert table[0] == "| model | AddSub | AQuA | gsm8k | MultiArith | SingleEq | SVAMP | avg |" and table[2].startswith("| base |")

@@ -61,7 +61,8 @@ def test_a_core_of_i_plus_1e_3_survives_bf16_in_the_layer_and_the_model():
             with torch.no_grad(), torch.autocast(**BF16, enabled=dtype == torch.bfloat16):
                 layer = model.transformer.blocks[0].q_proj
                 x = model.transformer.wte(ids).to(dtype)
-                out[delta] = (layer(x, model.conditioning(lam)).double(), model(ids, noise_level=lam).double())
+                out[delta] = (layer(x, model.conditioning(lam)).double(),
+                              model(ids, noise_level=lam).double())
         changes[dtype] = [a - b for a, b in zip(out[1e-3], out[0.0])]
     for bf, exact in zip(changes[torch.bfloat16], changes[torch.float64]):
         share = float((bf * exact).sum() / (exact * exact).sum())
@@ -116,7 +117,8 @@ def test_recompute_with_block_checkpointing_and_dropout_gives_the_same_gradients
         loss.backward()
         return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     reference = grads(False, False)
-    assert len(reference) == 2 * 8 + 6 and any(g.abs().sum() > 0 for n, g in reference.items() if "noise_nets" in n)
+    assert len(reference) == 2 * 8 + 6 and any(g.abs().sum() > 0 for n, g in reference.items()
+                                               if "noise_nets" in n)
     for setting in ((True, False), (False, True), (True, True)):
         assert all(torch.equal(reference[k], v) for k, v in grads(*setting).items()), setting
 
@@ -138,28 +140,33 @@ def test_no_global_reseed_in_validation_noise_curves_likelihood_or_generation(mo
     assert torch.equal(torch.get_rng_state(), state)                    # the training stream is untouched
     torch.rand(5)                                                       # whatever training draws meanwhile
     assert train.validation_loss(model, ids, answer, 2, seed=7) == first  # the same masks every time
-    assert figures.noise_curve(model, ids, answer, [0.5, 1.0]) == figures.noise_curve(model, ids, answer, [0.5, 1.0])
+    assert figures.noise_curve(model, ids, answer, [0.5, 1.0]) == figures.noise_curve(model,
+                                                                                      ids, answer, [0.5, 1.0])
     g = torch.Generator().manual_seed(1)
     log_likelihood(model, ids[0, :3], ids[0, 3:], mc_num=4, batch_size=2, generator=g)
-    generate(model, ids[:, :3], steps=4, gen_length=4, block_length=4, temperature=1.0, remasking="random", generator=g)
+    generate(model, ids[:, :3], steps=4, gen_length=4, block_length=4, temperature=1.0,
+             remasking="random", generator=g)
 
 
 def test_explicit_generators_make_sampling_and_likelihood_repeatable():
     model = recipe_dtypes().float()
     prompt = torch.randint(0, 120, (2, 4))
-    runs = [generate(model, prompt, steps=4, gen_length=8, block_length=4, temperature=1.0, remasking="random",
+    runs = [generate(model, prompt, steps=4, gen_length=8, block_length=4,
+                     temperature=1.0, remasking="random",
                      generator=torch.Generator().manual_seed(3)) for _ in range(2)]
     assert torch.equal(*runs)
-    lls = [log_likelihood(model, prompt[0], prompt[1], mc_num=4, batch_size=2, generator=torch.Generator().manual_seed(3))
+    lls = [log_likelihood(model, prompt[0], prompt[1], mc_num=4, batch_size=2,
+                          generator=torch.Generator().manual_seed(3))
            for _ in range(2)]
     assert lls[0] == lls[1]
 
 
 # ------------------------------------------------------------------ devices
-FACTORIES = {torch.tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.arange, torch.rand, torch.randn,
+FACTORIES = {torch.tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.arange,
+             torch.rand, torch.randn,
              torch.randint, torch.randperm, torch.eye, torch.linspace}
 HOST_BY_DESIGN = {   # (file, function): why a tensor is made on the host there
-    ("diffusion.py", "pad_sft"): "dataset rows live in host memory; batches are moved when used",
+    ("tasks.py", "pad_sft"): "dataset rows live in host memory; batches are moved when used",
     ("diffusion.py", "log_likelihood"): "the stratified counts m_i (b integers) are computed on the host, then moved",
     ("figures.py", "noise_curve"): "one integer seed per batch from a host generator",
     ("model.py", "__init__"): "RMSNorm's weight at construction (meta device in from_pretrained)",
@@ -212,19 +219,21 @@ def test_every_entry_point_makes_its_tensors_on_the_models_device(tmp_path, monk
     adapter = str(tmp_path / "runs" / "default" / "adapter")
     spy(ev.main, ["--adapter", adapter, "--limit", "4", "--out", str(tmp_path / "e1")])
     spy(ev.main, ["--adapter", adapter, "--noise-curve", "--limit", "4", "--out", str(tmp_path / "e2")])
-    (tmp_path / "he.jsonl").write_text(json.dumps({"task_id": "t/0", "prompt": "def f(x):\n", "entry_point": "f",
+    (tmp_path / "he.jsonl").write_text(json.dumps({"task_id": "t/0",
+                                                   "prompt": "def f(x):\n", "entry_point": "f",
                                                    "test": "def check(c):\n    assert c(1) == 1\n"}) + "\n")
     spy(ev.main, ["--task", "humaneval", "--data", str(tmp_path / "he.jsonl"), "--gen-length", "8", "--steps", "8",
                   "--block-length", "8", "--adapter", "none", "--out", str(tmp_path / "e3"), "--allow-unsandboxed-code"])
     model = recipe_dtypes().float()
     prompt = torch.randint(0, 120, (2, 4))
-    spy(generate, model, prompt, torch.ones(2, 4, dtype=torch.long), steps=4, gen_length=4, block_length=4, cfg_scale=1.0,
+    spy(generate, model, prompt, torch.ones(2, 4, dtype=torch.long), steps=4, gen_length=4,
+        block_length=4, cfg_scale=1.0,
         temperature=1.0, till_eos=True)
     spy(log_likelihood, model, prompt[0], prompt[1], mc_num=4, batch_size=2, cfg_scale=1.0)
     spy(interop.export_peft, model, tmp_path / "peft", lam=0.5)
     P, Q = torch.randn(6, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
     spy(nara.decompose, [P @ torch.randn(3, 3, dtype=torch.float64) @ Q for _ in range(3)], 4)
-    spy(nara.merge, model, 0.5)
+    spy(adapters.merge, model, 0.5)
     spy(model.save_pretrained, tmp_path / "merged")
 
 
@@ -244,7 +253,8 @@ def one_model_at_a_time(monkeypatch):
     return alive
 
 
-def test_eval_and_the_training_report_hold_one_model_at_a_time(one_model_at_a_time, tmp_path, monkeypatch, capsys):
+def test_eval_and_the_training_report_hold_one_model_at_a_time(one_model_at_a_time, tmp_path,
+                                                               monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     model = train.main(["--out", str(tmp_path / "run"), "--test", short_test_file(tmp_path), *SHORT])
     assert len(one_model_at_a_time) == 1                                  # the report loads no second model
@@ -273,7 +283,7 @@ def test_the_base_inside_base_only_is_the_loaded_base_exactly():
 HARNESS = """
 import json, os, sys, time
 sys.path.insert(0, {root!r})
-import diffusion, train
+import diffusion, runs, train
 log, rank = open(os.path.join({out!r}, f"draws{{os.environ['RANK']}}.jsonl"), "a"), int(os.environ["RANK"])
 mask = diffusion.sft_mask
 def recording(answer, t, *a, **k):
@@ -281,11 +291,11 @@ def recording(answer, t, *a, **k):
     log.write(json.dumps({{"training": train.torch.is_grad_enabled(), "t": t.tolist(), "masked": masked.nonzero().tolist()}}) + "\\n")
     return masked, p
 diffusion.sft_mask = recording
-report = train.report
+report = runs.report
 def timed(*a, **k):
     log.write(json.dumps({{"report_start": time.time()}}) + "\\n"); report(*a, **k)
     log.write(json.dumps({{"report_end": time.time()}}) + "\\n")
-train.report = timed
+runs.report = timed
 train.main(sys.argv[1:])
 log.write(json.dumps({{"exit": time.time()}}) + "\\n")
 """
@@ -294,10 +304,12 @@ log.write(json.dumps({{"exit": time.time()}}) + "\\n")
 def test_two_ranks_draw_their_own_t_and_masks_around_validation_and_nobody_waits_for_the_report(tmp_path):
     (tmp_path / "harness.py").write_text(HARNESS.format(root=str(ROOT), out=str(tmp_path)))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(tmp_path / "harness.py"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tmp_path / "harness.py"),
            "--out", str(tmp_path / "run"), "--test", str(ROOT / "data" / "arith" / "test.json"), "--max-updates", "6",
            "--eval-every", "3", "--batch-size", "2", "--val-size", "4"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"})
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         env={**env, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stdout[-1000:] + res.stderr[-3000:]
     assert "adapter checksum on 2 ranks: identical" in res.stdout and "held-out accuracy" in res.stdout
     logs = [[json.loads(line) for line in (tmp_path / f"draws{r}.jsonl").read_text().splitlines()] for r in (0, 1)]

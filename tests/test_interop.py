@@ -23,7 +23,8 @@ from model import LLaDA, LLaDAConfig
 IDS = torch.tensor([[5, 9, 33, 8, 71, 2], [1, 4, 100, 3, 3, 60]])
 # The fields of LoraConfig and PeftConfig in PEFT 0.13.2 (read from its dataclasses): the oldest
 # release this project supports rejects any other key in adapter_config.json.
-PEFT_0_13_FIELDS = {"alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "fan_in_fan_out", "inference_mode",
+PEFT_0_13_FIELDS = {"alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias",
+                    "fan_in_fan_out", "inference_mode",
                     "init_lora_weights", "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config",
                     "lora_alpha", "lora_dropout", "megatron_config", "megatron_core", "modules_to_save", "peft_type", "r",
                     "rank_pattern", "revision", "runtime_config", "target_modules", "task_type", "use_dora", "use_rslora"}
@@ -53,7 +54,7 @@ def test_save_pretrained_brings_the_code_and_tokenizer_along(tmp_path):
     for name in ("configuration_llada.py", "modeling_llada.py", "tokenizer.json", "tokenizer_config.json"):
         (source / name).write_text(f"# {name}\n")
     model = LLaDA.from_pretrained(source)
-    nara.merge(adapters.add_adapters(model, "lora", r=2, verbose=False), 0.5).save_pretrained(tmp_path / "merged")
+    adapters.merge(adapters.add_adapters(model, "lora", r=2, verbose=False), 0.5).save_pretrained(tmp_path / "merged")
     for name in ("configuration_llada.py", "modeling_llada.py", "tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "merged" / name).read_text() == f"# {name}\n"
     assert read_json(tmp_path / "merged" / "config.json")["auto_map"]["AutoModel"] == "modeling_llada.LLaDAModelLM"
@@ -87,13 +88,15 @@ def peft_dir(directory, model, body, ranks, dora=False, seed=1, suffix=".weight"
     g, tensors = torch.Generator().manual_seed(seed), {}
     for name, r in ranks.items():
         W = model.get_submodule(name).weight
-        tensors[f"base_model.model.model.{name}.lora_A.weight"] = torch.randn(r, W.shape[1], generator=g) * 0.3
+        tensors[f"base_model.model.model.{name}.lora_A.weight"] = torch.randn(r,
+                                                                              W.shape[1], generator=g) * 0.3
         tensors[f"base_model.model.model.{name}.lora_B.weight"] = torch.randn(W.shape[0], r, generator=g) * 0.3
         if dora:
             tensors[f"base_model.model.model.{name}.lora_magnitude_vector{suffix}"] = torch.rand(W.shape[0], generator=g) + 0.5
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / "adapter_model.safetensors"))
-    (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "lora_dropout": 0.0, **body}))
+    (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA",
+                                                               "lora_dropout": 0.0, **body}))
     return tensors
 
 
@@ -108,8 +111,10 @@ def peft_output(x, W, t, name, scale, dora=False, suffix=".weight"):
 
 
 @pytest.mark.parametrize("body, ranks, alphas", [
-    ({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}, {"q_proj": 4, "v_proj": 4}, {"q_proj": 8, "v_proj": 8}),
-    ({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "use_rslora": True}, {"q_proj": 4}, {"q_proj": 8 / math.sqrt(4) * 4}),
+    ({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}, {"q_proj": 4, "v_proj": 4},
+     {"q_proj": 8, "v_proj": 8}),
+    ({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "use_rslora": True}, {"q_proj": 4},
+     {"q_proj": 8 / math.sqrt(4) * 4}),
     ({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"v_proj": 2},
       "alpha_pattern": {"blocks.1.q_proj": 32}}, {"q_proj": 4, "v_proj": 2}, {"q_proj": 8, "v_proj": 8}),
     ({"r": 2, "lora_alpha": 2, "target_modules": r"model\.transformer\.blocks\.1\.(q_proj|attn_out)"},

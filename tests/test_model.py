@@ -93,7 +93,8 @@ def test_hand_sized_golden_value():
     # attention and MLP outputs are zero (zero weights), so logits = RMSNorm(wte[id]):
     # [3, 4] / sqrt((9 + 16) / 2 + 1e-5) and [1, 0] / sqrt(1/2 + 1e-5)
     out = model(torch.tensor([[0, 1]]))[0]
-    expect = torch.tensor([[3 / math.sqrt(12.5 + 1e-5), 4 / math.sqrt(12.5 + 1e-5)], [1 / math.sqrt(0.5 + 1e-5), 0.0]])
+    expect = torch.tensor([[3 / math.sqrt(12.5 + 1e-5), 4 / math.sqrt(12.5 + 1e-5)],
+                           [1 / math.sqrt(0.5 + 1e-5), 0.0]])
     assert torch.allclose(out, expect, atol=1e-6)
 
 
@@ -188,9 +189,11 @@ SHARD1 = "model-00001-of-00006.safetensors"
     (lambda p: shutil.rmtree(p), FileNotFoundError, "model directory not found"),
     (lambda p: (p / "config.json").unlink(), FileNotFoundError, "config.json: config file not found"),
     (lambda p: (p / "config.json").write_text("{oops"), ValueError, "config.json: invalid JSON"),
-    (lambda p: (p / "model.safetensors.index.json").write_text("[1,"), ValueError, "index.json: invalid JSON"),
+    (lambda p: (p / "model.safetensors.index.json").write_text("[1,"), ValueError,
+     "index.json: invalid JSON"),
     (lambda p: (p / SHARD1).unlink(), FileNotFoundError, f"{SHARD1}: shard listed"),
-    (lambda p: _edit_index(p, lambda i: i["weight_map"].pop(WTE)), ValueError, f"index.json: key '{WTE}' is missing"),
+    (lambda p: _edit_index(p, lambda i: i["weight_map"].pop(WTE)), ValueError,
+     f"index.json: key '{WTE}' is missing"),
     (lambda p: _edit_index(p, lambda i: i["weight_map"].update({"model.extra.weight": SHARD1})),
      ValueError, "index.json: unexpected key 'model.extra.weight'"),
     (lambda p: _edit_shard(p, SHARD1, lambda t: t.pop(WTE)), ValueError, f"{SHARD1}: key '{WTE}' is missing"),

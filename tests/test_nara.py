@@ -121,9 +121,10 @@ def test_merge_at_lambda_equals_the_unmerged_forward(method):
     lam = 0.35
     expect = model(IDS, noise_level=torch.full((2,), lam))
     cond = adapters.cond_at(model, lam)
-    deltas = {n: m.merged_weight(cond) - m.weight.float() for n, m in model.named_modules() if isinstance(m, nara.LoRALinear)}
+    deltas = {n: m.merged_weight(cond) - m.weight.float() for n, m in model.named_modules()
+              if isinstance(m, nara.LoRALinear)}
     assert len(deltas) == 8 and all(d.abs().max() > 0 for d in deltas.values())
-    nara.merge(model, lam)
+    adapters.merge(model, lam)
     assert not any(p.requires_grad for p in model.parameters()) and len(model.noise_nets) == 0
     assert torch.allclose(model(IDS), expect, atol=1e-3)                 # fp32 rounding only
 

@@ -13,6 +13,7 @@ def test_every_python_snippet_in_the_readme_runs(tmp_path):
     assert len(snippets) >= 3
     (tmp_path / "data").symlink_to(ROOT / "data")                         # relative paths as from the root
     for i, code in enumerate(snippets):
-        res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300,
                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
         assert res.returncode == 0, f"snippet {i}:\n{code}\n{res.stderr[-2000:]}"

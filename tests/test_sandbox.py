@@ -117,7 +117,8 @@ def run_battery(uid=None):
     code.chmod(0o755)
     (code / "sandbox.py").chmod(0o644)
     job = {"forgers": FORGERS, "escapes": ESCAPES, "resources": RESOURCES, "good": GOOD, "tests": TESTS,
-           "targets": {"target": str(target), "folder": str(folder), "pid": sleeper.pid, "port": listener.port,
+           "targets": {"target": str(target), "folder": str(folder), "pid": sleeper.pid,
+                       "port": listener.port,
                        "marker": marker}}
     python = sandbox._interpreter() if uid is not None else os.sys.executable
     try:

@@ -24,7 +24,8 @@ def train_loss(model, tiny_task):
     from tasks import load_tokenizer, pad_sft, sft_pair
     tok, eos = load_tokenizer(tiny_task / "model"), model.config.eos_token_id
     rows = [pad_sft(*sft_pair(tok, p, a, eos), 40, eos) for p, a in tasks.load_examples(tiny_task / "data.json")]
-    return train.validation_loss(model.eval(), torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), 12, 0)
+    return train.validation_loss(model.eval(), torch.stack([r[0] for r in rows]),
+                                 torch.stack([r[1] for r in rows]), 12, 0)
 
 
 @pytest.mark.parametrize("method", adapters.METHODS)
@@ -57,7 +58,8 @@ def test_resume_after_a_kill_reaches_the_same_adapter_bit_for_bit(tiny_task, tmp
 
 def test_two_process_torchrun_keeps_the_ranks_identical(tiny_task, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train.py"), *train_args(tiny_task, tmp_path / "ddp", "--max-updates", "3", "--batch-size", "3")]
+           str(ROOT / "train.py"), *train_args(tiny_task, tmp_path / "ddp", "--max-updates", "3",
+                                               "--batch-size", "3")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", **_env()})
     assert res.returncode == 0, res.stdout[-1000:] + res.stderr[-3000:]
@@ -86,7 +88,8 @@ def test_bad_data_files_are_named(tmp_path, content, words):
 def test_data_formats_are_read(tmp_path):
     (tmp_path / "gsm.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "1+1=2\n#### 2"}) + "\n")
     (tmp_path / "code.jsonl").write_text(json.dumps({"query": "Write f.", "answer": "def f(): pass"}) + "\n")
-    (tmp_path / "la.json").write_text(json.dumps([{"instruction": "Q", "input": "ctx", "output": "A", "answer": "A"}]))
+    (tmp_path / "la.json").write_text(json.dumps([{"instruction": "Q", "input": "ctx",
+                                                   "output": "A", "answer": "A"}]))
     assert tasks.load_examples(tmp_path / "gsm.jsonl") == [("1+1?", "1+1=2\n#### 2")]
     assert tasks.load_examples(tmp_path / "code.jsonl") == [("Write f.", "def f(): pass")]
     assert tasks.load_examples(tmp_path / "la.json") == [("Q\n\nctx", "A")]
@@ -106,7 +109,8 @@ def test_data_generator_is_deterministic(tmp_path):
     for name in ("a", "b"):
         subprocess.run([sys.executable, str(ROOT / "data" / "make_data.py"), "--out", str(tmp_path / name)],
                        check=True, capture_output=True)
-    for f in ("corpus.txt", "arith/train.json", "arith/test.json", "base/tokenizer.json", "instruct/corpus.txt",
+    for f in ("corpus.txt", "arith/train.json", "arith/test.json", "base/tokenizer.json",
+              "instruct/corpus.txt",
               "instruct/sft.json", "instruct/train.json", "instruct/test.json", "instruct/base/tokenizer.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
         assert (tmp_path / "a" / f).read_bytes() == (ROOT / "data" / f).read_bytes(), f   # the bundled files
@@ -170,7 +174,8 @@ def test_bad_flags_fail_before_any_work(tiny_task, tmp_path, extra, words):
 
 
 def test_a_bad_test_file_fails_before_training(tiny_task, tmp_path):
-    (tmp_path / "t.json").write_text(json.dumps([{"instruction": "q", "answer": "7"}, {"instruction": "q", "answer": "seven"}]))
+    (tmp_path / "t.json").write_text(json.dumps([{"instruction": "q", "answer": "7"},
+                                                 {"instruction": "q", "answer": "seven"}]))
     with pytest.raises(ValueError, match="item 1 has the non-numeric answer 'seven'"):
         train.main(train_args(tiny_task, tmp_path / "run", "--test", str(tmp_path / "t.json")))
     assert not (tmp_path / "run").exists()
@@ -247,7 +252,8 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(tiny_task, tmp_path):
     import signal
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *train_args(tiny_task, out, "--max-updates", "100000", "--eval-every", "2")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**_env(), "OMP_NUM_THREADS": "1"})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**_env(),
+                                                                                            "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "checkpoint.pt").exists():
         time.sleep(0.2)
@@ -261,18 +267,22 @@ def test_the_ablation_switches_reach_the_run(tiny_task, tmp_path):
     """--stage1 1.0 keeps the hypernetwork at its init (C = I all run long), --freeze A keeps A,
     --warm-start starts A and B from a saved LoRA, and the prompt methods train."""
     lora = train.main(train_args(tiny_task, tmp_path / "lora", "--method", "lora", "--max-updates", "3"))
-    model = train.main(train_args(tiny_task, tmp_path / "nara", "--max-updates", "3", "--stage1", "1.0", "--freeze", "A",
+    model = train.main(train_args(tiny_task, tmp_path / "nara", "--max-updates", "3", "--stage1",
+                                  "1.0", "--freeze", "A",
                             "--warm-start", str(tmp_path / "lora" / "adapter")))
     torch.manual_seed(0)                                                  # the run's own init (--seed 0)
-    init = adapters.add_adapters(LLaDA.from_pretrained(tiny_task / "model"), "nara", r=4, dropout=0.0, verbose=False)
+    init = adapters.add_adapters(LLaDA.from_pretrained(tiny_task / "model"), "nara", r=4,
+                                 dropout=0.0, verbose=False)
     for k, v in adapters.adapter_state(model).items():
         if k.startswith("noise_nets."):
             assert torch.equal(v, init.state_dict()[k]), k                                # never trained
         if k.endswith(".lora_A"):
             assert torch.equal(v, adapters.adapter_state(lora)[k]), k   # warm start, then frozen
-    assert any(not torch.equal(v, adapters.adapter_state(lora)[k]) for k, v in adapters.adapter_state(model).items()
+    assert any(not torch.equal(v, adapters.adapter_state(lora)[k])
+               for k, v in adapters.adapter_state(model).items()
                if k.endswith(".lora_B"))
     for method in adapters.PROMPT:
-        train.main(train_args(tiny_task, tmp_path / method, "--method", method, "--max-updates", "2", "--virtual-tokens", "3",
+        train.main(train_args(tiny_task, tmp_path / method, "--method", method, "--max-updates", "2",
+                              "--virtual-tokens", "3",
                         "--prompt-init-text", "Say red"))
         assert (tmp_path / method / "adapter" / "adapter.safetensors").exists()
