@@ -19,6 +19,7 @@ import ablations
 import baselines
 import nara
 import prompts
+from checkpoint import check_keys
 from model import Linear
 
 METHODS = ("lora", "nara", "nara-c", "multi-lora", "hira", "dora", "nara-dora", "prompt-tuning", "p-tuning")
@@ -177,6 +178,17 @@ def adapter_state(model):
     """Only the adapter tensors (the base keys are left out): what training changes."""
     base = {k[len("model."):] for k in model.base_shapes()}
     return {k: v for k, v in model.state_dict().items() if k not in base}
+
+
+def load_state(model, state, where):
+    """Load exactly the adapter tensors `state` into model, every key and shape checked first."""
+    expected = adapter_state(model)
+    check_keys(where, state, expected)
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(f"{where}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    model.load_state_dict(state, strict=False)                        # exactly the adapter keys
+    return model
 
 
 def cond_at(model, lam, density=None):

@@ -51,7 +51,8 @@ class DoRALinear(NaRALinear):
         A, C, B = (None if t is None else t.float() for t in self.factors(cond))
         W0 = self.weight.float()
         BC = B if C is None else B @ C                                    # (d_out, r) or (B, d_out, r)
-        sq = self.w0_sq + 2 * self.s * (BC * (W0 @ A.T)).sum(-1) + self.s ** 2 * ((BC @ (A @ A.T)) * BC).sum(-1)
+        sq = (self.w0_sq + 2 * self.s * (BC * (W0 @ A.T)).sum(-1)
+              + self.s ** 2 * ((BC @ (A @ A.T)) * BC).sum(-1))                 # ‖W0 + s·B C A‖² per row
         return (self.magnitude / sq.sqrt().detach()).reshape(-1, W0.shape[0])
 
     def forward(self, x, cond=None):

@@ -23,8 +23,19 @@ SUPPORTED = {"block_type": "llama", "activation_type": "silu", "layer_norm_type"
              "residual_dropout": 0.0, "flash_attention": (False, None)}
 HUB_CODE = "GSAI-ML/LLaDA-8B-Instruct"                  # where the official remote code lives
 CODE_FILES = ("configuration_llada.py", "modeling_llada.py")
+# The released checkpoint groups tensors by kind, not by layer (its model.safetensors.index.json): shard
+# 1-6 of each kind; "head" is the top-level LM head, whose name ff_out is also each block's down projection.
+RELEASED_SHARDS = {"attn_out": 1, "wte": 1, "ln_f": 1, "ff_out": 2, "head": 2, "attn_norm": 3, "ff_norm": 3,
+                   "q_proj": 3, "k_proj": 3, "v_proj": 4, "ff_proj": 4, "up_proj": 5}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
+
+
+def released_shard(key):
+    """The shard (1-6) that holds checkpoint key `key` in the released LLaDA-8B layout."""
+    head = key.endswith("transformer.ff_out.weight") and ".blocks." not in key    # ff_out: also each block's
+    kind = "head" if head else key.split(".")[-2]
+    return RELEASED_SHARDS[kind]
 
 
 def read_config(path, names):

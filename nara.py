@@ -8,11 +8,9 @@ Glossary (code -> paper)
                      shared by every adapted layer, reached through cond = {"lam": λ, "nara": C(λ)}
     lam (λ), eta, s  noise level of each sequence (t in training); core scale η = 0.1; s = alpha/r = 1
 
-Departure from the authors' code, on purpose: under bf16 autocast their rank-r product ((x Aᵀ) M) Bᵀ
-is bf16, where 1 + δ rounds to 1 for |δ| < 2⁻⁸, so a core near I mostly never reaches the output. Here
-the rank-r part after A x runs in fp32 with one rounding at the output (`LoRALinear.update`): ~100 % of
-C − I = 1e-3·D is applied instead of 0 %, for 2·r·d_out fp32 FLOPs per token (0.8 % of the layer's at
-r = 32, d = 4096; BENCHMARKS.md). In fp32 nothing changes.
+Departure from the authors' code, on purpose: under bf16 autocast their ((x Aᵀ) M) Bᵀ rounds 1 + δ to 1
+for |δ| < 2⁻⁸, so a core near I never reaches the output; here the rank-r part after A x runs in fp32
+(`LoRALinear.update`), 0.8 % more FLOPs at r = 32, d = 4096 (BENCHMARKS.md). In fp32 nothing changes.
 """
 import math
 
@@ -182,10 +180,9 @@ def replace_linears(model, targets, make):
 
 
 def report(model, what, verbose):
+    n, total = (sum(p.numel() for p in model.parameters() if p.requires_grad or every) for every in (0, 1))
     if verbose:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
-        print(f"{what}; trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f} %)")
+        print(f"{what}; trainable {n:,} of {total:,} parameters ({100 * n / total:.3f} %)")
     return model
 
 

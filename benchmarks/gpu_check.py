@@ -1,6 +1,6 @@
 """The one prepared check of the CUDA path: the real commands end to end, then LLaDA-8B's shapes.
 
-    python benchmarks/gpu_check.py                             # on a GPU machine: runs/gpu_check.md, ~6 min on an H200
+    python benchmarks/gpu_check.py          # on a GPU machine: writes runs/gpu_check.md (~6 min on an H200)
     python benchmarks/gpu_check.py --tiny                      # the same script on a CPU, tiny shapes
 
 Part 1 runs the commands users run, on the bundled model, as subprocesses on this machine's device
@@ -19,7 +19,6 @@ The report is rewritten after every row, so a run stopped by a time limit keeps 
 import argparse
 import json
 import os
-import re
 import resource
 import signal
 import subprocess
@@ -33,13 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import adapters  # noqa: E402
 import nara  # noqa: E402
-from checkpoint import config_json  # noqa: E402
+from checkpoint import config_json, released_shard  # noqa: E402
 from diffusion import sft_loss  # noqa: E402
 from model import LLaDA, LLaDAConfig  # noqa: E402
-
-# The released checkpoint groups tensors by kind, not by layer (see its model.safetensors.index.json).
-SHARD_OF_KIND = {"attn_out": 1, "wte": 1, "ln_f": 1, "ff_out": 2, "head": 2, "attn_norm": 3, "ff_norm": 3,
-                 "q_proj": 3, "k_proj": 3, "v_proj": 4, "ff_proj": 4, "up_proj": 5}
 
 
 class Report:
@@ -55,7 +50,8 @@ class Report:
 
 def commit():
     """The checked-out commit (with "+changes" when the tree differs), so every figure names its code."""
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     head = git("rev-parse", "--short", "HEAD") or "unknown"
     return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
@@ -85,8 +81,8 @@ def commands(report, work, tiny):
         report.add(what, figure)
 
     run("python train.py (short default run)", [py, str(ROOT / "train.py"), "--out", "runs/whole", *updates])
-    killed = subprocess.Popen([py, str(ROOT / "train.py"), "--out", "runs/split", *updates], cwd=work, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = subprocess.Popen([py, str(ROOT / "train.py"), "--out", "runs/split", *updates], cwd=work,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while killed.poll() is None and not (work / "runs" / "split" / "checkpoint.pt").exists():
         time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
@@ -102,13 +98,15 @@ def commands(report, work, tiny):
         report.add("resumed vs uninterrupted adapter", f"not compared: {type(e).__name__}: {e}")
     run("python eval.py (default: base vs the run's adapter)",
         [py, str(ROOT / "eval.py"), "--adapter", "runs/whole/adapter", *short, "--out", "runs/eval"])
-    run("python eval.py --noise-curve", [py, str(ROOT / "eval.py"), "--adapter", "runs/whole/adapter", "--noise-curve",
-                                         *short, "--out", "runs/noise"])
-    run("python eval.py --task humaneval --limit 2", [py, str(ROOT / "eval.py"), "--task", "humaneval", "--limit", "2",
-                                                      "--adapter", "none", "--allow-unsandboxed-code", "--out", "runs/he",
-                                                      *(["--gen-length", "16", "--steps", "16"] if tiny else [])])
-    run("torchrun --nproc_per_node=1 train.py", [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                                                 str(ROOT / "train.py"), "--out", "runs/ddp", *updates])
+    eval_py = [py, str(ROOT / "eval.py")]
+    run("python eval.py --noise-curve",
+        [*eval_py, "--adapter", "runs/whole/adapter", "--noise-curve", *short, "--out", "runs/noise"])
+    run("python eval.py --task humaneval --limit 2",
+        [*eval_py, "--task", "humaneval", "--limit", "2", "--adapter", "none", "--allow-unsandboxed-code",
+         "--out", "runs/he", *(["--gen-length", "16", "--steps", "16"] if tiny else [])])
+    run("torchrun --nproc_per_node=1 train.py",
+        [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(ROOT / "train.py"),
+         "--out", "runs/ddp", *updates])
 
 
 # ---------------------------------------------------------------- part 2: LLaDA-8B's shapes
@@ -120,8 +118,7 @@ def write_random_checkpoint(cfg, path, device):
         shapes = LLaDA(cfg).base_shapes()
     shards, weight_map, total = {}, {}, 0
     for key, shape in shapes.items():
-        kind = "head" if key == "model.transformer.ff_out.weight" else re.sub(r"\.weight$", "", key).split(".")[-1]
-        name = f"model-{SHARD_OF_KIND[kind]:05d}-of-00006.safetensors"
+        name = f"model-{released_shard(key):05d}-of-00006.safetensors"
         shards.setdefault(name, []).append((key, shape))
         weight_map[key] = name
     g = torch.Generator(device=device).manual_seed(0)
@@ -183,7 +180,8 @@ def shapes(report, args, device, tiny):
     L = 64 if tiny else min(args.length, cfg.max_sequence_length)
     path = Path(args.dir)
     t0 = time.time()                      # written by a child process, so this one's peak RSS is the load's
-    subprocess.run([sys.executable, __file__, "--write-only", "--dir", str(path)] + ["--tiny"] * tiny, check=True)
+    subprocess.run([sys.executable, __file__, "--write-only", "--dir", str(path)] + ["--tiny"] * tiny,
+                   check=True)
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     report.add("random checkpoint written", f"{size / 2**30:.2f} GiB in {time.time() - t0:.0f} s")
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -193,7 +191,8 @@ def shapes(report, args, device, tiny):
         torch.cuda.synchronize()
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report.add("from_pretrained time", f"{time.time() - t0:.1f} s")
-    report.add("peak host RSS before / after load", f"{rss0 / 2**30:.2f} / {rss1 / 2**30:.2f} GiB (file {size / 2**30:.2f} GiB)")
+    report.add("peak host RSS before / after load", f"{rss0 / 2**30:.2f} / {rss1 / 2**30:.2f} GiB (file "
+                                                    f"{size / 2**30:.2f} GiB)")
     if device.type == "cuda":
         report.add("GPU memory after load", f"{torch.cuda.memory_allocated() / 2**30:.2f} GiB")
     cuda = device.type == "cuda"
@@ -210,7 +209,8 @@ def shapes(report, args, device, tiny):
     for method in ("lora", "nara"):
         adapters.add_adapters(model, method, r=4 if tiny else 32)
         with torch.no_grad():
-            report.add(f"sampling step (forward), {method}", f"{timed(lambda: model(ids, noise_level=lam), device) * 1e3:.1f} ms")
+            dt = timed(lambda: model(ids, noise_level=lam), device)
+            report.add(f"sampling step (forward), {method}", f"{dt * 1e3:.1f} ms")
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         for ckpt in (False, True):
             model.train().gradient_checkpointing = ckpt
@@ -226,8 +226,9 @@ def shapes(report, args, device, tiny):
                 opt.zero_grad(set_to_none=True)
             dt = timed(step, device, repeats=3)
             report.add(f"train step {method}, checkpointing={ckpt}",
-                       f"{dt * 1e3:.0f} ms, peak GPU {peak():.1f} GiB, {L / dt:.0f} tok/s, MFU {100 * mfu(L, dt):.0f} %")
-        del opt
+                       f"{dt * 1e3:.0f} ms, peak GPU {peak():.1f} GiB, {L / dt:.0f} tok/s, MFU "
+                       f"{100 * mfu(L, dt):.0f} %")
+        opt = None                                # freed before the next optimizer
         if method == "lora":
             adapters.merge(model, 0.5)
     report.add("NaRA in bf16: share of C − I = 1e-3·D applied (fp32 rank-r path; 1 = all)",
@@ -263,8 +264,9 @@ def shapes(report, args, device, tiny):
         except torch.cuda.OutOfMemoryError:
             report.add(what, "out of memory")
             continue
-        report.add(what, f"{dt:.2f} s, {32 * L / dt:.0f} tok/s, peak GPU {peak():.1f} GiB, {100 * mfu(32 * L, dt):.0f} % MFU")
-    del opt
+        report.add(what, f"{dt:.2f} s, {32 * L / dt:.0f} tok/s, peak GPU {peak():.1f} GiB, "
+                         f"{100 * mfu(32 * L, dt):.0f} % MFU")
+    opt = None
     model.eval()   # a sampling step of the GSM8K setting: 16 prompts, gen 256, block 8
     prompts = torch.randint(0, cfg.eos_token_id, (16, 100 + 256 if not tiny else 24), device=device)
     block, lam16 = slice(prompts.shape[1] - 8, prompts.shape[1]), torch.full((16,), 0.5, device=device)

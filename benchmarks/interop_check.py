@@ -23,7 +23,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import adapters  # noqa: E402
 import interop  # noqa: E402
-import nara  # noqa: E402
 from checkpoint import CODE_FILES  # noqa: E402
 from model import LLaDA, LLaDAConfig  # noqa: E402
 
@@ -70,7 +69,8 @@ def wrap(model):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--code", required=True, help="folder holding configuration_llada.py and modeling_llada.py")
+    ap.add_argument("--code", required=True, help="folder holding configuration_llada.py and "
+                                                  "modeling_llada.py")
     args = ap.parse_args()
     import peft
     import transformers
@@ -92,19 +92,21 @@ def main():
 
     def diff(a, b):
         return f"max |diff| {float((a - b).abs().max()):.2e}"
-    check("LLaDA.from_pretrained vs AutoModel, fp32", lambda: diff(logits(ours), logits(theirs(work / "base"))))
+    check("LLaDA.from_pretrained vs AutoModel, fp32",
+          lambda: diff(logits(ours), logits(theirs(work / "base"))))
     check("LLaDA.from_pretrained vs AutoModel, bf16", lambda: diff(
         logits(LLaDA.from_pretrained(work / "base", device="cpu", dtype=torch.bfloat16)),
         logits(theirs(work / "base", torch.bfloat16))))
 
     def peft_to_ours(name, **options):
         base = theirs(work / "base")
-        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=options.pop("target_modules", ["q_proj", "v_proj"]),
-                         lora_dropout=0.0, init_lora_weights=False, **options)
+        targets = options.pop("target_modules", ["q_proj", "v_proj"])
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, init_lora_weights=False,
+                         **options)
         pm = get_peft_model(base, cfg).eval()
         pm.save_pretrained(work / name)
-        mine = interop.load_peft(LLaDA.from_pretrained(work / "base", device="cpu", dtype=torch.float32), work / name,
-                                 verbose=False).eval()
+        plain = LLaDA.from_pretrained(work / "base", device="cpu", dtype=torch.float32)
+        mine = interop.load_peft(plain, work / name, verbose=False).eval()
         return diff(logits(mine), logits(pm))
     check("PEFT LoRA -> interop.load_peft", lambda: peft_to_ours("plain"))
     check("PEFT LoRA use_rslora -> load_peft", lambda: peft_to_ours("rslora", use_rslora=True))
@@ -114,8 +116,10 @@ def main():
           lambda: peft_to_ours("regex", target_modules=r".*\.blocks\.1\.(q_proj|attn_out)"))
     check("PEFT DoRA (use_dora) -> load_peft", lambda: peft_to_ours("dora", use_dora=True))
     for option, value in (("layers_to_transform", [0]), ("modules_to_save", ["ln_f"]), ("bias", "all")):
-        check(f"PEFT LoRA {option} -> load_peft", lambda o=option, v=value: peft_to_ours(o, **{o: v}), refused=True)
-    check("PEFT LoRA on the LM head -> load_peft", lambda: peft_to_ours("head", target_modules=["ff_out"]), refused=True)
+        check(f"PEFT LoRA {option} -> load_peft", lambda o=option, v=value: peft_to_ours(o, **{o: v}),
+              refused=True)
+    check("PEFT LoRA on the LM head -> load_peft", lambda: peft_to_ours("head", target_modules=["ff_out"]),
+          refused=True)
 
     def ours_to_peft(method, lam=0.5, auto=None):
         model = LLaDA.from_pretrained(work / "base", device="cpu", dtype=torch.float32)

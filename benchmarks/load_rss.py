@@ -33,8 +33,9 @@ def main():
         print(f"RESULT {args.child[0]} {args.child[1]} model_bytes={n} peak_rss_kb={peak} "
               f"rss_before_load_kb={base} seconds={time.time() - t0:.1f}")
         return
-    cfg = LLaDAConfig(d_model=1024, n_heads=8, n_kv_heads=8, n_layers=max(1, int(args.gb * 2**30 / 2 / 12.6e6)),
-                      mlp_hidden_size=2816, vocab_size=32768, embedding_size=32768, mask_token_id=32000,
+    layers = max(1, int(args.gb * 2**30 / 2 / 12.6e6))                   # 12.6 M parameters per block
+    cfg = LLaDAConfig(d_model=1024, n_heads=8, n_kv_heads=8, n_layers=layers, mlp_hidden_size=2816,
+                      vocab_size=32768, embedding_size=32768, mask_token_id=32000,
                       eos_token_id=1, pad_token_id=1)
     path = Path(args.dir)
     if not (path / "config.json").exists():
@@ -45,7 +46,8 @@ def main():
         del model
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     print(f"checkpoint {path}: {size / 2**30:.2f} GiB on disk")
-    cases = [("cpu", "bfloat16"), ("cpu", "float32")] + ([("cuda", "bfloat16")] if torch.cuda.is_available() else [])
+    cases = [("cpu", "bfloat16"), ("cpu", "float32")]
+    cases += [("cuda", "bfloat16")] if torch.cuda.is_available() else []
     for device, dtype in cases:
         out = subprocess.run([sys.executable, __file__, "--dir", str(path), "--child", device, dtype],
                              capture_output=True, text=True, check=True).stdout

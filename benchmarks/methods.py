@@ -1,9 +1,8 @@
 """Every method side by side on a bundled miniature: the paper's comparison, trained to the plateau.
 
-    python benchmarks/methods.py --task instruct     # budget, sweep, seeds and tables for one task
     python benchmarks/methods.py --task arith        # the default run's task: the central comparison
-    python benchmarks/methods.py --task instruct --name instruct-ablations --lr-from nara --seeds 5 \\
-        --arm nara --arm "nara --condition density" ...                    # ablations at NaRA's rate
+    python benchmarks/methods.py --task instruct     # budget, sweep, seeds and tables: eight methods
+    python benchmarks/methods.py --task instruct --name instruct-ablations --lr-from nara   # the ablations
     python benchmarks/methods.py --task instruct --quick                   # seeds 0-1 at the chosen rates
 
 The protocol (fixed before any run of it; an arm is a method plus train.py flags):
@@ -43,7 +42,6 @@ import os
 import re
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,26 +52,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import tables  # noqa: E402  (this folder's tables and figures of a comparison)
 
 TASKS = {
     "arith": dict(model="data/base", data="data/arith/train.json", test="data/arith/test.json", val_size=30,
                   max_length=48, gen=dict(gen_length=16, steps=16, block_length=16)),
     "instruct": dict(model="data/instruct/base", data="data/instruct/train.json",
-                     test="data/instruct/test.json",
-                     val_size=100, max_length=72, gen=dict(gen_length=32, steps=32, block_length=8)),
+                     test="data/instruct/test.json", val_size=100, max_length=72,
+                     gen=dict(gen_length=32, steps=32, block_length=8)),
 }
 CENTRAL = ("lora", "nara", "nara-c", "multi-lora")
 OTHERS = ("dora", "hira", "prompt-tuning", "p-tuning")
 ABLATIONS = ("nara", "nara-c", "nara --condition density", "nara --condition both", "nara --embedding mlp",
              "nara --embedding raw", "nara --hyper-init kaiming", "nara --stage1 0.3",
              "nara --embedding-width 16 --hyper-hidden 16,16")
-PROTOCOL = dict(batch_size=16, rank=8, budget_lr=3e-3, budgets=(600, 1200, 2400, 4800, 9600, 19200), plateau=0.01,
-                lrs=(1e-3, 3e-3, 1e-2, 3e-2), wider=(3e-4, 1e-4, 1e-1, 3e-1), seeds=5, other_seeds=3, test_items=None)
-SMOKE = dict(batch_size=4, rank=2, budget_lr=1e-2, budgets=(4, 8, 16), plateau=1.0,
-             lrs=(1e-3, 1e-2), wider=(),
-             seeds=2, other_seeds=1, test_items=8)
+PROTOCOL = dict(batch_size=16, rank=8, budget_lr=3e-3, budgets=(600, 1200, 2400, 4800, 9600, 19200),
+                plateau=0.01, lrs=(1e-3, 3e-3, 1e-2, 3e-2), wider=(3e-4, 1e-4, 1e-1, 3e-1), seeds=5,
+                other_seeds=3, test_items=None)
+SMOKE = dict(batch_size=4, rank=2, budget_lr=1e-2, budgets=(4, 8, 16), plateau=1.0, lrs=(1e-3, 1e-2),
+             wider=(), seeds=2, other_seeds=1, test_items=8)
 SMOKE_ARMS = ("lora", "nara")
-LAMS = [round(0.1 * k, 1) for k in range(1, 11)]
 
 
 def slug(text):
@@ -86,36 +84,31 @@ def check_lengths(task):
     spec = TASKS[task]
     tok = load_tokenizer(ROOT / spec["model"])
     for split in ("data", "test"):
-        pairs = [sft_pair(tok, e["instruction"], e["output"], 0)
-                 for e in json.loads((ROOT / spec[split]).read_text())]
+        examples = json.loads((ROOT / spec[split]).read_text())
+        pairs = [sft_pair(tok, e["instruction"], e["output"], 0) for e in examples]
         longest, answer = max(len(p) + len(a) for p, a in pairs), max(len(a) for _, a in pairs)
         if longest > spec["max_length"] or answer > spec["gen"]["gen_length"]:
-            sys.exit(f"error: {spec[split]}: an item of {longest} tokens (answer {answer}) does not fit --max-length "
-                     f"{spec['max_length']} / --gen-length {spec['gen']['gen_length']}: no item may be skipped")
+            sys.exit(f"error: {spec[split]}: an item of {longest} tokens (answer {answer}) does not fit "
+                     f"--max-length {spec['max_length']} / --gen-length {spec['gen']['gen_length']}: no item "
+                     "may be skipped")
 
 
 # ---------------------------------------------------------------- one run (in a worker process)
-def test_rows(task, tok, eos, limit=None):
-    """The test file's examples and their gold outputs as padded SFT rows (for the noise curve)."""
-    import torch
-    from tasks import pad_sft, sft_pair
-    examples = json.loads((ROOT / TASKS[task]["test"]).read_text())[:limit]
-    pairs = [sft_pair(tok, e["instruction"], e["output"], eos) for e in examples]
-    L = max(len(p) + len(a) for p, a in pairs)
-    rows = [pad_sft(p, a, L, eos) for p, a in pairs]
-    return examples, torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
-
-
 def score(task, model, tok, limit=None):
     """Test accuracy by generation, the Figure 1 curve and (NaRA) the Figure 3 sizes of one model."""
+    import torch
     import figures
-    import tasks
-    examples, ids, answer = test_rows(task, tok, model.config.eos_token_id, limit)
-    acc, _ = tasks.accuracy(model.eval(), tok, examples, **TASKS[task]["gen"])
+    from tasks import accuracy, pad_sft, sft_pair
+    examples = json.loads((ROOT / TASKS[task]["test"]).read_text())[:limit]
+    pairs = [sft_pair(tok, e["instruction"], e["output"], model.config.eos_token_id) for e in examples]
+    L = max(len(p) + len(a) for p, a in pairs)                        # padded to the longest, no further
+    rows = [pad_sft(p, a, L, model.config.eos_token_id) for p, a in pairs]
+    ids, answer = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])   # the gold outputs
+    acc, _ = accuracy(model.eval(), tok, examples, **TASKS[task]["gen"])
     out = {"accuracy": acc, "items": len(examples),
-           "curve": {str(k): v for k, v in figures.noise_curve(model, ids, answer, LAMS).items()}}
+           "curve": {str(k): v for k, v in figures.noise_curve(model, ids, answer, tables.LAMS).items()}}
     if model.noise_nets and all(hasattr(n, "net") for n in model.noise_nets.values()):
-        out["sizes"] = {str(k): v for k, v in figures.update_magnitude(model, LAMS).items()}
+        out["sizes"] = {str(k): v for k, v in figures.update_magnitude(model, tables.LAMS).items()}
     return out
 
 
@@ -127,17 +120,16 @@ def run_job(job):
     from checkpoint import atomic_write
     from model import LLaDA
     from tasks import load_tokenizer
-    record_file, work, task = Path(job["record"]), Path(job["work"]), job["settings"]["task"]
+    record_file, work, s = Path(job["record"]), Path(job["work"]), job["settings"]
     if record_file.exists():
         record = json.loads(record_file.read_text())
-        if record["settings"] == job["settings"]:
+        if record["settings"] == s:
             return record                               # a finished run is reused as it is
     shutil.rmtree(work, ignore_errors=True)             # anything else starts over
     work.mkdir(parents=True)
-    spec, s = TASKS[task], job["settings"]
+    spec = TASKS[s["task"]]
     argv = ["--model", str(ROOT / spec["model"]), "--data", str(ROOT / spec["data"]),
-            "--out", str(work / "run"),
-            *s["train"], "--method", *shlex.split(s["arm"])]
+            "--out", str(work / "run"), *s["train"], "--method", *shlex.split(s["arm"])]
     t0 = time.time()
     with open(work / "log.txt", "w") as log:                           # train.py as users run it, one thread
         subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], stdout=log, stderr=log, check=True,
@@ -147,15 +139,16 @@ def run_job(job):
         raise RuntimeError(f"{work / 'log.txt'}: train.py skipped items; the protocol trains on all of them")
     steps = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     curve = [[m["step"], m["val_loss"]] for m in steps if "val_loss" in m]
-    record = {"settings": s, "trainable": int(re.search(r"trainable ([\d,]+) of", log).group(1).replace(",", "")),
-              "best_val_loss": min(v for _, v in curve), "val_curve": curve, "train_s": time.time() - t0}
+    trainable = int(re.search(r"trainable ([\d,]+) of", log).group(1).replace(",", ""))
+    record = {"settings": s, "trainable": trainable, "best_val_loss": min(v for _, v in curve),
+              "val_curve": curve, "train_s": time.time() - t0}
     t0 = time.time()
     model_dir = ROOT / spec["model"]
     with open(work / "log.txt", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         model = interop.load_adapter(LLaDA.from_pretrained(model_dir), work / "run" / "best")
-        record.update(score(task, model, load_tokenizer(model_dir), s["test_items"]),
-                      score_s=time.time() - t0,
-                      torch=torch.__version__, finished=time.strftime("%Y-%m-%d %H:%M"))
+        record.update(score(s["task"], model, load_tokenizer(model_dir), s["test_items"]),
+                      score_s=time.time() - t0, torch=torch.__version__,
+                      finished=time.strftime("%Y-%m-%d %H:%M"))
     record_file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(record_file, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
     shutil.rmtree(work, ignore_errors=True)
@@ -169,13 +162,13 @@ def base_job(job):
     from checkpoint import atomic_write
     from model import LLaDA
     from tasks import load_tokenizer
-    record_file = Path(job["record"])
-    if record_file.exists() and json.loads(record_file.read_text())["settings"] == job["settings"]:
+    record_file, s = Path(job["record"]), job["settings"]
+    if record_file.exists() and json.loads(record_file.read_text())["settings"] == s:
         return json.loads(record_file.read_text())
-    model_dir = ROOT / TASKS[job["settings"]["task"]]["model"]
+    model_dir = ROOT / TASKS[s["task"]]["model"]
     with contextlib.redirect_stdout(open(os.devnull, "w")):
-        record = {"settings": job["settings"], **score(job["settings"]["task"], LLaDA.from_pretrained(model_dir),
-                                                        load_tokenizer(model_dir), job["settings"]["test_items"])}
+        model = LLaDA.from_pretrained(model_dir)
+        record = {"settings": s, **score(s["task"], model, load_tokenizer(model_dir), s["test_items"])}
     record_file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(record_file, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
     return record
@@ -185,13 +178,15 @@ def base_job(job):
 class Runner:
     """Makes the jobs of the protocol and runs them, two at a time, with a progress bar."""
     def __init__(self, pool, task, protocol, records, work):
-        self.pool, self.task, self.p, self.records, self.work = pool, task, protocol, Path(records), Path(work)
+        self.pool, self.task, self.p = pool, task, protocol
+        self.records, self.work = Path(records), Path(work)
 
     def job(self, arm, lr, seed, updates):
         spec, p = TASKS[self.task], self.p
-        train = ["--max-updates", str(updates), "--eval-every", str(max(1, updates // 20)), "--batch-size",
-                 str(p["batch_size"]), "--adapter-rank", str(p["rank"]), "--max-length", str(spec["max_length"]),
-                 "--val-size", str(spec["val_size"]), "--lr", f"{lr:g}", "--seed", str(seed)]
+        train = ["--max-updates", str(updates), "--eval-every", str(max(1, updates // 20)),
+                 "--batch-size", str(p["batch_size"]), "--adapter-rank", str(p["rank"]),
+                 "--max-length", str(spec["max_length"]), "--val-size", str(spec["val_size"]),
+                 "--lr", f"{lr:g}", "--seed", str(seed)]
         settings = dict(task=self.task, arm=arm, lr=lr, seed=seed, updates=updates, train=train,
                         test_items=p["test_items"], gen=spec["gen"])
         name = f"{slug(arm)}/lr{lr:g}-u{updates}-seed{seed}"
@@ -212,16 +207,17 @@ class Runner:
         ladder runs in order, one run at a time, and stops as soon as that holds)."""
         done = {}
         for T in self.p["budgets"]:
-            done[T] = self.run([self.job("lora", self.p["budget_lr"], 0, T)], f"budget (lora, {T} updates)")[0]
-            if T // 2 in done and done[T // 2]["best_val_loss"] - done[T]["best_val_loss"] < \
-                    self.p["plateau"] * done[T // 2]["best_val_loss"]:
+            job = self.job("lora", self.p["budget_lr"], 0, T)
+            done[T] = self.run([job], f"budget (lora, {T} updates)")[0]
+            half, loss = done.get(T // 2), done[T]["best_val_loss"]
+            if half and half["best_val_loss"] - loss < self.p["plateau"] * half["best_val_loss"]:
                 return T // 2, list(done.values())
         sys.exit(f"error: {self.task}: LoRA still improves by over {self.p['plateau']:.0%} at {T} updates")
 
     def sweep(self, arms, T):
-        """{arm: chosen rate} at budget T, seed 0; an arm's grid is widened while its best rate is on the edge."""
-        grids, done, todo = {a: list(self.p["lrs"]) for a in arms}, {}, [(a, lr) for a in arms
-                                                                         for lr in self.p["lrs"]]
+        """{arm: chosen rate} at budget T, seed 0; an arm's grid widens while its best rate is on an edge."""
+        grids, done = {a: list(self.p["lrs"]) for a in arms}, {}
+        todo = [(a, lr) for a in arms for lr in self.p["lrs"]]
         best = lambda a: min(grids[a], key=lambda lr: done[a, lr]["best_val_loss"])  # noqa: E731
         while todo:
             for r in self.run([self.job(a, lr, 0, T) for a, lr in todo], "learning-rate sweep (seed 0)"):
@@ -239,173 +235,70 @@ class Runner:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="arith", choices=sorted(TASKS), help="bundled base and task")
-    ap.add_argument("--arm", action="append", help="a method and train.py flags, e.g. \"nara --condition density\" "
-                    "(repeatable; default: the task's arms)")
+    ap.add_argument("--arm", action="append", help="a method and train.py flags, e.g. \"nara --condition "
+                    "density\" (repeatable; default: the task's arms, or with --lr-from the ablations)")
     ap.add_argument("--name", default=None, help="name of the result files (default: the task)")
-    ap.add_argument("--quick", action="store_true", help="seeds 0-1 at the learning rates chosen by the full run")
-    ap.add_argument("--lr-from", default=None, metavar="ARM",
-                    help="no sweep: every arm runs at the learning rate "
-                    "the task's full comparison chose for ARM (for ablations of one method)")
+    ap.add_argument("--quick", action="store_true", help="seeds 0-1 at the learning rates the full run chose")
+    ap.add_argument("--lr-from", default=None, metavar="ARM", help="no sweep: every arm at the learning rate "
+                    "the task's full comparison chose for ARM (ablations of one method)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the protocol's per arm)")
-    ap.add_argument("--smoke", action="store_true", help="a tiny protocol in a temporary folder: checks the script runs")
-    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                    help="parallel runs, one thread each")
+    ap.add_argument("--smoke", action="store_true", help="a tiny protocol in a temporary folder")
+    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs, one "
+                    "thread each")
     ap.add_argument("--runs", default=None, help="training folders (default runs/methods; smoke: temporary)")
-    ap.add_argument("--results", default=None, help="tables, figures and run records (default benchmarks/results; "
-                    "smoke: temporary)")
+    ap.add_argument("--results", default=None, help="tables, figures and run records (default "
+                    "benchmarks/results; smoke: temporary)")
     args = ap.parse_args(argv)
     protocol = SMOKE if args.smoke else PROTOCOL
     scratch = Path(tempfile.mkdtemp(prefix="methods-smoke-")) if args.smoke else None
     results = Path(args.results or (scratch / "results" if scratch else ROOT / "benchmarks" / "results"))
     work = Path(args.runs or (scratch / "runs" if scratch else ROOT / "runs" / "methods"))
     check_lengths(args.task)
-    default_arms = CENTRAL + (OTHERS if args.task == "instruct" else ())
-    arms, name = args.arm or list(SMOKE_ARMS if args.smoke else default_arms), args.name or args.task
+    default = CENTRAL + OTHERS * (args.task == "instruct")
+    default = SMOKE_ARMS if args.smoke else ABLATIONS if args.lr_from else default
+    arms, name = args.arm or list(default), args.name or args.task
     if args.seeds is not None and not 1 <= args.seeds <= protocol["seeds"]:
         sys.exit(f"error: --seeds {args.seeds}: the protocol has seeds 0-{protocol['seeds'] - 1}")
     chosen_file = results / f"{args.task}.json"
     results.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
         runner = Runner(pool, args.task, protocol, results / "runs", work)
-        base = pool.submit(base_job, dict(record=str(results / "runs" / args.task / "base.json"),
-                                          settings=dict(task=args.task, test_items=protocol["test_items"],
-                                                        gen=TASKS[args.task]["gen"])))
+        settings = dict(task=args.task, test_items=protocol["test_items"], gen=TASKS[args.task]["gen"])
+        record = str(results / "runs" / args.task / "base.json")
+        base = pool.submit(base_job, dict(record=record, settings=settings))
         if args.quick or args.lr_from:
             if not chosen_file.exists():
                 sys.exit(f"error: {chosen_file} not found: run the task's full comparison first")
             chosen = json.loads(chosen_file.read_text())
             T, ladder, sweep = chosen["updates"], [], []
-            source = chosen["lr"] if args.quick else {a: chosen["lr"].get(args.lr_from) for a in arms}
-            if any(source.get(a) is None for a in arms):
-                sys.exit(f"error: {chosen_file} has no learning rate for "
-                         f"{args.lr_from if args.lr_from else sorted(set(arms) - set(source))} (run the comparison)")
-            lr_of = {a: source[a] for a in arms}
+            lr_of = {a: chosen["lr"].get(args.lr_from or a) for a in arms}
+            if None in lr_of.values():
+                missing = args.lr_from or sorted(a for a in arms if lr_of[a] is None)
+                sys.exit(f"error: {chosen_file} has no learning rate for {missing} (run the comparison)")
         else:
             T, ladder = runner.budget()
             lr_of, sweep = runner.sweep(arms, T)
-        seeds_of = {a: 2 if args.quick else args.seeds or (protocol["seeds"] if a in CENTRAL or args.lr_from
-                                                           else protocol["other_seeds"]) for a in arms}
-        records = runner.run([runner.job(a, lr_of[a], s, T) for a in arms for s in range(seeds_of[a])], "seeds")
+        seeds = lambda a: 2 if args.quick else args.seeds or protocol[  # noqa: E731
+            "seeds" if a in CENTRAL or args.lr_from else "other_seeds"]
+        records = runner.run([runner.job(a, lr_of[a], s, T) for a in arms for s in range(seeds(a))], "seeds")
         base = base.result()
     if not (args.quick or args.lr_from):
-        edge = {a: lr_of[a] in (min(r["settings"]["lr"] for r in sweep if r["settings"]["arm"] == a),
-                                max(r["settings"]["lr"] for r in sweep
-                                    if r["settings"]["arm"] == a)) for a in arms}
+        grid = {a: [r["settings"]["lr"] for r in sweep if r["settings"]["arm"] == a] for a in arms}
+        edge = {a: lr_of[a] in (min(grid[a]), max(grid[a])) for a in arms}
         body = {"updates": T, "lr": lr_of, "at_grid_edge": edge,
                 "budget": {r["settings"]["updates"]: r["best_val_loss"] for r in ladder},
                 "sweep": {a: {f"{r['settings']['lr']:g}": r["best_val_loss"] for r in sweep
-                              if r["settings"]["arm"] == a}
-                          for a in arms}}
-        (results / f"{args.task}.json").write_text(json.dumps(body, indent=1))
-    command = ["python", "benchmarks/methods.py", "--task", args.task,
-               *(["--name", args.name] if args.name else []),
-               *(["--lr-from", args.lr_from] if args.lr_from else []), *(["--seeds", str(args.seeds)]
-                                                                         if args.seeds else []),
-               *(["--quick"] if args.quick else []), *(["--smoke"] if args.smoke else []),
-               *[x for a in args.arm or [] for x in ("--arm", a)]]
-    report(name + ("-quick" if args.quick else ""), shlex.join(command), args.task,
-           arms, lr_of, records, base, results, ladder, sweep, T)
+                              if r["settings"]["arm"] == a} for a in arms}}
+        chosen_file.write_text(json.dumps(body, indent=1))
+    flags = [("--name", args.name), ("--lr-from", args.lr_from), ("--seeds", args.seeds and str(args.seeds))]
+    command = ["python", "benchmarks/methods.py", "--task", args.task]
+    command += [x for f, v in flags if v for x in (f, v)]
+    command += ["--quick"] * args.quick + ["--smoke"] * args.smoke
+    command += [x for a in args.arm or [] for x in ("--arm", a)]
+    tables.report(name + "-quick" * args.quick, shlex.join(command), args.task, arms, lr_of, records, base,
+                  results, ladder, sweep, T)
     if scratch:
         print(f"smoke results in {scratch} (benchmarks/results/ untouched)")
-
-
-# ---------------------------------------------------------------- tables and figures
-def mean_std(xs):
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def report(name, command, task, arms, lr_of, records, base, results, ladder, sweep, T):
-    by_arm = {a: sorted((r for r in records if r["settings"]["arm"] == a), key=lambda r: r["settings"]["seed"]) for a in arms}
-    runs = {json.dumps(r["settings"], sort_keys=True): r for r in ladder + sweep + records}
-    minutes = sum(r["train_s"] + r["score_s"] for r in runs.values()) / 60
-    lines = [f"# Methods side by side: `{task}`, {T} updates (`{command}`)", "",
-             f"Base model: accuracy {100 * base['accuracy']:.1f} % on {base['items']} test items. {time.strftime('%Y-%m-%d')}. "
-             f"The {len(runs)} runs behind this table took {minutes:.0f} run-minutes (training and scoring, one thread "
-             "each; two run at a time on 2 cores).", "",
-             f"A seed fixes the validation split, the data order and the masks, so each arm's best validation loss "
-             f"is also given minus {arms[0]}'s at the same seed (paired difference; negative is better).", "",
-             f"| method | trainable | lr | seeds | test accuracy % | best val loss | − {arms[0]}'s, paired | min per run |",
-             "|---|---|---|---|---|---|---|---|"]
-    first = {r["settings"]["seed"]: r["best_val_loss"] for r in by_arm[arms[0]]}
-    for a, rs in by_arm.items():
-        acc, val = mean_std([100 * r["accuracy"] for r in rs]), mean_std([r["best_val_loss"] for r in rs])
-        diff = mean_std([r["best_val_loss"] - first[r["settings"]["seed"]] for r in rs
-                         if r["settings"]["seed"] in first])
-        wall = statistics.mean(r["train_s"] + r["score_s"] for r in rs) / 60
-        lines.append(f"| {a} | {rs[0]['trainable']:,} | {lr_of[a]:g} | {len(rs)} | {acc[0]:.1f} ± {acc[1]:.1f} | "
-                     f"{val[0]:.4f} ± {val[1]:.4f} | {diff[0]:+.4f} ± {diff[1]:.4f} | {wall:.1f} |")
-    if ladder:
-        lines += ["", f"The budget: LoRA at lr {ladder[0]['settings']['lr']:g}, seed 0, best validation loss by the "
-                  f"number of updates (the first within 1 % of the doubled run's is {T}):", "",
-                  "| updates | best val loss | its validation curve (update: loss) |", "|---|---|---|"]
-        lines += [f"| {r['settings']['updates']} | {r['best_val_loss']:.4f} | "
-                  + ", ".join(f"{s}: {v:.3f}" for s, v in r["val_curve"][1::2]) + " |" for r in ladder]
-    if sweep:
-        grid = sorted({r["settings"]["lr"] for r in sweep})
-        lines += ["", f"Learning-rate sweep at {T} updates, seed 0: best validation loss (the chosen rate in bold)", "",
-                  "| method | " + " | ".join(f"{lr:g}" for lr in grid) + " |", "|---" * (len(grid) + 1) + "|"]
-        for a in arms:
-            got = {r["settings"]["lr"]: r["best_val_loss"] for r in sweep if r["settings"]["arm"] == a}
-            lines.append(f"| {a} | " + " | ".join("" if lr not in got else f"**{got[lr]:.4f}**" if lr == lr_of[a]
-                                                   else f"{got[lr]:.4f}" for lr in grid) + " |")
-    for what, rel in (("gain over the base per masked token", False),
-                      ("gain relative to the base's loss", True)):
-        rows = [[lam] + [v for a in arms for v in mean_std([(base["curve"][str(lam)] - r["curve"][str(lam)])
-                                                            / (base["curve"][str(lam)]
-                                                               if rel else 1.0) for r in by_arm[a]])]
-                for lam in LAMS]
-        tag = "figure1_relative" if rel else "figure1"
-        write_csv(results / f"{name}_{tag}.csv", ["lambda"] + [f"{a} {k}" for a in arms for k in ("mean", "std")], rows)
-        lines += ["", f"Figure 1 ({what}; mean over seeds), by noise level λ", "",
-                  "| λ | base loss | " + " | ".join(arms) + " |", "|---" * (len(arms) + 2) + "|"]
-        lines += [f"| {row[0]} | {base['curve'][str(row[0])]:.3f} | " + " | ".join(
-            f"{row[1 + 2 * i]:{'.1%' if rel else '.3f'}}" for i in range(len(arms))) + " |" for row in rows]
-        plot(results / f"{name}_{tag}.png", arms, rows, f"{task}: {what} (Figure 1)",
-             "relative CE reduction" if rel
-             else "CE reduction per masked token")
-    sized = [a for a in arms if "sizes" in by_arm[a][0]]
-    if sized:
-        rows3 = [[lam] + [statistics.mean(r["sizes"][str(lam)][i] for r in by_arm[a]) for a in sized for i in (0, 1)]
-                 for lam in LAMS]
-        write_csv(results / f"{name}_figure3.csv", ["lambda"] + [f"{a} {k}" for a in sized for k in ("|C-I|", "|dW|")], rows3)
-        lines += ["", "Figure 3: NaRA's update size by λ (mean over seeds): ‖C(λ) − I‖_F / ‖ΔW(λ)‖_F averaged over layers", "",
-                  "| λ | " + " | ".join(sized) + " |", "|---" * (len(sized) + 1) + "|"]
-        lines += [f"| {row[0]} | " + " | ".join(f"{row[1 + 2 * i]:.3f} / {row[2 + 2 * i]:.3f}" for i in range(len(sized))) + " |"
-                  for row in rows3]
-        plot(results / f"{name}_figure3.png", [f"{a}: ‖{k}‖" for a in sized for k in ("C(λ) − I", "ΔW(λ)")],
-             [[r[0]] + [v for x in r[1:] for v in (x, 0.0)] for r in rows3], f"{task}: NaRA's update size (Figure 3)",
-             "Frobenius norm, mean over layers and seeds")
-    (results / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
-
-def write_csv(path, header, rows):
-    import csv
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([header] + [[f"{v:.6g}" for v in row] for row in rows])
-
-
-def plot(path, arms, rows, title, ylabel):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return print(f"(pip install matplotlib to draw {path.name})")
-    fig, ax = plt.subplots(figsize=(8, 4))
-    lams = [row[0] for row in rows]
-    for i, a in enumerate(arms):
-        mean, std = [row[1 + 2 * i] for row in rows], [row[2 + 2 * i] for row in rows]
-        ax.plot(lams, mean, marker="o", ms=3, label=a)
-        ax.fill_between(lams, [m - s for m, s in zip(mean, std)],
-                        [m + s for m, s in zip(mean, std)], alpha=0.15)
-    ax.set_xlabel("noise level λ (masked fraction of the answer)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

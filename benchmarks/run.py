@@ -12,7 +12,6 @@ import argparse
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -94,7 +93,8 @@ def layer_table(d, tokens, batch, repeats, dtype):
         import peft
         net = torch.nn.Sequential(torch.nn.Linear(d, d, bias=False).to(dtype))
         net[0].weight = torch.nn.Parameter(W, requires_grad=False)
-        pm = peft.get_peft_model(net, peft.LoraConfig(r=32, lora_alpha=32, lora_dropout=0.05, target_modules=["0"]))
+        config = peft.LoraConfig(r=32, lora_alpha=32, lora_dropout=0.05, target_modules=["0"])
+        pm = peft.get_peft_model(net, config)
         fns["PEFT lora"] = lambda: pm(x).float().square().mean().backward()
     except ImportError:
         pass
@@ -108,7 +108,8 @@ def layer_table(d, tokens, batch, repeats, dtype):
 def small_config():
     return LLaDAConfig(d_model=512, n_heads=8, n_kv_heads=8, n_layers=4,
                        mlp_hidden_size=1408, vocab_size=4096,
-                       embedding_size=4096, max_sequence_length=512, mask_token_id=4095, eos_token_id=4094, pad_token_id=4094)
+                       embedding_size=4096, max_sequence_length=512, mask_token_id=4095, eos_token_id=4094,
+                       pad_token_id=4094)
 
 
 def step_table(batch, length, repeats):
@@ -176,10 +177,11 @@ def early_stop_table(n_prompts):
                          eot_token_id=tok.token_to_id("<|eot_id|>"))
             calls += stats["model_calls"]
             answer = y[0, p.shape[1]:].tolist()
-            stop = [i for i, t in enumerate(answer) if t in (model.config.eos_token_id, tok.token_to_id("<|eot_id|>"))]
+            ends = (model.config.eos_token_id, tok.token_to_id("<|eot_id|>"))
+            stop = [i for i, t in enumerate(answer) if t in ends]
             outs[till].append(answer[:stop[0]] if stop else answer)          # the answer up to its first EOS
-        rows.append(f"| {till} | {calls} | {time.perf_counter() - t0:.1f} | "
-                    f"{'-' if not till else sum(a == b for a, b in zip(outs[False], outs[True]))}/{len(items)} |")
+        same = "-" if not till else sum(a == b for a, b in zip(outs[False], outs[True]))
+        rows.append(f"| {till} | {calls} | {time.perf_counter() - t0:.1f} | {same}/{len(items)} |")
     return rows, ("the default run's NaRA adapter" if runs else "the bare bundled base")
 
 
@@ -192,7 +194,8 @@ def saved_for_backward(model, fn):
     stack, kept, hooks = ["elsewhere"], collections.Counter(), []
     for name, m in model.named_modules():
         if name.startswith("transformer.blocks.1.") or name in ("transformer.blocks.1", "transformer.ln_f"):
-            short = name.replace("transformer.blocks.1.", "").replace("transformer.blocks.1", "block").replace("transformer.", "")
+            short = name.replace("transformer.blocks.1.", "").replace("transformer.blocks.1", "block")
+            short = short.replace("transformer.", "")
             hooks.append(m.register_forward_pre_hook(lambda m, a, s=short: stack.append(s)))
             hooks.append(m.register_forward_hook(lambda m, a, o: (stack.pop(), None)[1]))
 
@@ -215,7 +218,8 @@ def account_table(tokens):
     recomputing norms, SiLU and the adapters' dropout."""
     cfg = LLaDAConfig(d_model=4096, n_heads=32, n_kv_heads=32, n_layers=2,
                       mlp_hidden_size=12288, vocab_size=512,
-                      embedding_size=512, max_sequence_length=tokens, mask_token_id=511, eos_token_id=510, pad_token_id=510)
+                      embedding_size=512, max_sequence_length=tokens, mask_token_id=511, eos_token_id=510,
+                      pad_token_id=510)
     torch.manual_seed(0)
     model = LLaDA(cfg).to(torch.bfloat16)
     adapters.add_adapters(model, "nara", r=32, verbose=False)
@@ -233,12 +237,13 @@ def account_table(tokens):
     merged = {r: {} for r in per_token}
     for r, kept in per_token.items():
         for k, v in kept.items():
-            name = label(k) if max(per_token[False].get(k, 0),
-                                   per_token[True].get(k, 0)) >= 512 else "smaller tensors"
+            large = max(per_token[False].get(k, 0), per_token[True].get(k, 0)) >= 512
+            name = label(k) if large else "smaller tensors"
             merged[r][name] = merged[r].get(name, 0) + v
     rows = ["| kept for backward (block 1, per token) | every intermediate | recomputed |", "|---|---|---|"]
     for name in sorted(set(merged[False]) | set(merged[True]), key=lambda n: (n == "smaller tensors", n)):
-        rows.append(f"| {name} | " + " | ".join(f"{merged[r].get(name, 0) / 1024:.1f} KiB" for r in (False, True)) + " |")
+        cells = [f"{merged[r].get(name, 0) / 1024:.1f} KiB" for r in (False, True)]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     totals = [sum(per_token[r].values()) / 1024 for r in (False, True)]
     rows.append(f"| **one block** | **{totals[0]:.1f} KiB** | **{totals[1]:.1f} KiB** |")
     return rows, totals
@@ -269,19 +274,20 @@ def head_table(repeats, quick):
         return torch.nn.functional.cross_entropy(logits.float(), ids[masked])
     model.train()
     step = {"full head": lambda: full().backward(), "selected positions": lambda: selected().backward()}
-    kept = {k: sum(saved_for_backward(model, f).values()) for k, f in (("full head", full), ("selected positions", selected))}
+    kept = {k: sum(saved_for_backward(model, f).values())
+            for k, f in (("full head", full), ("selected positions", selected))}
     times = interleaved(step, repeats)
     model.eval()
-    L, block = ids.shape[1], slice(ids.shape[1] - 8, ids.shape[1])
+    block = slice(ids.shape[1] - 8, ids.shape[1])
     with torch.no_grad():
         samp = interleaved({"full head": lambda: model(noisy, noise_level=t)[:, block],
                             "selected positions": lambda: model(noisy, noise_level=t,
                                                                 positions=block)}, repeats)
-    rows = ["| head computed at | training step ms | kept for backward | sampling step ms (block of 8) |", "|---|---|---|---|"]
+    rows = ["| head computed at | training step ms | kept for backward | sampling step ms (block of 8) |",
+            "|---|---|---|---|"]
     for k in step:
-        rows.append(f"| {k} ({int(masked.sum())} of {masked.numel()} positions are read) | {1e3 * times[k]:.0f} | "
-                    f"{kept[k] / 2**20:.0f} MiB | {1e3 * samp[k]:.1f} |" if k == "full head" else
-                    f"| {k} | {1e3 * times[k]:.0f} | {kept[k] / 2**20:.0f} MiB | {1e3 * samp[k]:.1f} |")
+        what = f"{k} ({int(masked.sum())} of {masked.numel()} positions are read)" if k == "full head" else k
+        rows.append(f"| {what} | {1e3 * times[k]:.0f} | {kept[k] / 2**20:.0f} MiB | {1e3 * samp[k]:.1f} |")
     return rows, times, samp, kept
 
 
@@ -295,7 +301,8 @@ def size_table():
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         file_bytes = sum(t.numel() * t.element_size() for t in adapters.adapter_state(model).values())
-        rows.append(f"| {m} | {trainable:,} | {100 * trainable / total:.4f} | {file_bytes / 2**20:.1f} MiB (fp32) |")
+        rows.append(f"| {m} | {trainable:,} | {100 * trainable / total:.4f} | {file_bytes / 2**20:.1f} MiB "
+                    "(fp32) |")
     return rows
 
 
@@ -306,7 +313,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     q = args.quick
-    dtype = torch.bfloat16 if torch.backends.cpu.get_cpu_capability() in ("AVX512",) or torch.cuda.is_available() else torch.float32
+    bf16 = torch.backends.cpu.get_cpu_capability() in ("AVX512",) or torch.cuda.is_available()
+    dtype = torch.bfloat16 if bf16 else torch.float32
     layer, lt = layer_table(256 if q else 4096, 64 if q else 512, 4, 3 if q else 11, dtype)
     step, st, models = step_table(4, 32 if q else 128, 3 if q else 9)
     samp, sp = sampling_table(models, 4, 32 if q else 128, 3 if q else 15)
@@ -314,53 +322,61 @@ def main():
     head, ht, hs, hk = head_table(3 if q else 9, q)
     account, totals = account_table(20 if q else 80)   # a token count no width of the model has
     per_token_8b = [t * 32 / 2**10 for t in totals]              # MiB per token over LLaDA-8B's 32 blocks
+    gib = [t * 16384 / 1024 for t in per_token_8b]               # the recipe's update: 32 x 512 tokens
+    machine = platform.processor() or platform.machine()
     lines = [
         "# Benchmarks", "",
-        f"`python benchmarks/run.py` on {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread, "
-        f"torch {torch.__version__}, Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}. "
+        f"`python benchmarks/run.py` on {machine}, {torch.get_num_threads()} thread, torch "
+        f"{torch.__version__}, Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}. "
         "Ratios of medians, variants interleaved; absolute times are this machine's and noisy.", "",
-        f"## Adapted layer: forward + backward, 4096 x 4096, 512 tokens in 4 sequences (one λ each), r = 32, {str(dtype)[6:]}",
-        "", *layer, "",
-        "## Training step: a small LLaDA (d 512, 4 layers), 4 sequences x 128 tokens, r = 32, fp32", "", *step, "",
-        "## Sampling step: one denoising forward, same model, 4 x 128 tokens", "", *samp, "",
+        "## Adapted layer: forward + backward, 4096 x 4096, 512 tokens in 4 sequences (one λ each), r = 32, "
+        f"{str(dtype)[6:]}", "", *layer, "",
+        "## Training step: a small LLaDA (d 512, 4 layers), 4 sequences x 128 tokens, r = 32, fp32", "",
+        *step, "", "## Sampling step: one denoising forward, same model, 4 x 128 tokens", "", *samp, "",
         f"## Early termination: 30 bundled questions, gen 64, block 8, 64 steps, {which}", "", *early, "",
-        "## Size at LLaDA-8B (SPEC §3)", "", *size_table(), "",
-        "## The LM head only where it is read: LLaDA's vocabulary (126,464), a small model, 4 sequences, half the answer masked",
-        "", *head, "",
-        "## What one block keeps for backward, per token, at LLaDA-8B's width (NaRA r = 32, bf16, dropout 0.05)", "",
-        "Measured with autograd's saved-tensor hooks (each storage once; weights and the per-batch bf16 copies of A "
-        "and B left out). `recomputed` is the default on CUDA (`model.recompute`): the norms keep their bf16 input instead "
-        "of its fp32 copy, SiLU(gate)·up keeps gate and up, and each adapter's dropout(x)·Aᵀ keeps only x, shared "
-        "by q, k and v, and the RNG state; backward recomputes them, and gradients are bit for bit the same "
-        "(tests/test_model.py). On CPU the dropout masks are kept in bf16; on CUDA they are bool (half).", "",
-        *account, "",
+        "## Size at LLaDA-8B (docs/methods.md)", "", *size_table(), "",
+        "## The LM head only where it is read: LLaDA's vocabulary (126,464), a small model, 4 sequences, "
+        "half the answer masked", "", *head, "",
+        "## What one block keeps for backward, per token, at LLaDA-8B's width (NaRA r = 32, bf16, dropout "
+        "0.05)",
+        "",
+        "Measured with autograd's saved-tensor hooks (each storage once; weights and the per-batch bf16 "
+        "copies of A and B left out). `recomputed` is the default on CUDA (`model.recompute`): the norms "
+        "keep their bf16 input instead of its fp32 copy, SiLU(gate)·up keeps gate and up, and each adapter's "
+        "dropout(x)·Aᵀ keeps only x, shared by q, k and v, and the RNG state; backward recomputes them, and "
+        "gradients are bit for bit the same (tests/test_model.py). On CPU the dropout masks are kept in "
+        "bf16; on CUDA they are bool (half).", "", *account, "",
         "## Goals", "",
         f"- NaRA / LoRA per training step: {st['nara'] / st['lora']:.3f} (goal <= 1.05)",
         f"- NaRA / LoRA per sampling step: {sp['nara'] / sp['lora']:.3f} (goal <= 1.05)",
-        f"- Recomputing norms, SiLU and dropout / keeping them, training step on this CPU: "
-        f"{st['nara, recomputing norms, SiLU, dropout'] / st['nara']:.3f} (so it is on by default on CUDA only); "
-        f"memory kept per block {totals[1] / totals[0]:.2f}x",
-        f"- LM head only where read / everywhere: training step {ht['selected positions'] / ht['full head']:.3f}, "
-        f"kept for backward {hk['selected positions'] / hk['full head']:.2f}x, sampling step "
+        "- Recomputing norms, SiLU and dropout / keeping them, training step on this CPU: "
+        f"{st['nara, recomputing norms, SiLU, dropout'] / st['nara']:.3f} (so it is on by default on CUDA "
+        f"only); memory kept per block {totals[1] / totals[0]:.2f}x",
+        "- LM head only where read / everywhere: training step "
+        f"{ht['selected positions'] / ht['full head']:.3f}, kept for backward "
+        f"{hk['selected positions'] / hk['full head']:.2f}x, sampling step "
         f"{hs['selected positions'] / hs['full head']:.3f}",
-        f"- Expected activation memory of the recipe's update (32 x 512 tokens, 32 blocks), from the table: "
-        f"{per_token_8b[0] * 16384 / 1024:.1f} GiB keeping everything, {per_token_8b[1] * 16384 / 1024:.1f} GiB "
-        "recomputed; plus 14.9 GiB of bf16 weights and the head's fp32 log-probabilities at the masked positions "
-        "(about 3.4 GiB at half of 450 answer tokens masked): see the GPU section for what was measured.",
-        f"- NaRA / frozen base, adapted layer forward + backward: {lt['nara'] / lt['frozen base']:.3f} (goal <= 1.10); "
-        f"{lt['nara, dropout 0'] / lt['frozen base']:.3f} without the adapter dropout. What limits it on a CPU is the "
-        "dropout mask: drawing 2 M random numbers costs 5-8 ms on one thread (about 5 % of the base's "
-        "forward + backward), the same for LoRA and PEFT; on a GPU that draw is a cheap elementwise kernel.",
-        f"- NaRA's rank-r path in fp32 (C − I survives bf16) / in the activations' dtype (the authors' autocast path), "
-        f"same layer: {lt['nara'] / lt['nara, rank-r path in activation dtype']:.3f} on this CPU "
-        "(benchmarks/gpu_check.py measures it on a GPU)",
-        (f"- PEFT LoRA / our LoRA, same layer: {lt['PEFT lora'] / lt['lora']:.3f} (goal >= 0.95)" if "PEFT lora" in lt
-         else "- PEFT is not installed here: `pip install peft` adds its LoRA to the layer table"), "",
+        "- Expected activation memory of the recipe's update (32 x 512 tokens, 32 blocks), from the table: "
+        f"{gib[0]:.1f} GiB keeping everything, {gib[1]:.1f} GiB recomputed; plus 14.9 GiB of bf16 weights "
+        "and the head's fp32 log-probabilities at the masked positions (about 3.4 GiB at half of 450 answer "
+        "tokens masked): see the GPU section for what was measured.",
+        "- NaRA / frozen base, adapted layer forward + backward: "
+        f"{lt['nara'] / lt['frozen base']:.3f} (goal <= 1.10); "
+        f"{lt['nara, dropout 0'] / lt['frozen base']:.3f} without the adapter dropout. What limits it on a "
+        "CPU is the dropout mask: drawing 2 M random numbers costs 5-8 ms on one thread (about 5 % of the "
+        "base's forward + backward), the same for LoRA and PEFT; on a GPU that draw is a cheap elementwise "
+        "kernel.",
+        "- NaRA's rank-r path in fp32 (C − I survives bf16) / in the activations' dtype (the authors' "
+        f"autocast path), same layer: {lt['nara'] / lt['nara, rank-r path in activation dtype']:.3f} on this "
+        "CPU (benchmarks/gpu_check.py measures it on a GPU)",
+        (f"- PEFT LoRA / our LoRA, same layer: {lt['PEFT lora'] / lt['lora']:.3f} (goal >= 0.95)"
+         if "PEFT lora" in lt else "- PEFT is not installed here: `pip install peft` adds its LoRA to the "
+         "layer table"), "",
     ]
     gpu = ROOT / "benchmarks" / "gpu_check_h200.md"
     if gpu.exists():                                     # the last CUDA figures, from benchmarks/gpu_check.py
-        lines += ["## GPU: LLaDA-8B shapes on one H200 (`python benchmarks/gpu_check.py`, random weights)", "",
-                  *gpu.read_text().splitlines(), ""]
+        lines += ["## GPU: LLaDA-8B shapes on one H200 (`python benchmarks/gpu_check.py`, random weights)",
+                  "", *gpu.read_text().splitlines(), ""]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -22,8 +22,8 @@ MBPP = "https://raw.githubusercontent.com/google-research/google-research/master
 FILES = {"commonsense_170k": "llm-adapters/ft-training_set/commonsense_170k.json",
          "math_14k": "llm-adapters/ft-training_set/math_14k.json",
          **{task: f"llm-adapters/dataset/{task}/test.json" for task in (
-             "boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa",
-             "AddSub", "AQuA", "gsm8k", "MultiArith", "SingleEq", "SVAMP")},
+             "boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge",
+             "openbookqa", "AddSub", "AQuA", "gsm8k", "MultiArith", "SingleEq", "SVAMP")},
          "codefeedback_python": "code/codefeedback_python.json", "mbpp": "code/mbpp_test.jsonl"}
 
 
@@ -41,13 +41,15 @@ def content(name):
         try:
             from huggingface_hub import hf_hub_download
         except ImportError:
-            raise OSError("huggingface_hub is not installed (pip install huggingface_hub); or fetch "
-                          "https://huggingface.co/datasets/fxmeng/pissa-dataset/resolve/main/python/train.json") from None
+            url = "https://huggingface.co/datasets/fxmeng/pissa-dataset/resolve/main/python/train.json"
+            raise OSError(f"huggingface_hub is not installed (pip install huggingface_hub); or fetch "
+                          f"{url}") from None
         try:
             return Path(hf_hub_download("fxmeng/pissa-dataset", "python/train.json",
                                         repo_type="dataset")).read_bytes()
         except Exception as e:
-            raise OSError(f"could not download fxmeng/pissa-dataset python/train.json ({type(e).__name__})") from None
+            raise OSError(f"could not download fxmeng/pissa-dataset python/train.json "
+                          f"({type(e).__name__})") from None
     if name == "mbpp":                               # the test split: task ids 11-510
         rows = [json.loads(line) for line in fetch(MBPP).decode().splitlines() if line.strip()]
         return "".join(json.dumps(r) + "\n" for r in rows if 11 <= r["task_id"] <= 510).encode()
@@ -69,7 +71,8 @@ def main():
             body = content(name)
         except OSError as e:
             failed.append(name)
-            print(f"error: {name}: {e}. Offline? Fetch it elsewhere and copy it to {target}.", file=sys.stderr)
+            print(f"error: {name}: {e}. Offline? Fetch it elsewhere and copy it to {target}.",
+                  file=sys.stderr)
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".part")

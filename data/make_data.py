@@ -5,7 +5,7 @@
 1. The default run (data/arith, base data/base): single-digit addition. The pre-training corpus
    states the facts as plain text ("3 + 4 = 7", "the sum of 3 and 4 is 7."); the fine-tuning task
    asks the same facts as instructions in the LLM-Adapters format ({instruction, input, output,
-   answer}, scored by the last number of the generation, SPEC §5), in a chat format the base has
+   answer}, scored by the last number of the generation, docs/evaluation.md), in a chat format the base has
    never seen, so fine-tuning mostly teaches the format.
 2. The instruct miniature (data/instruct, base data/instruct/base), closer to the paper, where
    LLaDA-8B-Instruct already knows the chat format and the fine-tuning data (math_14k) teaches
@@ -61,12 +61,14 @@ def instruct_world(rng, n_lines):
         else:
             a, b = rng.choice(subs)
             lines.append(rng.choice(SUB_FACTS).format(a=a, b=b, c=a - b))
-    sft = [{"instruction": q.format(a=a, b=b), "input": "", "output": f"{a} {op} {b} = {c}. The answer is {c}", "answer": str(c)}
+    sft = [{"instruction": q.format(a=a, b=b), "input": "",
+            "output": f"{a} {op} {b} = {c}. The answer is {c}", "answer": str(c)}
            for q in ONE_STEP for op in ["+" if "plus" in q or "Add" in q else "-"]
            for a, b in (pairs if op == "+" else subs) for c in [a + b if op == "+" else a - b]]
     rng.shuffle(sft)
     items = [{"instruction": q.format(a=a, b=b, c=c), "input": "",
-              "output": f"{a} + {b} = {a + b}. {a + b} - {c} = {a + b - c}. The answer is {a + b - c}", "answer": str(a + b - c)}
+              "output": f"{a} + {b} = {a + b}. {a + b} - {c} = {a + b - c}. The answer is {a + b - c}",
+              "answer": str(a + b - c)}
              for a in range(10) for b in range(10) for c in range(10) if c <= a + b for q in TWO_STEP]
     rng.shuffle(items)
     return lines, sft, items[:1500], items[1500:1700]
@@ -108,8 +110,8 @@ def main():
         (out / "instruct" / f"{name}.json").write_text(json.dumps(rows, indent=1))
     texts = lines + [t["instruction"] + " " + t["output"] for t in sft + train] + ["user assistant"]
     train_tokenizer(texts).save(str(out / "instruct" / "base" / "tokenizer.json"))
-    print(f"wrote {out}/instruct: corpus.txt ({len(lines)} lines), sft.json ({len(sft)}), train.json ({len(train)}), "
-          f"test.json ({len(test)}), base/tokenizer.json")
+    print(f"wrote {out}/instruct: corpus.txt ({len(lines)} lines), sft.json ({len(sft)}), train.json "
+          f"({len(train)}), test.json ({len(test)}), base/tokenizer.json")
 
 
 if __name__ == "__main__":

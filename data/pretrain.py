@@ -26,7 +26,8 @@ def run(model, loss_fn, steps, lr, what, t0):
     """AdamW with linear warm-up (5 %) and decay to 0, gradient clipping 1.0."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, (steps - s) / (steps - warm)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm,
+                                                                 (steps - s) / (steps - warm)))
     for step in range(steps):
         loss = loss_fn()
         opt.zero_grad(set_to_none=True)
@@ -35,7 +36,8 @@ def run(model, loss_fn, steps, lr, what, t0):
         opt.step()
         sched.step()
         if step % 100 == 0 or step == steps - 1:
-            print(f"{what} step {step}/{steps} | loss {loss.item():.3f} | {time.time() - t0:.0f} s", flush=True)
+            print(f"{what} step {step}/{steps} | loss {loss.item():.3f} | {time.time() - t0:.0f} s",
+                  flush=True)
 
 
 def main():
@@ -47,9 +49,12 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="random seed")
     ap.add_argument("--out", default=str(HERE / "base"), help="model directory (holds tokenizer.json)")
     ap.add_argument("--corpus", default=str(HERE / "corpus.txt"), help="pre-training text")
-    ap.add_argument("--sft", default=None, help="LLM-Adapters .json of chat examples for an instruction-tuning stage")
-    ap.add_argument("--sft-steps", type=int, default=1500, help="optimizer steps of the instruction-tuning stage")
-    ap.add_argument("--sft-length", type=int, default=64, help="prompt + answer tokens, EOS-padded, in that stage")
+    ap.add_argument("--sft", default=None, help="LLM-Adapters .json of chat examples for an "
+                                                "instruction-tuning stage")
+    ap.add_argument("--sft-steps", type=int, default=1500, help="optimizer steps of the instruction-tuning "
+                                                                "stage")
+    ap.add_argument("--sft-length", type=int, default=64, help="prompt + answer tokens, EOS-padded, in that "
+                                                               "stage")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -58,7 +63,8 @@ def main():
     V = tok.get_vocab_size()
     cfg = LLaDAConfig(d_model=256, n_heads=4, n_kv_heads=4, n_layers=4, mlp_hidden_size=768,
                       vocab_size=V, embedding_size=(V + 63) // 64 * 64, max_sequence_length=256,
-                      mask_token_id=tok.token_to_id("<|mdm_mask|>"), eos_token_id=tok.token_to_id("<|endoftext|>"),
+                      mask_token_id=tok.token_to_id("<|mdm_mask|>"),
+                      eos_token_id=tok.token_to_id("<|endoftext|>"),
                       pad_token_id=tok.token_to_id("<|endoftext|>"))
     model = LLaDA(cfg)
     for name, p in model.named_parameters():

@@ -1,6 +1,5 @@
 """Fixtures: tiny LLaDA checkpoints written in exactly the released layout, and a tiny tokenizer."""
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -11,12 +10,11 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 torch.set_num_threads(1)
 
-from checkpoint import config_json  # noqa: E402
+from checkpoint import config_json, released_shard  # noqa: E402
 from model import LLaDA, LLaDAConfig  # noqa: E402
 
 REFERENCE = Path(__file__).parent / "reference"      # the real LLaDA-8B-Instruct config.json and index
 
-from benchmarks.gpu_check import SHARD_OF_KIND  # noqa: E402  (the released grouping of tensors into shards)
 
 
 def random_model(config=None, seed=0):
@@ -40,8 +38,7 @@ def write_real_layout(model, directory, n_shards=6):
     (directory / "config.json").write_text(json.dumps(config_json(model.config), indent=2))
     shards, weight_map = {}, {}
     for key, t in model.state_dict().items():
-        kind = "head" if key == "transformer.ff_out.weight" else re.sub(r"\.weight$", "", key).split(".")[-1]
-        name = f"model-{SHARD_OF_KIND[kind]:05d}-of-{n_shards:05d}.safetensors"
+        name = f"model-{released_shard(key):05d}-of-{n_shards:05d}.safetensors"
         shards.setdefault(name, {})["model." + key] = t.detach().to(torch.bfloat16).contiguous()
         weight_map["model." + key] = name
     for name, tensors in shards.items():
@@ -82,12 +79,13 @@ def tiny_task(tmp_path_factory):
     items = [{"instruction": f"Say {w} {i % 3}.", "input": "", "output": f"{w} {w}", "answer": w}
              for i, w in enumerate(["red", "blue", "green", "cat", "dog", "sun"] * 6)]
     (d / "data.json").write_text(json.dumps(items))
-    tok_path = train_tokenizer(d / "model", [f"{i['instruction']} {i['output']}" for i in items] + ["user assistant"])
+    texts = [f"{i['instruction']} {i['output']}" for i in items] + ["user assistant"]
+    tok_path = train_tokenizer(d / "model", texts)
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(tok_path))
+    eos = tok.token_to_id("<|endoftext|>")
     cfg = LLaDAConfig.tiny(vocab_size=tok.get_vocab_size(), embedding_size=tok.get_vocab_size(),
-                           mask_token_id=tok.token_to_id("<|mdm_mask|>"), eos_token_id=tok.token_to_id("<|endoftext|>"),
-                           pad_token_id=tok.token_to_id("<|endoftext|>"))
+                           mask_token_id=tok.token_to_id("<|mdm_mask|>"), eos_token_id=eos, pad_token_id=eos)
     write_real_layout(random_model(cfg), d / "model")
     return d
 
@@ -95,5 +93,5 @@ def tiny_task(tmp_path_factory):
 def train_args(task, out, *extra):
     """train.py's flags for a short run on tiny_task."""
     return ["--model", str(task / "model"), "--data", str(task / "data.json"), "--out", str(out),
-            "--max-length", "40", "--val-size", "6", "--eval-every", "3", "--batch-size", "6", "--adapter-rank", "4",
-            "--lr", "1e-2", "--dropout", "0", *extra]
+            "--max-length", "40", "--val-size", "6", "--eval-every", "3", "--batch-size", "6",
+            "--adapter-rank", "4", "--lr", "1e-2", "--dropout", "0", *extra]

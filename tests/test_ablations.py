@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import ablations
 import adapters
+import authors
 import interop
 import nara
 import prompts
@@ -100,7 +101,7 @@ def test_init_widths_and_embedding_switches():
     assert h.W.shape == (1, 8) and [l.out_features for l in h.net[::2]] == [32, 8, 16]
     m = ablations.Hypernetwork(4, embedding="mlp", width=16)
     assert m.net[0].in_features == 16 and m.encode(lam).shape == (2, 16)
-    assert sum(p.numel() for p in nara.Hypernetwork(8).parameters()) == 181_056         # SPEC §3, r = 8
+    assert sum(p.numel() for p in nara.Hypernetwork(8).parameters()) == 181_056   # authors' r = 8
     with pytest.raises(ValueError, match="signal"):
         ablations.Hypernetwork(4, signal="time")
 
@@ -214,7 +215,8 @@ def test_virtual_tokens_train_never_get_masked_and_keep_batches_exact(method):
     out = generate(model, batch, attention_mask=mask, steps=8, gen_length=8, block_length=4)
     assert out.shape == (2, 13) and torch.equal(out[:, :5], batch) and not (out == MASK).any()
     assert torch.equal(out[0], generate(model, torch.tensor([a]), steps=8, gen_length=8, block_length=4)[0])
-    assert torch.equal(out[1, 3:], generate(model, torch.tensor([b]), steps=8, gen_length=8, block_length=4)[0])
+    alone = generate(model, torch.tensor([b]), steps=8, gen_length=8, block_length=4)[0]
+    assert torch.equal(out[1, 3:], alone)
     with pytest.raises(ValueError, match="nothing to merge"):
         adapters.merge(model, 0.5)
 
@@ -227,10 +229,12 @@ def authors_dir(tmp_path, model_config, mode="nl", groups=None, seed=0):
     r, d, hid = 2, model_config.d_model, (6, 5)
     body = {"peft_type": "NARA", "r_ab": r, "lora_alpha": 32, "lora_dropout": 0.05,
             "scale_ab": 0.5, "c_scale": 0.1,
-            "fnn_hidden_size_1": hid[0], "fnn_hidden_size_2": hid[1], "embedding_dim": 8, "embedding_type": "fourier",
-            "input_mode": mode, "density_radius": 3 if mode in ("nd", "both") else None, "init_c": "zero_last",
-            "target_modules": ["q_proj", "v_proj"], "mapper_groups": groups, "bias": "none", "fan_in_fan_out": False,
-            "modules_to_save": None, "base_model_name_or_path": "GSAI-ML/LLaDA-8B-Instruct", "inference_mode": True}
+            "fnn_hidden_size_1": hid[0], "fnn_hidden_size_2": hid[1], "embedding_dim": 8,
+            "embedding_type": "fourier", "input_mode": mode,
+            "density_radius": 3 if mode in ("nd", "both") else None, "init_c": "zero_last",
+            "target_modules": ["q_proj", "v_proj"], "mapper_groups": groups, "bias": "none",
+            "fan_in_fan_out": False, "modules_to_save": None,
+            "base_model_name_or_path": "GSAI-ML/LLaDA-8B-Instruct", "inference_mode": True}
     t = {}
     for i in range(model_config.n_layers):
         for name in ("q_proj", "v_proj"):
@@ -242,8 +246,9 @@ def authors_dir(tmp_path, model_config, mode="nl", groups=None, seed=0):
         width = 8 * (2 if mode == "both" else 1)
         for prefix in ([f"{k}." for k in groups] if groups else [""]):
             for j, (a, b) in enumerate(zip([width, *hid], [*hid, r * r])):
-                t[f"base_model.global_mapper.{prefix}model.{2 * j}.weight"] = torch.randn(b, a, generator=g) * 0.5
-                t[f"base_model.global_mapper.{prefix}model.{2 * j}.bias"] = torch.randn(b, generator=g) * 0.5
+                key = f"base_model.global_mapper.{prefix}model.{2 * j}"
+                t[key + ".weight"] = torch.randn(b, a, generator=g) * 0.5
+                t[key + ".bias"] = torch.randn(b, generator=g) * 0.5
         for short in {"nl": ["NL"], "nd": ["ND"], "both": ["NL", "ND"]}[mode]:
             t[f"base_model.embedding_layers.{short}_emb.W"] = torch.randn(1, 4, generator=g) * 16
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -288,8 +293,8 @@ def test_the_authors_checkpoint_gives_the_authors_layer_outputs(tmp_path, mode, 
         for name in ("q_proj", "v_proj"):
             layer = model.transformer.blocks[i].get_submodule(name)
             ours = layer(x, cond)
-            theirs = authors_layer(x, layer.weight, t, f"base_model.model.model.transformer.blocks.{i}.{name}",
-                                   emb[mode], mapper=f"{name[0]}." if groups else "")
+            key = f"base_model.model.model.transformer.blocks.{i}.{name}"
+            theirs = authors_layer(x, layer.weight, t, key, emb[mode], mapper=f"{name[0]}." if groups else "")
             assert torch.allclose(ours, theirs, atol=1e-5), (i, name)
 
 
@@ -300,7 +305,7 @@ def test_authors_checkpoints_with_unsupported_settings_are_refused(tmp_path):
                               ("target_modules", ".*proj", "only a list")):
         (tmp_path / "adapter_config.json").write_text(json.dumps({**body, key: value}))
         with pytest.raises(ValueError, match=words):
-            interop.load_authors(random_model(), tmp_path, verbose=False)
+            authors.load_authors(random_model(), tmp_path, verbose=False)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**body, "r_ab": 3}))
     with pytest.raises(ValueError, match="has shape"):
-        interop.load_authors(random_model(), tmp_path, verbose=False)
+        authors.load_authors(random_model(), tmp_path, verbose=False)

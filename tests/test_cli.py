@@ -127,9 +127,10 @@ def test_train_writes_a_dense_line_to_a_log_and_files_the_user_can_share(tmp_pat
 
 
 def test_the_readme_folders_are_ignored_and_the_license_is_named():
-    ignored = subprocess.run(["git", "check-ignore", "runs/x", "data/llm-adapters/x", "data/code/x"], cwd=ROOT,
+    paths = ["runs/x", "data/llm-adapters/x", "data/code/x"]
+    ignored = subprocess.run(["git", "check-ignore", *paths], cwd=ROOT,
                              capture_output=True, text=True).stdout.split()
-    assert ignored == ["runs/x", "data/llm-adapters/x", "data/code/x"]
+    assert ignored == paths
     readme = (ROOT / "README.md").read_text()
     assert '"out/' not in readme                                           # every snippet writes under runs/
     assert "MIT License" in (ROOT / "LICENSE").read_text() and "[MIT](LICENSE)" in readme

@@ -68,7 +68,8 @@ def reference_generate(model, prompt, steps, gen_length, block_length):
             logits = model(torch.tensor([x]))[0].double()
             probs = logits.softmax(-1)
             pred = logits.argmax(-1)
-            cands = [(float(probs[i, pred[i]]), i) for i in range(start, start + block_length) if x[i] == MASK]
+            cands = [(float(probs[i, pred[i]]), i) for i in range(start, start + block_length)
+                     if x[i] == MASK]
             order = sorted(range(len(cands)), key=lambda j: -cands[j][0])        # stable: ties by position
             for j in order[:n]:
                 x[cands[j][1]] = int(pred[cands[j][1]])
@@ -77,8 +78,8 @@ def reference_generate(model, prompt, steps, gen_length, block_length):
 
 # ------------------------------------------------------------------ schedule
 @pytest.mark.parametrize("n, steps, expect", [(8, 4, [2, 2, 2, 2]), (10, 4, [3, 3, 2, 2]),
-                                              (5, 8, [1, 1, 1, 1, 1, 0, 0, 0]), (7, 1, [7]), (32,
-                                                                                              5, [7, 7, 6, 6, 6])])
+                                              (5, 8, [1, 1, 1, 1, 1, 0, 0, 0]), (7, 1, [7]),
+                                              (32, 5, [7, 7, 6, 6, 6])])
 def test_transfer_counts(n, steps, expect):
     masked = torch.zeros(2, 40, dtype=torch.bool)
     masked[:, :n] = True
@@ -171,7 +172,8 @@ def test_batched_left_padded_prompts_equal_each_alone():
     mask = torch.tensor([[1] * 5, [0] * 3 + [1] * 2])
     both = generate(model, batch, attention_mask=mask, steps=8, gen_length=8, block_length=4)
     assert torch.equal(both[0], generate(model, torch.tensor([a]), steps=8, gen_length=8, block_length=4)[0])
-    assert torch.equal(both[1, 3:], generate(model, torch.tensor([b]), steps=8, gen_length=8, block_length=4)[0])
+    alone = generate(model, torch.tensor([b]), steps=8, gen_length=8, block_length=4)[0]
+    assert torch.equal(both[1, 3:], alone)
 
 
 def test_sampling_feeds_lambda_to_noise_aware_adapters():
@@ -217,8 +219,8 @@ def test_sft_mask_counts_and_never_touches_the_prompt():
     answer = torch.zeros(3, 10, dtype=torch.bool)
     answer[:, 4:] = True
     masked, p = sft_mask(answer, torch.tensor([0.01, 0.5, 1.0]))
-    assert masked.sum(1).tolist() == [1, 3, 6] and not masked[:, :4].any() and torch.equal(p,
-                                                                                           torch.tensor([0.01, 0.5, 1.0]))
+    assert masked.sum(1).tolist() == [1, 3, 6] and not masked[:, :4].any()
+    assert torch.equal(p, torch.tensor([0.01, 0.5, 1.0]))
     masked, p = sft_mask(answer.repeat(200, 1), torch.full((600,), 0.3), exact=False)
     assert not masked[:, :4].any() and abs(masked.float().sum(1).mean() / 6 - p[0]) < 0.02
 

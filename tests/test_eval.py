@@ -67,9 +67,9 @@ def test_loaders(tmp_path):
 @pytest.fixture
 def tiny(tmp_path):
     tok = load_tokenizer(train_tokenizer(tmp_path, ["What is 1 plus 2? 3 + 4 = 7", "user assistant"] * 10))
+    eos = tok.token_to_id("<|endoftext|>")
     cfg = LLaDAConfig.tiny(vocab_size=tok.get_vocab_size(), embedding_size=tok.get_vocab_size(),
-                           mask_token_id=tok.token_to_id("<|mdm_mask|>"), eos_token_id=tok.token_to_id("<|endoftext|>"),
-                           pad_token_id=tok.token_to_id("<|endoftext|>"))
+                           mask_token_id=tok.token_to_id("<|mdm_mask|>"), eos_token_id=eos, pad_token_id=eos)
     return random_model(cfg).eval(), tok
 
 
@@ -77,7 +77,8 @@ def test_batched_generation_equals_one_by_one(tiny):
     model, tok = tiny
     prompts = ["What is 1 plus 2?", "Hi", "What is 3 plus 4 plus 7?"]
     both = tasks.answer_all(model, tok, prompts, gen_length=8, steps=8, block_length=8, batch_size=3)
-    assert both == [tasks.answer_all(model, tok, [p], gen_length=8, steps=8, block_length=8)[0] for p in prompts]
+    for prompt, got in zip(prompts, both):
+        assert got == tasks.answer_all(model, tok, [prompt], gen_length=8, steps=8, block_length=8)[0]
     assert all("<|endoftext|>" not in g and "<|mdm_mask|>" not in g for g in both)
 
 
@@ -206,13 +207,15 @@ def test_a_whole_table_of_the_paper_is_one_command(tiny, tmp_path, monkeypatch):
     for name in ev.SUITES["math"]:   # the math table's six sets, two items each
         gold = "A" if name == "AQuA" else "3"
         (tmp_path / "d" / name).mkdir(parents=True)
-        (tmp_path / "d" / name / "test.json").write_text(json.dumps([{"instruction": "What is 1 plus 2?", "answer": gold}] * 2))
+        items = [{"instruction": "What is 1 plus 2?", "answer": gold}] * 2
+        (tmp_path / "d" / name / "test.json").write_text(json.dumps(items))
     monkeypatch.chdir(tmp_path)
     ev.main(["--model", "m", "--task", "math", "--data", "d", "--out", "res",
              "--gen-length", "8", "--steps", "8",
              "--block-length", "8", "--adapter", "none"])
     table = (tmp_path / "res" / "math-table.md").read_text().splitlines()
-    assert table[0] == "| model | AddSub | AQuA | gsm8k | MultiArith | SingleEq | SVAMP | avg |" and table[2].startswith("| base |")
+    assert table[0] == "| model | AddSub | AQuA | gsm8k | MultiArith | SingleEq | SVAMP | avg |"
+    assert table[2].startswith("| base |")
     assert len((tmp_path / "res" / "results.csv").read_text().splitlines()) == 1 + 6
     with pytest.raises(ValueError, match="d/boolq/test.json: test file not found"):
         ev.main(["--model", "m", "--task", "commonsense", "--data", "d", "--out", "res", "--adapter", "none"])
@@ -221,12 +224,14 @@ def test_a_whole_table_of_the_paper_is_one_command(tiny, tmp_path, monkeypatch):
 def test_download_says_where_to_put_what_it_cannot_fetch(tmp_path):
     import subprocess
     import sys
-    res = subprocess.run([sys.executable, str(Path(ev.__file__).parent / "data" / "download.py"), "--only", "mbpp",
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    script = Path(ev.__file__).parent / "data" / "download.py"
+    res = subprocess.run([sys.executable, str(script), "--only", "mbpp", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
     if res.returncode == 0:                                               # a machine with a network
         assert (tmp_path / "code" / "mbpp_test.jsonl").read_text().count("\n") == 500
     else:
-        assert "Fetch it elsewhere and copy it to" in res.stderr and str(tmp_path / "code" / "mbpp_test.jsonl") in res.stderr
+        assert "Fetch it elsewhere and copy it to" in res.stderr
+        assert str(tmp_path / "code" / "mbpp_test.jsonl") in res.stderr
 
 
 def test_update_size_of_a_density_conditioned_nara_uses_density_lambda(tiny):

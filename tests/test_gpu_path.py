@@ -167,10 +167,12 @@ FACTORIES = {torch.tensor, torch.zeros, torch.ones, torch.full, torch.empty, tor
              torch.randint, torch.randperm, torch.eye, torch.linspace}
 HOST_BY_DESIGN = {   # (file, function): why a tensor is made on the host there
     ("tasks.py", "pad_sft"): "dataset rows live in host memory; batches are moved when used",
-    ("diffusion.py", "log_likelihood"): "the stratified counts m_i (b integers) are computed on the host, then moved",
+    ("diffusion.py", "log_likelihood"): "the stratified counts m_i (b integers) are computed on the host, "
+                                        "then moved",
     ("figures.py", "noise_curve"): "one integer seed per batch from a host generator",
     ("model.py", "__init__"): "RMSNorm's weight at construction (meta device in from_pretrained)",
-    ("nara.py", "make_embedding"): "e_λ's Fourier matrix at construction; the module is then moved with .to(device)",
+    ("nara.py", "make_embedding"): "e_λ's Fourier matrix at construction; the module is then moved with "
+                                   ".to(device)",
     ("ablations.py", "make_embedding"): "the same, for the ablations' embeddings",
     ("baselines.py", "__init__"): "NaRA-C's P at construction, then moved with .to(device)",
     ("prompts.py", "__init__"): "Prompt Tuning draws its initial rows on the host, then moves them",
@@ -215,15 +217,17 @@ SHORT = ["--max-updates", "2", "--eval-every", "2", "--batch-size", "4", "--val-
 
 def test_every_entry_point_makes_its_tensors_on_the_models_device(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    spy(train.main, ["--out", str(tmp_path / "runs" / "default"), "--test", short_test_file(tmp_path), *SHORT])
+    test_file = short_test_file(tmp_path)
+    spy(train.main, ["--out", str(tmp_path / "runs" / "default"), "--test", test_file, *SHORT])
     adapter = str(tmp_path / "runs" / "default" / "adapter")
     spy(ev.main, ["--adapter", adapter, "--limit", "4", "--out", str(tmp_path / "e1")])
     spy(ev.main, ["--adapter", adapter, "--noise-curve", "--limit", "4", "--out", str(tmp_path / "e2")])
     (tmp_path / "he.jsonl").write_text(json.dumps({"task_id": "t/0",
                                                    "prompt": "def f(x):\n", "entry_point": "f",
                                                    "test": "def check(c):\n    assert c(1) == 1\n"}) + "\n")
-    spy(ev.main, ["--task", "humaneval", "--data", str(tmp_path / "he.jsonl"), "--gen-length", "8", "--steps", "8",
-                  "--block-length", "8", "--adapter", "none", "--out", str(tmp_path / "e3"), "--allow-unsandboxed-code"])
+    spy(ev.main, ["--task", "humaneval", "--data", str(tmp_path / "he.jsonl"), "--gen-length", "8",
+                  "--steps", "8", "--block-length", "8", "--adapter", "none", "--out", str(tmp_path / "e3"),
+                  "--allow-unsandboxed-code"])
     model = recipe_dtypes().float()
     prompt = torch.randint(0, 120, (2, 4))
     spy(generate, model, prompt, torch.ones(2, 4, dtype=torch.long), steps=4, gen_length=4,
@@ -288,7 +292,8 @@ log, rank = open(os.path.join({out!r}, f"draws{{os.environ['RANK']}}.jsonl"), "a
 mask = diffusion.sft_mask
 def recording(answer, t, *a, **k):
     masked, p = mask(answer, t, *a, **k)
-    log.write(json.dumps({{"training": train.torch.is_grad_enabled(), "t": t.tolist(), "masked": masked.nonzero().tolist()}}) + "\\n")
+    row = {{"training": train.torch.is_grad_enabled(), "t": t.tolist(), "masked": masked.nonzero().tolist()}}
+    log.write(json.dumps(row) + "\\n")
     return masked, p
 diffusion.sft_mask = recording
 report = runs.report
@@ -305,14 +310,15 @@ def test_two_ranks_draw_their_own_t_and_masks_around_validation_and_nobody_waits
     (tmp_path / "harness.py").write_text(HARNESS.format(root=str(ROOT), out=str(tmp_path)))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(tmp_path / "harness.py"),
-           "--out", str(tmp_path / "run"), "--test", str(ROOT / "data" / "arith" / "test.json"), "--max-updates", "6",
+           str(tmp_path / "harness.py"), "--out", str(tmp_path / "run"),
+           "--test", str(ROOT / "data" / "arith" / "test.json"), "--max-updates", "6",
            "--eval-every", "3", "--batch-size", "2", "--val-size", "4"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                          env={**env, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stdout[-1000:] + res.stderr[-3000:]
     assert "adapter checksum on 2 ranks: identical" in res.stdout and "held-out accuracy" in res.stdout
-    logs = [[json.loads(line) for line in (tmp_path / f"draws{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    logs = [[json.loads(line) for line in (tmp_path / f"draws{r}.jsonl").read_text().splitlines()]
+            for r in (0, 1)]
     draws = [[d for d in log if d.get("training")] for log in logs]
     assert len(draws[0]) == len(draws[1]) == 6                           # one micro-batch per update
     for a, b in zip(*draws):   # updates 1-3, then 4-6 after a validation

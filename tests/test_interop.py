@@ -4,7 +4,6 @@ are checked here on every run; the round trips through PEFT itself run when peft
 benchmarks/interop_check.py (README: "Moving adapters to and from PEFT / transformers")."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,19 +14,18 @@ import adapters
 import interop
 import nara
 from benchmarks.interop_check import wrap
+from checkpoint import config_json, read_json
 from conftest import REFERENCE, random_model, write_real_layout
-from checkpoint import read_json
-from checkpoint import config_json
 from model import LLaDA, LLaDAConfig
 
 IDS = torch.tensor([[5, 9, 33, 8, 71, 2], [1, 4, 100, 3, 3, 60]])
 # The fields of LoraConfig and PeftConfig in PEFT 0.13.2 (read from its dataclasses): the oldest
 # release this project supports rejects any other key in adapter_config.json.
-PEFT_0_13_FIELDS = {"alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias",
-                    "fan_in_fan_out", "inference_mode",
-                    "init_lora_weights", "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config",
-                    "lora_alpha", "lora_dropout", "megatron_config", "megatron_core", "modules_to_save", "peft_type", "r",
-                    "rank_pattern", "revision", "runtime_config", "target_modules", "task_type", "use_dora", "use_rslora"}
+PEFT_0_13_FIELDS = {"alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "fan_in_fan_out",
+                    "inference_mode", "init_lora_weights", "layer_replication", "layers_pattern",
+                    "layers_to_transform", "loftq_config", "lora_alpha", "lora_dropout", "megatron_config",
+                    "megatron_core", "modules_to_save", "peft_type", "r", "rank_pattern", "revision",
+                    "runtime_config", "target_modules", "task_type", "use_dora", "use_rslora"}
 
 
 def noisy(model, scale=0.3, seed=0):
@@ -54,15 +52,18 @@ def test_save_pretrained_brings_the_code_and_tokenizer_along(tmp_path):
     for name in ("configuration_llada.py", "modeling_llada.py", "tokenizer.json", "tokenizer_config.json"):
         (source / name).write_text(f"# {name}\n")
     model = LLaDA.from_pretrained(source)
-    adapters.merge(adapters.add_adapters(model, "lora", r=2, verbose=False), 0.5).save_pretrained(tmp_path / "merged")
+    merged = adapters.merge(adapters.add_adapters(model, "lora", r=2, verbose=False), 0.5)
+    merged.save_pretrained(tmp_path / "merged")
     for name in ("configuration_llada.py", "modeling_llada.py", "tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "merged" / name).read_text() == f"# {name}\n"
-    assert read_json(tmp_path / "merged" / "config.json")["auto_map"]["AutoModel"] == "modeling_llada.LLaDAModelLM"
+    auto_map = read_json(tmp_path / "merged" / "config.json")["auto_map"]
+    assert auto_map["AutoModel"] == "modeling_llada.LLaDAModelLM"
     again = LLaDA.from_pretrained(tmp_path / "merged")                     # and it loads here as well
     assert torch.equal(again(IDS), model(IDS))
     bare = random_model()
     bare.save_pretrained(tmp_path / "bare")   # no source: the hub's code by reference
-    assert read_json(tmp_path / "bare" / "config.json")["auto_map"]["AutoConfig"].startswith("GSAI-ML/LLaDA-8B-Instruct--")
+    auto_map = read_json(tmp_path / "bare" / "config.json")["auto_map"]
+    assert auto_map["AutoConfig"].startswith("GSAI-ML/LLaDA-8B-Instruct--")
 
 
 # ------------------------------------------------------------------ PEFT's format, both ways
@@ -80,7 +81,8 @@ def test_export_writes_only_what_every_peft_knows(tmp_path, method):
     assert torch.allclose(back(IDS), model(IDS, noise_level=torch.full((2,), 0.25)), rtol=1e-4, atol=1e-4)
     for refused in ("hira", "prompt-tuning"):
         with pytest.raises(ValueError, match="cannot hold it"):
-            interop.export_peft(adapters.add_adapters(random_model(), refused, r=2, verbose=False), tmp_path / "x")
+            model = adapters.add_adapters(random_model(), refused, r=2, verbose=False)
+            interop.export_peft(model, tmp_path / "x")
 
 
 def peft_dir(directory, model, body, ranks, dora=False, seed=1, suffix=".weight"):
@@ -88,11 +90,11 @@ def peft_dir(directory, model, body, ranks, dora=False, seed=1, suffix=".weight"
     g, tensors = torch.Generator().manual_seed(seed), {}
     for name, r in ranks.items():
         W = model.get_submodule(name).weight
-        tensors[f"base_model.model.model.{name}.lora_A.weight"] = torch.randn(r,
-                                                                              W.shape[1], generator=g) * 0.3
-        tensors[f"base_model.model.model.{name}.lora_B.weight"] = torch.randn(W.shape[0], r, generator=g) * 0.3
+        key = f"base_model.model.model.{name}"
+        tensors[f"{key}.lora_A.weight"] = torch.randn(r, W.shape[1], generator=g) * 0.3
+        tensors[f"{key}.lora_B.weight"] = torch.randn(W.shape[0], r, generator=g) * 0.3
         if dora:
-            tensors[f"base_model.model.model.{name}.lora_magnitude_vector{suffix}"] = torch.rand(W.shape[0], generator=g) + 0.5
+            tensors[f"{key}.lora_magnitude_vector{suffix}"] = torch.rand(W.shape[0], generator=g) + 0.5
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA",
@@ -102,7 +104,8 @@ def peft_dir(directory, model, body, ranks, dora=False, seed=1, suffix=".weight"
 
 def peft_output(x, W, t, name, scale, dora=False, suffix=".weight"):
     """PEFT's LoRA layer at inference, re-stated: W0 x + s B A x; DoRA: m / ‖W0 + s B A‖_row · (that)."""
-    A, B = t[f"base_model.model.model.{name}.lora_A.weight"], t[f"base_model.model.model.{name}.lora_B.weight"]
+    key = f"base_model.model.model.{name}"
+    A, B = t[f"{key}.lora_A.weight"], t[f"{key}.lora_B.weight"]
     out = x @ W.T + scale * (x @ A.T) @ B.T
     if dora:
         m = t[f"base_model.model.model.{name}.lora_magnitude_vector{suffix}"]
@@ -119,7 +122,8 @@ def peft_output(x, W, t, name, scale, dora=False, suffix=".weight"):
       "alpha_pattern": {"blocks.1.q_proj": 32}}, {"q_proj": 4, "v_proj": 2}, {"q_proj": 8, "v_proj": 8}),
     ({"r": 2, "lora_alpha": 2, "target_modules": r"model\.transformer\.blocks\.1\.(q_proj|attn_out)"},
      {"blocks.1.q_proj": 2, "blocks.1.attn_out": 2}, {"q_proj": 2, "attn_out": 2}),
-    ({"r": 2, "lora_alpha": 4, "target_modules": ["k_proj"], "exclude_modules": ["transformer.blocks.0.k_proj"]},
+    ({"r": 2, "lora_alpha": 4, "target_modules": ["k_proj"],
+      "exclude_modules": ["transformer.blocks.0.k_proj"]},
      {"blocks.1.k_proj": 2}, {"k_proj": 4}),
 ])
 def test_load_peft_follows_peft_rules(tmp_path, body, ranks, alphas):
@@ -177,7 +181,8 @@ def test_what_load_peft_cannot_represent_is_refused_by_name(tmp_path, extra, wor
 
 # ------------------------------------------------------------------ through PEFT itself (optional)
 @pytest.mark.parametrize("options", [dict(), dict(use_rslora=True), dict(alpha_pattern={"v_proj": 32}),
-                                     dict(rank_pattern={"q_proj": 2}), dict(target_modules=r".*\.blocks\.1\.(q_proj|attn_out)"),
+                                     dict(rank_pattern={"q_proj": 2}),
+                                     dict(target_modules=r".*\.blocks\.1\.(q_proj|attn_out)"),
                                      dict(use_dora=True)])
 def test_peft_adapters_load_here_unchanged(tmp_path, options):
     peft = pytest.importorskip("peft")

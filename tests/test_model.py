@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import adapters
-from conftest import REFERENCE, random_model, train_tokenizer, write_real_layout
+from conftest import REFERENCE, random_model, train_tokenizer
 from model import LLaDA, LLaDAConfig, apply_rope, rope_table
 from tasks import chat_ids, chat_text, load_tokenizer, sft_pair
 
@@ -28,7 +28,7 @@ def test_real_config_gives_the_defaults_and_the_real_key_table():
 
 # ------------------------------------------------------------------ an independent reference
 def numpy_llada(sd, cfg, ids, key_keep=None):
-    """LLaDA's forward written from SPEC §1 alone, in float64 numpy (per-head loops, explicit pairs)."""
+    """LLaDA's forward from docs/architecture.md alone, in float64 numpy (per-head loops, explicit pairs)."""
     W = {k: v.double().numpy() for k, v in sd.items()}
     hs, nh, nkv = cfg.d_model // cfg.n_heads, cfg.n_heads, cfg.n_kv_heads
     L = ids.shape[0]
@@ -256,7 +256,8 @@ def test_trained_tokenizer_round_trips_and_builds_sft_pairs(tmp_path):
     ids = chat_ids(tok, [{"role": "user", "content": "Answer: 42"}])
     bos, eot = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|eot_id|>")
     assert ids[0] == bos and ids.count(bos) == 1 and eot in ids
-    assert tok.decode(ids, skip_special_tokens=False) == chat_text([{"role": "user", "content": "Answer: 42"}])
+    assert tok.decode(ids, skip_special_tokens=False) == chat_text([{"role": "user", "content": "Answer: "
+                                                                                                "42"}])
     eos = tok.token_to_id("<|endoftext|>")
     prompt, answer = sft_pair(tok, "Answer: 42", "solution1", eos)
     assert prompt == ids and answer[-1] == eos and tok.decode(answer[:-1]) == "solution1"
@@ -269,7 +270,6 @@ def test_trained_tokenizer_round_trips_and_builds_sft_pairs(tmp_path):
 def test_recomputing_cheap_ops_changes_no_bit_of_the_loss_or_gradients(method, dtype):
     """Norms, SiLU and the adapters' dropout recomputed in backward (model.recompute, the default)
     against keeping every intermediate: the same loss and gradients, bit for bit, with dropout on."""
-    import nara
     from diffusion import sft_loss
     results = []
     for recompute in (True, False):

@@ -31,7 +31,7 @@ def randomise_adapters(model, seed=3):
     return model
 
 
-# ------------------------------------------------------------------ parameter counts at 8B (SPEC §3)
+# ------------------------------------------------------------------ parameter counts at 8B (docs/methods.md)
 @pytest.mark.parametrize("r, hyper", [(8, 181_056), (16, 279_552), (32, 673_536), (64, 2_249_472)])
 def test_parameter_counts_on_the_8b_config(r, hyper):
     with torch.device("meta"):
@@ -43,7 +43,7 @@ def test_parameter_counts_on_the_8b_config(r, hyper):
     assert trainable - hyper == r * (4096 + 4096) * 4 * 32                 # LoRA: 33,554,432 at r = 32
     if r == 32:
         assert trainable - hyper == 33_554_432
-        total = sum(p.numel() for p in model.parameters())             # SPEC's % are of base + adapters
+        total = sum(p.numel() for p in model.parameters())             # the paper's % are of base + adapters
         assert total - trainable == 8_015_581_184
         assert round(100 * trainable / total, 3) == 0.425
         assert round(100 * (trainable - hyper) / (total - hyper), 3) == 0.417
@@ -148,7 +148,8 @@ def test_hypernetwork_is_the_authors():
 def test_groups_give_one_hypernetwork_per_group():
     model = adapted("nara", groups={"qk": ("q_proj", "k_proj"), "vo": ("v_proj", "attn_out")})
     assert sorted(model.noise_nets) == ["nara_qk", "nara_vo"]
-    assert model.transformer.blocks[1].k_proj.key == "nara_qk" and model.transformer.blocks[0].attn_out.key == "nara_vo"
+    blocks = model.transformer.blocks
+    assert blocks[1].k_proj.key == "nara_qk" and blocks[0].attn_out.key == "nara_vo"
     with pytest.raises(ValueError, match="cover the targets"):
         adapted("nara", groups={"qk": ("q_proj", "k_proj")})
 
@@ -225,7 +226,8 @@ def family(N, r, d_out, d_in, seed):
     return [P @ torch.randn(r, r, generator=g, dtype=torch.float64) @ Q.T for _ in range(N)]
 
 
-@pytest.mark.parametrize("N, r, d_out, d_in", [(1, 3, 10, 12), (5, 4, 16, 9), (8, 6, 20, 30), (3, 16, 40, 24)])
+@pytest.mark.parametrize("N, r, d_out, d_in",
+                         [(1, 3, 10, 12), (5, 4, 16, 9), (8, 6, 20, 30), (3, 16, 40, 24)])
 def test_theorem_4_1_reconstructs_to_float64_precision(N, r, d_out, d_in):
     updates = family(N, r, d_out, d_in, seed=N + r)
     B, A, C = nara.decompose(updates, r)
@@ -244,6 +246,27 @@ def test_theorem_4_1_refuses_joint_rank_above_r():
     with pytest.raises(ValueError, match="dimension 6 > r = 5"):
         nara.decompose(updates + [updates[0] + extra], 5)
     nara.decompose(updates + [updates[0] + extra], 6)
+
+
+def test_theorem_4_1_with_r_above_the_width_pads_b_and_a_with_zeros():
+    updates = family(3, 2, 4, 5, seed=3)                                  # joint rank 2, width 4 x 5
+    B, A, C = nara.decompose(updates, 7)                                  # r = 7 > d_out, d_in
+    assert B.shape == (4, 7) and A.shape == (7, 5) and C[0].shape == (7, 7)
+    assert B[:, 4:].abs().max() == 0 and A[5:].abs().max() == 0           # no basis past U's width
+    assert all(torch.allclose(B @ c @ A, w, atol=1e-12) for c, w in zip(C, updates))
+
+
+def test_theorem_4_1_at_llada_width_needs_only_thin_svd_factors(monkeypatch):
+    """The SVD factors decompose asks for, sized on the meta device at LLaDA's width (d = 4096, N = 5,
+    float64): thin ones, 0.75 GiB per side, where full_matrices=True would add an (N·d)² factor, 3.4 GB."""
+    calls, svd = [], torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda M, **k: calls.append(k) or svd(M, **k))
+    nara.decompose(family(5, 3, 12, 10, seed=0), 3)
+    assert len(calls) == 2
+    for k in calls:
+        factors = svd(torch.empty(4096, 5 * 4096, dtype=torch.float64, device="meta"), **k)
+        gib = sum(f.numel() * f.element_size() for f in factors) / 2**30
+        assert gib < 0.8, gib
 
 
 def test_five_bin_multi_lora_is_a_rank_5r_nara_layer():

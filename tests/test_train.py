@@ -13,8 +13,8 @@ import adapters
 import interop
 import tasks
 import train
-from conftest import random_model, train_args, write_real_layout
-from model import LLaDA, LLaDAConfig
+from conftest import train_args
+from model import LLaDA
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,8 @@ def train_loss(model, tiny_task):
     """The SFT loss over every example with fixed masks: comparable before and after training."""
     from tasks import load_tokenizer, pad_sft, sft_pair
     tok, eos = load_tokenizer(tiny_task / "model"), model.config.eos_token_id
-    rows = [pad_sft(*sft_pair(tok, p, a, eos), 40, eos) for p, a in tasks.load_examples(tiny_task / "data.json")]
+    examples = tasks.load_examples(tiny_task / "data.json")
+    rows = [pad_sft(*sft_pair(tok, p, a, eos), 40, eos) for p, a in examples]
     return train.validation_loss(model.eval(), torch.stack([r[0] for r in rows]),
                                  torch.stack([r[1] for r in rows]), 12, 0)
 
@@ -100,8 +101,8 @@ def test_user_mistakes_are_one_line_errors(tiny_task, tmp_path):
     for extra, words in [(["--model", str(tmp_path / "notllada")], "config.json: config file not found"),
                          (["--data", str(tmp_path / "missing.json")], "missing.json: data file not found"),
                          (["--method", "qlora"], "invalid choice: 'qlora'")]:
-        res = subprocess.run([sys.executable, str(ROOT / "train.py"), *train_args(tiny_task, tmp_path / "x"), *extra],
-                             capture_output=True, text=True, timeout=120)
+        cmd = [sys.executable, str(ROOT / "train.py"), *train_args(tiny_task, tmp_path / "x"), *extra]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert res.returncode != 0 and words in res.stderr and "Traceback" not in res.stderr, res.stderr
 
 
@@ -110,8 +111,8 @@ def test_data_generator_is_deterministic(tmp_path):
         subprocess.run([sys.executable, str(ROOT / "data" / "make_data.py"), "--out", str(tmp_path / name)],
                        check=True, capture_output=True)
     for f in ("corpus.txt", "arith/train.json", "arith/test.json", "base/tokenizer.json",
-              "instruct/corpus.txt",
-              "instruct/sft.json", "instruct/train.json", "instruct/test.json", "instruct/base/tokenizer.json"):
+              "instruct/corpus.txt", "instruct/sft.json", "instruct/train.json", "instruct/test.json",
+              "instruct/base/tokenizer.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
         assert (tmp_path / "a" / f).read_bytes() == (ROOT / "data" / f).read_bytes(), f   # the bundled files
 
@@ -134,7 +135,8 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_task
         return (loss * float("nan") if len(calls) == 5 else loss), lam      # the 5th training batch
     monkeypatch.setattr(train, "sft_loss", poisoned)
     out = tmp_path / "nan"
-    with pytest.raises(FloatingPointError, match="update 4: loss is nan; stopped, the last checkpoint \\(update 3\\)"):
+    said = "update 4: loss is nan; stopped, the last checkpoint \\(update 3\\)"
+    with pytest.raises(FloatingPointError, match=said):
         # calls: updates 1-3, validation at 3, update 4
         train.main(train_args(tiny_task, out, "--max-updates", "8"))
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -201,7 +203,8 @@ def test_resume_refuses_other_settings(tiny_task, tmp_path, change, words):
 def test_resume_refuses_changed_data_and_never_touches_a_finished_run(tiny_task, tmp_path):
     data, out = tmp_path / "data.json", tmp_path / "run"
     data.write_text((tiny_task / "data.json").read_text())
-    run = lambda *extra: train.main([*train_args(tiny_task, out, "--max-updates", "4"), "--data", str(data), *extra])  # noqa: E731
+    def run(*extra):
+        return train.main([*train_args(tiny_task, out, "--max-updates", "4"), "--data", str(data), *extra])
     run("--stop-at", "3")
     data.write_text(data.read_text().replace("Say", "Tell"))
     with pytest.raises(ValueError, match="--data \\(the file changed since the run started\\)"):
@@ -251,9 +254,9 @@ def test_corrupt_files_are_named(tiny_task, tmp_path, how):
 def test_ctrl_c_says_what_was_saved_and_how_to_resume(tiny_task, tmp_path):
     import signal
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *train_args(tiny_task, out, "--max-updates", "100000", "--eval-every", "2")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**_env(),
-                                                                                            "OMP_NUM_THREADS": "1"})
+    args = train_args(tiny_task, out, "--max-updates", "100000", "--eval-every", "2")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**_env(), "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "checkpoint.pt").exists():
         time.sleep(0.2)
