@@ -1,42 +1,64 @@
-"""Every method side by side on a bundled miniature: the paper's comparison, trained to the plateau.
+"""Every method side by side on a bundled miniature: the paper's comparison at a fixed budget.
 
-    python benchmarks/methods.py --task arith        # the default run's task: the central comparison
-    python benchmarks/methods.py --task instruct     # budget, sweep, seeds and tables: eight methods
-    python benchmarks/methods.py --task instruct --name instruct-ablations --lr-from nara   # the ablations
-    python benchmarks/methods.py --task instruct --quick                   # seeds 0-1 at the chosen rates
+    python benchmarks/methods.py                   # groups a-f in priority order (about 10 CPU-hours for a-e)
+    python benchmarks/methods.py --groups ab       # only these groups
+    python benchmarks/methods.py --report          # the tables of every complete group, from the records
+    python benchmarks/methods.py --quick           # group a's two ends (LoRA, NaRA), seeds 0-1, vs the records
 
 The protocol (fixed before any run of it; an arm is a method plus train.py flags):
   1. Every item is trained on and scored. --max-length covers the longest training and test item of
      the task (arith 48, instruct 72 tokens) and --gen-length the longest answer; the script refuses
      to run otherwise, and refuses any run whose train.py reports a skipped item.
-  2. One update budget for every arm, fixed from LoRA's validation curve alone: LoRA (lr 3e-3, seed 0)
-     runs at T = 600, 1200, 2400, ... updates (each a full schedule: 5 % warm-up, linear decay to 0);
-     the budget is the first T whose best validation loss is within 1 % of the 2T run's (doubling
-     the training no longer helps). The curves that fixed it are in the report.
-  3. Learning rate: each arm runs at 1e-3, 3e-3, 1e-2 and 3e-2 with seed 0 at that budget; the rate
-     with the lowest best validation loss is kept (never the test set). When it is the grid's lowest
-     or highest, the grid is widened by the next factor of about 3 on that side until it is not.
-  4. Seeds 0-4 of the paper's central comparison (LoRA, NaRA, NaRA-C, Multi-LoRA) on arith and
-     instruct; DoRA, HiRA, Prompt Tuning and P-Tuning with seeds 0-2 on instruct; the ablation arms at
-     the rate chosen for NaRA (no sweep) with seeds 0-4 on instruct.
-  5. Every run: 16 sequences per update, r = 8 on q/k/v/o, dropout 0.05, s = 1, η = 0.1, 20 virtual
-     tokens for the prompt methods, validation every T/20 updates on the held-out split (the seed fixes
-     it), the best adapter kept. That adapter is scored on the whole test file by generation (greedy,
-     low-confidence remasking, early termination, last-number scoring) and gives the loss per masked
-     test-answer token at λ = 0.1 ... 1.0 (Figure 1, the same masks for every model); NaRA arms also
-     give ‖C(λ) − I‖ and ‖ΔW(λ)‖ averaged over layers (Figure 3).
-  6. Reported: accuracy and best validation loss (mean ± std over seeds), the validation loss minus the
-     first arm's at the same seed (paired), Figure 1 as the gain over the base per masked token and as
-     that gain relative to the base's loss at λ, Figure 3, and the run-minutes spent.
+  2. A fixed update budget per task, taken from LoRA's ladder (lr 3e-3, seed 0, each a full schedule:
+     5 % warm-up, linear decay to 0; best validation loss, test accuracy, minutes of one thread):
 
-Each finished run leaves a small record, benchmarks/results/runs/<task>/<arm>/lr<lr>-u<T>-seed<s>.json,
-holding its settings and results; it is reused only when its settings equal the protocol's, so the
-experiment can be completed in parts, on several machines (commit the records). Training folders go
-to runs/methods/ (not kept). Two worker processes of one thread each share a 2-core machine.
---smoke runs a 4-update protocol in a temporary folder and never touches benchmarks/results/.
+        updates   arith: val loss  accuracy  min   instruct: val loss  accuracy  min
+            600            1.3947      90 %  2.2              0.4552     20.5 %   5.0
+          1,200            1.3694      98 %  4.8              0.3178     34.0 %  10.6
+          2,400            1.2315      99 % 11.5              0.1834     72.5 %  22.4
+          4,800            1.2146     100 % 25.2              0.1379     92.0 %  31.3
+          9,600            1.2105     100 % 39.8              0.1243     97.5 %  75.0
+
+     arith: T = 1,200; instruct: T = 2,400. There LoRA has learned the task without saturating it, so
+     accuracy can still separate methods (at the plateau, 100 % and 97.5 %, it cannot); the paper too
+     compares methods at one recipe, not at a plateau. Training every arm to LoRA's plateau would cost
+     about 100 CPU-hours. The ladder's records are in benchmarks/results/ladder/ (an earlier protocol's
+     settings: its Figure 1 was on the test rows).
+  3. Learning rate: each swept arm runs at 1e-3, 3e-3 and 1e-2 with seed 0; the rate with the lowest
+     best validation loss is kept (never the test set). When it is the grid's lowest or highest, the
+     grid is widened once on that side (3e-4 or 3e-2). Ablation arms take NaRA's rate, the rank-2 arms
+     their method's rate at rank 8 (no sweep).
+  4. Every run: 16 sequences per update, rank 8 on q/k/v/o, dropout 0.05, s = 1, η = 0.1, 20 virtual
+     tokens for the prompt methods, validation every T/20 updates on the held-out split (the seed fixes
+     it, and the rows, t and masks are the same for every arm at a seed), the best adapter kept. That
+     adapter is scored on the whole test file by generation (greedy, low-confidence remasking, early
+     termination, last-number scoring), and gives the cross-entropy per masked answer token on the
+     validation rows at λ = 0.1 ... 1.0 (Figure 1; the base's on the same rows and masks is kept beside
+     it); NaRA arms also give ‖C(λ) − I‖ and ‖ΔW(λ)‖ averaged over layers (Figure 3).
+  5. The groups, run in this order of priority (two runs at a time; a free worker takes the first job
+     of the first group that has one ready, so a later group never holds back an earlier one):
+       a  arith     LoRA, NaRA, NaRA-C, Multi-LoRA: sweep, then seeds 1-4 at the chosen rate
+       b  instruct  LoRA and NaRA: sweep, then seeds 1-2
+       c  arith     rank 2 instead of 8, LoRA and NaRA at their group-a rates, seeds 0-2
+       d  arith     DoRA, HiRA, Prompt Tuning, P-Tuning: sweep, then seeds 1-2
+       e  arith     the ablation arms at NaRA's rate, seeds 0-2
+       f  instruct  NaRA-C and Multi-LoRA (sweep, seeds 1-2), then seeds 3-4 of all four
+     A group's tables are written as soon as its last run is in (f rewrites b's instruct.md).
+
+Each finished run leaves a small record, benchmarks/results/runs/<task>/<arm>/lr<lr>-u<T>-seed<s>.json:
+its settings, the commit it ran on, its results, and the fingerprint of its arm: a hash of the adapter
+and validation losses of a 2-update train.py run of that arm, taken by this script on the code it runs.
+A record is reused only when its settings and its fingerprint equal today's, so the experiment is
+completed in parts, on several machines (commit the records), and a change to the training numerics
+(code or torch) makes every record it touches run again. Run it from a clone pinned to one commit
+(--results may point elsewhere). Training folders go to runs/methods/ (not kept).
+--smoke runs a tiny protocol in a temporary folder and never touches benchmarks/results/.
 """
 import argparse
 import contextlib
+import hashlib
+import heapq
+import itertools
 import json
 import os
 import re
@@ -45,8 +67,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -63,15 +86,25 @@ TASKS = {
 }
 CENTRAL = ("lora", "nara", "nara-c", "multi-lora")
 OTHERS = ("dora", "hira", "prompt-tuning", "p-tuning")
-ABLATIONS = ("nara", "nara-c", "nara --condition density", "nara --condition both", "nara --embedding mlp",
-             "nara --embedding raw", "nara --hyper-init kaiming", "nara --stage1 0.3",
-             "nara --embedding-width 16 --hyper-hidden 16,16")
-PROTOCOL = dict(batch_size=16, rank=8, budget_lr=3e-3, budgets=(600, 1200, 2400, 4800, 9600, 19200),
-                plateau=0.01, lrs=(1e-3, 3e-3, 1e-2, 3e-2), wider=(3e-4, 1e-4, 1e-1, 3e-1), seeds=5,
-                other_seeds=3, test_items=None)
-SMOKE = dict(batch_size=4, rank=2, budget_lr=1e-2, budgets=(4, 8, 16), plateau=1.0, lrs=(1e-3, 1e-2),
-             wider=(), seeds=2, other_seeds=1, test_items=8)
-SMOKE_ARMS = ("lora", "nara")
+ABLATIONS = ("nara --condition density", "nara --condition both", "nara --embedding mlp", "nara --embedding raw",
+             "nara --hyper-init kaiming", "nara --stage1 0.3", "nara --embedding-width 16 --hyper-hidden 16,16")
+# name: task, report, arms, where the rate comes from ("sweep", "method": the same method's group-a
+# rate, or an arm's), seeds per arm; arms of `first` run their seeds before the others' later seeds
+GROUPS = {
+    "a": dict(task="arith", report="arith", arms=CENTRAL, rate="sweep", seeds=5),
+    "b": dict(task="instruct", report="instruct", arms=("lora", "nara"), rate="sweep", seeds=3),
+    "c": dict(task="arith", report="arith-rank2", arms=("lora --adapter-rank 2", "nara --adapter-rank 2"),
+              rate="method", seeds=3),
+    "d": dict(task="arith", report="arith-others", arms=OTHERS, rate="sweep", seeds=3),
+    "e": dict(task="arith", report="arith-ablations", arms=("nara", "nara-c") + ABLATIONS, rate="nara", seeds=3),
+    "f": dict(task="instruct", report="instruct", arms=CENTRAL, rate="sweep", seeds=5),
+}
+PROTOCOL = dict(updates={"arith": 1200, "instruct": 2400}, batch_size=16, rank=8, lrs=(1e-3, 3e-3, 1e-2),
+                wider=(3e-4, 3e-2), test_items=None, groups=GROUPS)
+SMOKE = dict(updates={"arith": 4}, batch_size=4, rank=2, lrs=(1e-3, 1e-2), wider=(1e-4, 1e-1), test_items=8,
+             groups={"a": dict(task="arith", report="arith", arms=("lora", "nara"), rate="sweep", seeds=2),
+                     "e": dict(task="arith", report="arith-ablations", arms=("nara", "nara --stage1 0.5"),
+                               rate="nara", seeds=1)})
 
 
 def slug(text):
@@ -93,27 +126,69 @@ def check_lengths(task):
                      "may be skipped")
 
 
+def commit():
+    """The commit this code is, with '-dirty' when tracked files differ from it."""
+    git = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True,  # noqa: E731
+                                    text=True).stdout.strip()
+    return (git("rev-parse", "HEAD") or "unknown") + ("-dirty" if git("status", "--porcelain", "-uno") else "")
+
+
 # ---------------------------------------------------------------- one run (in a worker process)
-def score(task, model, tok, limit=None):
-    """Test accuracy by generation, the Figure 1 curve and (NaRA) the Figure 3 sizes of one model."""
+def train(task, argv, out, log):
+    """train.py as users run it, one thread; the output folder's metrics lines."""
+    spec = TASKS[task]
+    argv = ["--model", str(ROOT / spec["model"]), "--data", str(ROOT / spec["data"]), "--out", str(out), *argv]
+    with open(log, "w") as f:
+        subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], stdout=f, stderr=f, check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if ", 0 skipped" not in Path(log).read_text():
+        raise RuntimeError(f"{log}: train.py skipped items; the protocol trains on all of them")
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def fingerprint(task, argv):
+    """A hash of a 2-update run's adapter and validation losses under these train.py flags."""
+    from safetensors.torch import load_file
+    with tempfile.TemporaryDirectory(prefix="methods-fp-") as tmp:
+        argv = [*argv, "--max-updates", "2", "--eval-every", "1", "--batch-size", "4"]
+        steps = train(task, argv, Path(tmp) / "run", Path(tmp) / "log.txt")
+        h = hashlib.sha256(json.dumps([m["val_loss"] for m in steps]).encode())
+        for k, t in sorted(load_file(Path(tmp) / "run" / "adapter" / "adapter.safetensors").items()):
+            h.update(k.encode() + t.contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def validation_rows(task, tok, eos, seed):
+    """The rows train.py holds out at this seed (train.main's split), as it pads them."""
     import torch
+    from tasks import sft_rows
+    spec = TASKS[task]
+    ids, answer, _ = sft_rows(tok, ROOT / spec["data"], spec["max_length"], eos)
+    perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))[:spec["val_size"]]
+    return ids[perm], answer[perm]
+
+
+def score(task, model, tok, seed, limit=None):
+    """Test accuracy by generation, the Figure 1 curves (model and base) on the validation rows and (NaRA)
+    the Figure 3 sizes of one model."""
+    import adapters
     import figures
-    from tasks import accuracy, pad_sft, sft_pair
+    from tasks import accuracy
     examples = json.loads((ROOT / TASKS[task]["test"]).read_text())[:limit]
-    pairs = [sft_pair(tok, e["instruction"], e["output"], model.config.eos_token_id) for e in examples]
-    L = max(len(p) + len(a) for p, a in pairs)                        # padded to the longest, no further
-    rows = [pad_sft(p, a, L, model.config.eos_token_id) for p, a in pairs]
-    ids, answer = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])   # the gold outputs
     acc, _ = accuracy(model.eval(), tok, examples, **TASKS[task]["gen"])
-    out = {"accuracy": acc, "items": len(examples),
-           "curve": {str(k): v for k, v in figures.noise_curve(model, ids, answer, tables.LAMS).items()}}
+    ids, answer = validation_rows(task, tok, model.config.eos_token_id, seed)
+    curve = figures.noise_curve(model, ids, answer, tables.LAMS)
+    with adapters.base_only(model):
+        base = figures.noise_curve(model, ids, answer, tables.LAMS)
+    out = {"accuracy": acc, "items": len(examples), "curve": {str(k): v for k, v in curve.items()},
+           "base_curve": {str(k): v for k, v in base.items()}}
     if model.noise_nets and all(hasattr(n, "net") for n in model.noise_nets.values()):
         out["sizes"] = {str(k): v for k, v in figures.update_magnitude(model, tables.LAMS).items()}
     return out
 
 
 def run_job(job):
-    """Train and score one run, or return its record when one with the same settings exists."""
+    """Train and score one run; write its record."""
     import torch
     torch.set_num_threads(1)
     import interop
@@ -121,34 +196,22 @@ def run_job(job):
     from model import LLaDA
     from tasks import load_tokenizer
     record_file, work, s = Path(job["record"]), Path(job["work"]), job["settings"]
-    if record_file.exists():
-        record = json.loads(record_file.read_text())
-        if record["settings"] == s:
-            return record                               # a finished run is reused as it is
-    shutil.rmtree(work, ignore_errors=True)             # anything else starts over
+    shutil.rmtree(work, ignore_errors=True)                           # a partly trained run starts over
     work.mkdir(parents=True)
-    spec = TASKS[s["task"]]
-    argv = ["--model", str(ROOT / spec["model"]), "--data", str(ROOT / spec["data"]),
-            "--out", str(work / "run"), *s["train"], "--method", *shlex.split(s["arm"])]
     t0 = time.time()
-    with open(work / "log.txt", "w") as log:                           # train.py as users run it, one thread
-        subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], stdout=log, stderr=log, check=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    steps = train(s["task"], [*s["train"], "--method", *shlex.split(s["arm"])], work / "run", work / "log.txt")
     log = (work / "log.txt").read_text()
-    if ", 0 skipped" not in log:
-        raise RuntimeError(f"{work / 'log.txt'}: train.py skipped items; the protocol trains on all of them")
-    steps = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     curve = [[m["step"], m["val_loss"]] for m in steps if "val_loss" in m]
     trainable = int(re.search(r"trainable ([\d,]+) of", log).group(1).replace(",", ""))
-    record = {"settings": s, "trainable": trainable, "best_val_loss": min(v for _, v in curve),
-              "val_curve": curve, "train_s": time.time() - t0}
+    record = {"settings": s, "fingerprint": job["fingerprint"], "commit": job["commit"],
+              "trainable": trainable, "best_val_loss": min(v for _, v in curve), "val_curve": curve,
+              "train_s": time.time() - t0}
     t0 = time.time()
-    model_dir = ROOT / spec["model"]
+    model_dir = ROOT / TASKS[s["task"]]["model"]
     with open(work / "log.txt", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         model = interop.load_adapter(LLaDA.from_pretrained(model_dir), work / "run" / "best")
-        record.update(score(s["task"], model, load_tokenizer(model_dir), s["test_items"]),
-                      score_s=time.time() - t0, torch=torch.__version__,
-                      finished=time.strftime("%Y-%m-%d %H:%M"))
+        record.update(score(s["task"], model, load_tokenizer(model_dir), s["seed"], s["test_items"]),
+                      score_s=time.time() - t0, torch=torch.__version__, finished=time.strftime("%Y-%m-%d %H:%M"))
     record_file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(record_file, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
     shutil.rmtree(work, ignore_errors=True)
@@ -156,149 +219,224 @@ def run_job(job):
 
 
 def base_job(job):
-    """The base model's accuracy and curve, once per task."""
+    """The base model's test accuracy, once per task."""
     import torch
     torch.set_num_threads(1)
     from checkpoint import atomic_write
     from model import LLaDA
-    from tasks import load_tokenizer
+    from tasks import accuracy, load_tokenizer
     record_file, s = Path(job["record"]), job["settings"]
-    if record_file.exists() and json.loads(record_file.read_text())["settings"] == s:
-        return json.loads(record_file.read_text())
     model_dir = ROOT / TASKS[s["task"]]["model"]
     with contextlib.redirect_stdout(open(os.devnull, "w")):
-        model = LLaDA.from_pretrained(model_dir)
-        record = {"settings": s, **score(s["task"], model, load_tokenizer(model_dir), s["test_items"])}
+        model = LLaDA.from_pretrained(model_dir).eval()
+        examples = json.loads((ROOT / TASKS[s["task"]]["test"]).read_text())[:s["test_items"]]
+        acc, _ = accuracy(model, load_tokenizer(model_dir), examples, **TASKS[s["task"]]["gen"])
+    record = {"settings": s, "accuracy": acc, "items": len(examples)}
     record_file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(record_file, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
     return record
 
 
 # ---------------------------------------------------------------- the protocol
-class Runner:
-    """Makes the jobs of the protocol and runs them, two at a time, with a progress bar."""
-    def __init__(self, pool, task, protocol, records, work):
-        self.pool, self.task, self.p = pool, task, protocol
-        self.records, self.work = Path(records), Path(work)
+class Missing(Exception):
+    """--report: a run the group needs has no valid record."""
 
-    def job(self, arm, lr, seed, updates):
-        spec, p = TASKS[self.task], self.p
-        train = ["--max-updates", str(updates), "--eval-every", str(max(1, updates // 20)),
-                 "--batch-size", str(p["batch_size"]), "--adapter-rank", str(p["rank"]),
-                 "--max-length", str(spec["max_length"]), "--val-size", str(spec["val_size"]),
-                 "--lr", f"{lr:g}", "--seed", str(seed)]
-        settings = dict(task=self.task, arm=arm, lr=lr, seed=seed, updates=updates, train=train,
-                        test_items=p["test_items"], gen=spec["gen"])
-        name = f"{slug(arm)}/lr{lr:g}-u{updates}-seed{seed}"
-        return dict(settings=settings, record=str(self.records / self.task / f"{name}.json"),
-                    work=str(self.work / self.task / name))
 
-    def run(self, jobs, desc):
-        from tqdm import tqdm
-        futures = [self.pool.submit(run_job, j) for j in jobs]
-        with tqdm(total=len(futures), desc=f"{self.task}: {desc}") as bar:
-            for f in futures:
-                f.result()
-                bar.update(1)
-        return [f.result() for f in futures]
+class Slots:
+    """`n` workers handed out by priority: the lowest waiting key gets the next free one."""
+    def __init__(self, n):
+        self.free, self.waiting, self.cv, self.count = n, [], threading.Condition(), itertools.count()
 
-    def budget(self):
-        """The first T of the ladder whose best validation loss is within `plateau` of the 2T run's (the
-        ladder runs in order, one run at a time, and stops as soon as that holds)."""
-        done = {}
-        for T in self.p["budgets"]:
-            job = self.job("lora", self.p["budget_lr"], 0, T)
-            done[T] = self.run([job], f"budget (lora, {T} updates)")[0]
-            half, loss = done.get(T // 2), done[T]["best_val_loss"]
-            if half and half["best_val_loss"] - loss < self.p["plateau"] * half["best_val_loss"]:
-                return T // 2, list(done.values())
-        sys.exit(f"error: {self.task}: LoRA still improves by over {self.p['plateau']:.0%} at {T} updates")
+    @contextlib.contextmanager
+    def take(self, key):
+        with self.cv:
+            ticket = (key, next(self.count))
+            heapq.heappush(self.waiting, ticket)
+            self.cv.wait_for(lambda: self.free > 0 and self.waiting[0] == ticket)
+            heapq.heappop(self.waiting)
+            self.free -= 1
+            self.cv.notify_all()
+        try:
+            yield
+        finally:
+            with self.cv:
+                self.free += 1
+                self.cv.notify_all()
 
-    def sweep(self, arms, T):
-        """{arm: chosen rate} at budget T, seed 0; an arm's grid widens while its best rate is on an edge."""
-        grids, done = {a: list(self.p["lrs"]) for a in arms}, {}
-        todo = [(a, lr) for a in arms for lr in self.p["lrs"]]
-        best = lambda a: min(grids[a], key=lambda lr: done[a, lr]["best_val_loss"])  # noqa: E731
-        while todo:
-            for r in self.run([self.job(a, lr, 0, T) for a, lr in todo], "learning-rate sweep (seed 0)"):
-                done[r["settings"]["arm"], r["settings"]["lr"]] = r
-            todo = []
-            for a in arms:
-                low, high = best(a) == min(grids[a]), best(a) == max(grids[a])
-                side = [w for w in self.p["wider"] if (low and w < best(a)) or (high and w > best(a))]
-                if side:
-                    todo.append((a, max(side) if low else min(side)))
-                    grids[a].append(todo[-1][1])
-        return {a: best(a) for a in arms}, [done[a, lr] for a in arms for lr in sorted(grids[a])]
+
+class Experiment:
+    """The groups' jobs: each arm a pipeline (sweep, then seeds) in a thread of its own; each training run
+    takes a worker by priority (group, seed, arm); a record is reused when settings and fingerprint match."""
+    def __init__(self, pool, protocol, records, work, report_only=False):
+        self.pool, self.p, self.records, self.work = pool, protocol, Path(records), Path(work)
+        self.report_only, self.slots = report_only, Slots(pool._max_workers)
+        self.lock, self.jobs, self.rates, self.prints = threading.Lock(), {}, {}, {}
+        self.commit = commit()
+
+    def settings(self, task, arm, lr, seed):
+        p, spec, T = self.p, TASKS[task], self.p["updates"][task]
+        train = ["--max-updates", str(T), "--eval-every", str(max(1, T // 20)), "--batch-size",
+                 str(p["batch_size"]), "--adapter-rank", str(p["rank"]), "--max-length", str(spec["max_length"]),
+                 "--val-size", str(spec["val_size"]), "--lr", f"{lr:g}", "--seed", str(seed)]
+        return dict(task=task, arm=arm, lr=lr, seed=seed, updates=T, train=train, test_items=p["test_items"],
+                    gen=spec["gen"], figure1="validation rows")
+
+    def fingerprints(self, pairs):
+        """Every (task, arm)'s fingerprint, two at a time on the pool, before any run."""
+        pairs = sorted(set(pairs) - set(self.prints))
+        argv = [[*self.settings(t, a, 1e-2, 0)["train"][4:-4], "--lr", "0.01", "--method", *shlex.split(a)]
+                for t, a in pairs]
+        for key, fp in zip(pairs, self.pool.map(fingerprint, [t for t, _ in pairs], argv)):
+            self.prints[key] = fp
+
+    def run(self, task, arm, lr, seed, priority):
+        """The record of one run: reused, shared with a pipeline that asked first, or trained now."""
+        s = self.settings(task, arm, lr, seed)
+        name = f"{slug(arm)}/lr{lr:g}-u{s['updates']}-seed{seed}"
+        record = self.records / task / f"{name}.json"
+        with self.lock:
+            if record in self.jobs:
+                return self.jobs[record].result()
+            self.jobs[record] = future = Future()
+        try:
+            old = json.loads(record.read_text()) if record.exists() else None
+            if old and old["settings"] == s and old.get("fingerprint") == self.prints[task, arm]:
+                future.set_result(old)
+            elif self.report_only:
+                raise Missing(f"{task} {arm} lr {lr:g} seed {seed}")
+            else:
+                with self.slots.take(priority):
+                    job = dict(settings=s, record=str(record), work=str(self.work / task / name),
+                               fingerprint=self.prints[task, arm], commit=self.commit)
+                    r = self.pool.submit(run_job, job).result()
+                print(f"{task} {arm} lr {lr:g} seed {seed}: best val {r['best_val_loss']:.4f}, accuracy "
+                      f"{100 * r['accuracy']:.1f} %, {(r['train_s'] + r['score_s']) / 60:.1f} min", flush=True)
+                future.set_result(r)
+        except BaseException as e:
+            future.set_exception(e)
+        return future.result()
+
+    def rate(self, task, arm, g, i):
+        """The swept rate of an arm at seed 0: {1e-3, 3e-3, 1e-2}, widened once at an edge."""
+        with self.lock:
+            if (task, arm) not in self.rates:
+                self.rates[task, arm] = Future()
+                owner = True
+            else:
+                owner = False
+        if not owner:
+            return self.rates[task, arm].result()
+        try:
+            grid = list(self.p["lrs"])
+            with ThreadPoolExecutor(len(grid)) as ex:
+                done = dict(zip(grid, ex.map(lambda lr: self.run(task, arm, lr, 0, (g, 0, i, lr)), grid)))
+            best = min(done, key=lambda lr: done[lr]["best_val_loss"])
+            wider = ([w for w in self.p["wider"] if w < min(grid)] if best == min(grid) else
+                     [w for w in self.p["wider"] if w > max(grid)] if best == max(grid) else [])
+            for lr in wider[:1]:
+                done[lr] = self.run(task, arm, lr, 0, (g, 0, i, lr))
+            sweep = {lr: done[lr] for lr in sorted(done)}
+            self.rates[task, arm].set_result((min(sweep, key=lambda lr: sweep[lr]["best_val_loss"]), sweep))
+        except BaseException as e:
+            self.rates[task, arm].set_exception(e)
+        return self.rates[task, arm].result()
+
+    def group(self, name, g):
+        """The records of one group: {arm: [records by seed]}, the rates and the sweeps."""
+        spec = self.p["groups"][name]
+        task, arms = spec["task"], spec["arms"]
+
+        def arm_runs(i, arm):
+            if spec["rate"] == "sweep":
+                lr, sweep = self.rate(task, arm, g, i)
+            else:
+                source = arm.split()[0] if spec["rate"] == "method" else spec["rate"]
+                lr, sweep = self.rate(task, source, 0, i)[0], None       # group a's sweep, at a's priority
+            late = name == "f" and arm not in ("lora", "nara")          # f: their seeds 3-4 come last
+            seeds = [self.run(task, arm, lr, s, (g, s + 2 * (late and s >= 3), i, lr)) for s in range(spec["seeds"])]
+            return lr, sweep, seeds
+        with ThreadPoolExecutor(len(arms)) as ex:
+            out = list(ex.map(lambda ia: arm_runs(*ia), enumerate(arms)))
+        return {a: o[0] for a, o in zip(arms, out)}, {a: o[1] for a, o in zip(arms, out) if o[1]}, \
+            {a: o[2] for a, o in zip(arms, out)}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", default="arith", choices=sorted(TASKS), help="bundled base and task")
-    ap.add_argument("--arm", action="append", help="a method and train.py flags, e.g. \"nara --condition "
-                    "density\" (repeatable; default: the task's arms, or with --lr-from the ablations)")
-    ap.add_argument("--name", default=None, help="name of the result files (default: the task)")
-    ap.add_argument("--quick", action="store_true", help="seeds 0-1 at the learning rates the full run chose")
-    ap.add_argument("--lr-from", default=None, metavar="ARM", help="no sweep: every arm at the learning rate "
-                    "the task's full comparison chose for ARM (ablations of one method)")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the protocol's per arm)")
+    ap.add_argument("--groups", default=None, help="which groups, in priority order (default: all, abcdef)")
+    ap.add_argument("--report", action="store_true", help="no training: the tables of every group whose "
+                    "records are all in, and what the others lack")
+    ap.add_argument("--quick", action="store_true", help="LoRA and NaRA on arith at group a's rates, seeds 0-1, "
+                    "in a temporary folder, compared with the committed records")
     ap.add_argument("--smoke", action="store_true", help="a tiny protocol in a temporary folder")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs, one "
                     "thread each")
     ap.add_argument("--runs", default=None, help="training folders (default runs/methods; smoke: temporary)")
     ap.add_argument("--results", default=None, help="tables, figures and run records (default "
-                    "benchmarks/results; smoke: temporary)")
+                    "benchmarks/results; smoke and quick: temporary)")
     args = ap.parse_args(argv)
     protocol = SMOKE if args.smoke else PROTOCOL
-    scratch = Path(tempfile.mkdtemp(prefix="methods-smoke-")) if args.smoke else None
-    results = Path(args.results or (scratch / "results" if scratch else ROOT / "benchmarks" / "results"))
+    scratch = Path(tempfile.mkdtemp(prefix="methods-")) if args.smoke or args.quick else None
+    committed = Path(args.results or ROOT / "benchmarks" / "results")
+    results = scratch / "results" if scratch else committed
     work = Path(args.runs or (scratch / "runs" if scratch else ROOT / "runs" / "methods"))
-    check_lengths(args.task)
-    default = CENTRAL + OTHERS * (args.task == "instruct")
-    default = SMOKE_ARMS if args.smoke else ABLATIONS if args.lr_from else default
-    arms, name = args.arm or list(default), args.name or args.task
-    if args.seeds is not None and not 1 <= args.seeds <= protocol["seeds"]:
-        sys.exit(f"error: --seeds {args.seeds}: the protocol has seeds 0-{protocol['seeds'] - 1}")
-    chosen_file = results / f"{args.task}.json"
+    groups = args.groups or "".join(protocol["groups"])
+    if args.quick:
+        lr = json.loads((committed / "arith.json").read_text())["lr"] if (committed / "arith.json").exists() else {}
+        if not {"lora", "nara"} <= set(lr):
+            sys.exit(f"error: {committed / 'arith.json'} has no rates for lora and nara: run group a first")
+        protocol = {**protocol, "groups": {"q": dict(task="arith", report="arith-quick", arms=("lora", "nara"),
+                                                     rate="method", seeds=2)}}
+        groups = "q"
+    unknown = [g for g in groups if g not in protocol["groups"]]
+    if unknown:
+        sys.exit(f"error: --groups {groups}: no group {unknown[0]!r} (choose from {''.join(protocol['groups'])})")
+    for task in {protocol["groups"][g]["task"] for g in groups}:
+        check_lengths(task)
     results.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-        runner = Runner(pool, args.task, protocol, results / "runs", work)
-        settings = dict(task=args.task, test_items=protocol["test_items"], gen=TASKS[args.task]["gen"])
-        record = str(results / "runs" / args.task / "base.json")
-        base = pool.submit(base_job, dict(record=record, settings=settings))
-        if args.quick or args.lr_from:
-            if not chosen_file.exists():
-                sys.exit(f"error: {chosen_file} not found: run the task's full comparison first")
-            chosen = json.loads(chosen_file.read_text())
-            T, ladder, sweep = chosen["updates"], [], []
-            lr_of = {a: chosen["lr"].get(args.lr_from or a) for a in arms}
-            if None in lr_of.values():
-                missing = args.lr_from or sorted(a for a in arms if lr_of[a] is None)
-                sys.exit(f"error: {chosen_file} has no learning rate for {missing} (run the comparison)")
-        else:
-            T, ladder = runner.budget()
-            lr_of, sweep = runner.sweep(arms, T)
-        seeds = lambda a: 2 if args.quick else args.seeds or protocol[  # noqa: E731
-            "seeds" if a in CENTRAL or args.lr_from else "other_seeds"]
-        records = runner.run([runner.job(a, lr_of[a], s, T) for a in arms for s in range(seeds(a))], "seeds")
-        base = base.result()
-    if not (args.quick or args.lr_from):
-        grid = {a: [r["settings"]["lr"] for r in sweep if r["settings"]["arm"] == a] for a in arms}
-        edge = {a: lr_of[a] in (min(grid[a]), max(grid[a])) for a in arms}
-        body = {"updates": T, "lr": lr_of, "at_grid_edge": edge,
-                "budget": {r["settings"]["updates"]: r["best_val_loss"] for r in ladder},
-                "sweep": {a: {f"{r['settings']['lr']:g}": r["best_val_loss"] for r in sweep
-                              if r["settings"]["arm"] == a} for a in arms}}
-        chosen_file.write_text(json.dumps(body, indent=1))
-    flags = [("--name", args.name), ("--lr-from", args.lr_from), ("--seeds", args.seeds and str(args.seeds))]
-    command = ["python", "benchmarks/methods.py", "--task", args.task]
-    command += [x for f, v in flags if v for x in (f, v)]
-    command += ["--quick"] * args.quick + ["--smoke"] * args.smoke
-    command += [x for a in args.arm or [] for x in ("--arm", a)]
-    tables.report(name + "-quick" * args.quick, shlex.join(command), args.task, arms, lr_of, records, base,
-                  results, ladder, sweep, T)
+        ex = Experiment(pool, protocol, results / "runs", work, report_only=args.report)
+        if args.quick:
+            ex.rates = {("arith", a): Future() for a in ("lora", "nara")}        # group a's, not swept again
+            for (_, a), f in ex.rates.items():
+                f.set_result((lr[a], None))
+        needed = {(protocol["groups"][g]["task"], a) for g in groups for a in protocol["groups"][g]["arms"]}
+        needed |= {(protocol["groups"][g]["task"], a.split()[0]) for g in groups for a in
+                   protocol["groups"][g]["arms"] if protocol["groups"][g]["rate"] == "method"}
+        needed |= {(protocol["groups"][g]["task"], "nara") for g in groups if protocol["groups"][g]["rate"] == "nara"}
+        ex.fingerprints(needed)
+        bases = {t: pool.submit(base_job, dict(record=str(results / "runs" / t / "base.json"),
+                                               settings=dict(task=t, test_items=protocol["test_items"],
+                                                             gen=TASKS[t]["gen"])))
+                 for t in {protocol["groups"][g]["task"] for g in groups}} if not args.report else {}
+
+        def do(g):
+            spec, k = protocol["groups"][g], "abcdefq".index(g)
+            try:
+                lr_of, sweeps, records = ex.group(g, k)
+                if "lora" not in records and spec["rate"] != "method":     # paired with LoRA of group a
+                    lora = ex.rate(spec["task"], "lora", 0, 0)[0]
+                    records = {"lora": [ex.run(spec["task"], "lora", lora, s, (k, s, 0, lora))
+                                        for s in range(spec["seeds"])], **records}
+                    lr_of = {"lora": lora, **lr_of}
+            except Missing as e:
+                return print(f"group {g} ({spec['report']}): not complete, no record for {e}")
+            base_file = results / "runs" / spec["task"] / "base.json"
+            base = bases[spec["task"]].result() if bases else json.loads(base_file.read_text())
+            command = "python benchmarks/methods.py " + ("--quick" if args.quick else f"--groups {g}")
+            tables.report(spec["report"], command, spec["task"], lr_of, records, base, results, sweeps,
+                          protocol["updates"][spec["task"]], g)
+        with ThreadPoolExecutor(len(groups)) as threads:
+            futures = {g: threads.submit(do, g) for g in groups}
+        failed = [g for g, f in futures.items() if f.exception()]
+        for g in failed:
+            print(f"group {g} failed: {futures[g].exception()!r}", file=sys.stderr)
+    if args.quick:
+        tables.compare(results / "runs", committed / "runs")
     if scratch:
-        print(f"smoke results in {scratch} (benchmarks/results/ untouched)")
+        print(f"results in {scratch} ({committed} untouched)")
+    if failed:
+        sys.exit(f"error: group(s) {''.join(failed)} failed (above); every finished run's record is kept")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""The tables and figures of a methods comparison (benchmarks/methods.py): accuracy and paired validation
-loss per arm, the budget ladder, the learning-rate sweep, Figure 1 (absolute and relative gain over the
-base by λ) and Figure 3 (NaRA's update size by λ), as markdown, CSV and PNG (with matplotlib)."""
+"""The tables and figures of one group of the methods comparison (benchmarks/methods.py): accuracy, the
+two validation measures paired with LoRA by seed, the learning-rate sweep, Figure 1 (gain over the base
+by λ on the validation rows, absolute and relative) and Figure 3 (NaRA's update size by λ), as
+markdown, CSV and PNG (with matplotlib)."""
 import json
 import statistics
 import time
@@ -9,74 +10,84 @@ LAMS = [round(0.1 * k, 1) for k in range(1, 11)]
 
 
 def mean_std(xs):
+    xs = list(xs)
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def report(name, command, task, arms, lr_of, records, base, results, ladder, sweep, T):
-    """<name>.md with every table, and the figures' CSV and PNG files beside it, in `results`."""
-    seed = lambda r: r["settings"]["seed"]  # noqa: E731
-    by_arm = {a: sorted((r for r in records if r["settings"]["arm"] == a), key=seed) for a in arms}
-    runs = {json.dumps(r["settings"], sort_keys=True): r for r in ladder + sweep + records}
-    minutes = sum(r["train_s"] + r["score_s"] for r in runs.values()) / 60
-    lines = [f"# Methods side by side: `{task}`, {T} updates (`{command}`)", "",
-             f"Base model: accuracy {100 * base['accuracy']:.1f} % on {base['items']} test items. "
-             f"{time.strftime('%Y-%m-%d')}. The {len(runs)} runs behind this table took {minutes:.0f} "
-             "run-minutes (training and scoring, one thread each; two run at a time on 2 cores).", "",
-             "A seed fixes the validation split, the data order and the masks, so each arm's best validation "
-             f"loss is also given minus {arms[0]}'s at the same seed (paired difference; negative is "
-             "better).",
-             "",
-             f"| method | trainable | lr | seeds | test accuracy % | best val loss | − {arms[0]}'s, paired | "
-             "min per run |", "|---|---|---|---|---|---|---|---|"]
-    first = {seed(r): r["best_val_loss"] for r in by_arm[arms[0]]}
-    for a, rs in by_arm.items():
-        acc, val = mean_std([100 * r["accuracy"] for r in rs]), mean_std([r["best_val_loss"] for r in rs])
-        diff = mean_std([r["best_val_loss"] - first[seed(r)] for r in rs if seed(r) in first])
+def ce(r):
+    """Per-token cross-entropy on the validation rows, averaged over λ = 0.1 ... 1.0."""
+    return statistics.mean(r["curve"][str(lam)] for lam in LAMS)
+
+
+def report(name, command, task, lr_of, records, base, results, sweeps, T, group):
+    """<name>.md with every table, <name>.json with the chosen rates, and the figures beside them.
+    records: {arm: [records by seed]}; the paired columns subtract LoRA's record of the same seed."""
+    arms = list(records)
+    ref_arm = "lora" if "lora" in records else arms[0]
+    ref = {r["settings"]["seed"]: r for r in records[ref_arm]}
+    every = {json.dumps(r["settings"], sort_keys=True): r for rs in records.values() for r in rs}
+    every.update({json.dumps(r["settings"], sort_keys=True): r for s in sweeps.values() for r in s.values()})
+    hours = sum(r["train_s"] + r["score_s"] for r in every.values()) / 3600
+    commits = sorted({r["commit"][:7] + ("-dirty" if r["commit"].endswith("-dirty") else "") for r in every.values()})
+    lines = [f"# Group {group}: `{task}` at {T} updates (`{command}`)", "",
+             f"{time.strftime('%Y-%m-%d')}. Base model: {100 * base['accuracy']:.1f} % on {base['items']} test "
+             f"items. The {len(every)} runs behind these tables took {hours:.1f} CPU-hours (training and "
+             f"scoring, one thread each), on commit(s) {', '.join(commits)}, torch "
+             f"{', '.join(sorted({r['torch'] for r in every.values()}))}.", "",
+             "Two measures on the same validation rows (the seed fixes them): the best validation loss of "
+             "training (masked-diffusion loss, random t weighted by 1/t: heavy-tailed), and the "
+             "cross-entropy per masked answer token at fixed λ = 0.1 ... 1.0, averaged over λ (the same "
+             f"masks for every arm). Each is also given minus {ref_arm}'s at the same seed (paired; "
+             "negative is better): a difference smaller than its spread over seeds is not a difference.", "",
+             f"| method | trainable | lr | seeds | test accuracy % | best val loss | − {ref_arm}'s | per-token CE "
+             f"| − {ref_arm}'s | min per run |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for a, rs in records.items():
+        acc, val, tok = (mean_std(f(r) for r in rs) for f in (lambda r: 100 * r["accuracy"],
+                                                                lambda r: r["best_val_loss"], ce))
+        paired = [r for r in rs if r["settings"]["seed"] in ref]
+        dval = mean_std(r["best_val_loss"] - ref[r["settings"]["seed"]]["best_val_loss"] for r in paired)
+        dtok = mean_std(ce(r) - ce(ref[r["settings"]["seed"]]) for r in paired)
         wall = statistics.mean(r["train_s"] + r["score_s"] for r in rs) / 60
-        lines.append(f"| {a} | {rs[0]['trainable']:,} | {lr_of[a]:g} | {len(rs)} | {acc[0]:.1f} ± "
-                     f"{acc[1]:.1f} | {val[0]:.4f} ± {val[1]:.4f} | {diff[0]:+.4f} ± {diff[1]:.4f} | "
-                     f"{wall:.1f} |")
-    if ladder:
-        lr = ladder[0]["settings"]["lr"]
-        lines += ["", f"The budget: LoRA at lr {lr:g}, seed 0, best validation loss by the number of updates "
-                  f"(the first within 1 % of the doubled run's is {T}):", "",
-                  "| updates | best val loss | its validation curve (update: loss) |", "|---|---|---|"]
-        lines += [f"| {r['settings']['updates']} | {r['best_val_loss']:.4f} | "
-                  + ", ".join(f"{s}: {v:.3f}" for s, v in r["val_curve"][1::2]) + " |" for r in ladder]
-    if sweep:
-        grid = sorted({r["settings"]["lr"] for r in sweep})
-        lines += ["", f"Learning-rate sweep at {T} updates, seed 0: best validation loss (the chosen rate in "
-                  "bold)", "", "| method | " + " | ".join(f"{lr:g}" for lr in grid) + " |",
-                  "|---" * (len(grid) + 1) + "|"]
-        for a in arms:
-            got = {r["settings"]["lr"]: r["best_val_loss"] for r in sweep if r["settings"]["arm"] == a}
-            cells = ["" if lr not in got else f"**{got[lr]:.4f}**" if lr == lr_of[a] else f"{got[lr]:.4f}"
-                     for lr in grid]
+        lines.append(f"| {a} | {rs[0]['trainable']:,} | {lr_of[a]:g} | {len(rs)} | {acc[0]:.1f} ± {acc[1]:.1f} "
+                     f"| {val[0]:.4f} ± {val[1]:.4f} | {dval[0]:+.4f} ± {dval[1]:.4f} | {tok[0]:.4f} ± "
+                     f"{tok[1]:.4f} | {dtok[0]:+.4f} ± {dtok[1]:.4f} | {wall:.1f} |")
+    if sweeps:
+        grid = sorted({lr for s in sweeps.values() for lr in s})
+        lines += ["", "Learning-rate sweep, seed 0: best validation loss (the chosen rate in bold)", "",
+                  "| method | " + " | ".join(f"{lr:g}" for lr in grid) + " |", "|---" * (len(grid) + 1) + "|"]
+        for a, s in sweeps.items():
+            cells = ["" if lr not in s else f"**{s[lr]['best_val_loss']:.4f}**" if lr == lr_of[a] else
+                     f"{s[lr]['best_val_loss']:.4f}" for lr in grid]
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
+        body = {"updates": T, "lr": {a: lr_of[a] for a in sweeps},
+                "sweep": {a: {f"{lr:g}": r["best_val_loss"] for lr, r in s.items()} for a, s in sweeps.items()}}
+        (results / f"{name}.json").write_text(json.dumps(body, indent=1) + "\n")
+    base_loss = {lam: statistics.mean(r["base_curve"][str(lam)] for rs in records.values() for r in rs)
+                 for lam in LAMS}
     for what, rel in (("gain over the base per masked token", False),
                       ("gain relative to the base's loss", True)):
-        loss = lambda lam: base["curve"][str(lam)]  # noqa: E731
-        gain = lambda r, lam: (loss(lam) - r["curve"][str(lam)]) / (loss(lam) if rel else 1.0)  # noqa: E731
-        rows = [[lam] + [v for a in arms for v in mean_std([gain(r, lam) for r in by_arm[a]])]
-                for lam in LAMS]
+        def gain(r, lam):
+            b = r["base_curve"][str(lam)]
+            return (b - r["curve"][str(lam)]) / (b if rel else 1.0)
+        rows = [[lam] + [v for a in arms for v in mean_std(gain(r, lam) for r in records[a])] for lam in LAMS]
         tag = "figure1_relative" if rel else "figure1"
-        header = ["lambda"] + [f"{a} {k}" for a in arms for k in ("mean", "std")]
-        write_csv(results / f"{name}_{tag}.csv", header, rows)
-        lines += ["", f"Figure 1 ({what}; mean over seeds), by noise level λ", "",
-                  "| λ | base loss | " + " | ".join(arms) + " |", "|---" * (len(arms) + 2) + "|"]
-        lines += [f"| {row[0]} | {loss(row[0]):.3f} | " + " | ".join(
-            f"{row[1 + 2 * i]:{'.1%' if rel else '.3f'}}" for i in range(len(arms))) + " |" for row in rows]
+        write_csv(results / f"{name}_{tag}.csv", ["lambda"] + [f"{a} {k}" for a in arms for k in ("mean", "std")],
+                  rows)
+        lines += ["", f"Figure 1 on the validation rows ({what}; mean ± std over seeds), by noise level λ", "",
+                  "| λ | base CE | " + " | ".join(arms) + " |", "|---" * (len(arms) + 2) + "|"]
+        fmt = (lambda m, s: f"{m:.1%} ± {s:.1%}") if rel else (lambda m, s: f"{m:.3f} ± {s:.3f}")
+        lines += [f"| {row[0]} | {base_loss[row[0]]:.3f} | " + " | ".join(
+            fmt(row[1 + 2 * i], row[2 + 2 * i]) for i in range(len(arms))) + " |" for row in rows]
         plot(results / f"{name}_{tag}.png", arms, rows, f"{task}: {what} (Figure 1)",
              "relative CE reduction" if rel else "CE reduction per masked token")
-    sized = [a for a in arms if "sizes" in by_arm[a][0]]
+    sized = [a for a in arms if "sizes" in records[a][0]]
     if sized:
-        size = lambda a, lam, i: statistics.mean(r["sizes"][str(lam)][i] for r in by_arm[a])  # noqa: E731
+        size = lambda a, lam, i: statistics.mean(r["sizes"][str(lam)][i] for r in records[a])  # noqa: E731
         rows3 = [[lam] + [size(a, lam, i) for a in sized for i in (0, 1)] for lam in LAMS]
-        header = ["lambda"] + [f"{a} {k}" for a in sized for k in ("|C-I|", "|dW|")]
-        write_csv(results / f"{name}_figure3.csv", header, rows3)
+        write_csv(results / f"{name}_figure3.csv", ["lambda"] + [f"{a} {k}" for a in sized for k in ("|C-I|", "|dW|")],
+                  rows3)
         lines += ["", "Figure 3: NaRA's update size by λ (mean over seeds): ‖C(λ) − I‖_F / ‖ΔW(λ)‖_F "
-                  "averaged over layers", "", "| λ | " + " | ".join(sized) + " |",
-                  "|---" * (len(sized) + 1) + "|"]
+                  "averaged over layers", "", "| λ | " + " | ".join(sized) + " |", "|---" * (len(sized) + 1) + "|"]
         lines += [f"| {row[0]} | " + " | ".join(f"{row[1 + 2 * i]:.3f} / {row[2 + 2 * i]:.3f}"
                                                for i in range(len(sized))) + " |" for row in rows3]
         plot(results / f"{name}_figure3.png", [f"{a}: ‖{k}‖" for a in sized for k in ("C(λ) − I", "ΔW(λ)")],
@@ -84,6 +95,21 @@ def report(name, command, task, arms, lr_of, records, base, results, ladder, swe
              "(Figure 3)", "Frobenius norm, mean over layers and seeds")
     (results / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def compare(new, committed):
+    """--quick: each new record's best validation loss and accuracy next to the committed record's."""
+    rows = []
+    for f in sorted(new.rglob("*seed*.json")):
+        r, old = json.loads(f.read_text()), committed / f.relative_to(new)
+        o = json.loads(old.read_text()) if old.exists() else {}
+        same = o.get("settings") == r["settings"] and o.get("val_curve") == r["val_curve"] and \
+            o.get("accuracy") == r["accuracy"]
+        was = f"{o['best_val_loss']:.4f} | {100 * o['accuracy']:.1f}" if o else "- | -"
+        rows.append(f"| {f.relative_to(new).with_suffix('')} | {r['best_val_loss']:.4f} | "
+                    f"{100 * r['accuracy']:.1f} | {was} | {'identical' if same else 'DIFFERENT'} |")
+    print("\n| run | best val loss | accuracy % | committed: val loss | accuracy % | curve and accuracy |\n"
+          "|---|---|---|---|---|---|\n" + "\n".join(rows))
 
 
 def write_csv(path, header, rows):
