@@ -3,7 +3,7 @@
     python benchmarks/methods.py                   # groups a-f in priority order (about 10 CPU-hours for a-e)
     python benchmarks/methods.py --groups ab       # only these groups
     python benchmarks/methods.py --report          # the tables of every complete group, from the records
-    python benchmarks/methods.py --quick           # group a's two ends (LoRA, NaRA), seeds 0-1, vs the records
+    python benchmarks/methods.py --quick           # group a's ends (LoRA, NaRA), seeds 0-1, vs the records
 
 The protocol (fixed before any run of it; an arm is a method plus train.py flags):
   1. Every item is trained on and scored. --max-length covers the longest training and test item of
@@ -86,8 +86,9 @@ TASKS = {
 }
 CENTRAL = ("lora", "nara", "nara-c", "multi-lora")
 OTHERS = ("dora", "hira", "prompt-tuning", "p-tuning")
-ABLATIONS = ("nara --condition density", "nara --condition both", "nara --embedding mlp", "nara --embedding raw",
-             "nara --hyper-init kaiming", "nara --stage1 0.3", "nara --embedding-width 16 --hyper-hidden 16,16")
+ABLATIONS = ("nara --condition density", "nara --condition both", "nara --embedding mlp",
+             "nara --embedding raw", "nara --hyper-init kaiming", "nara --stage1 0.3",
+             "nara --embedding-width 16 --hyper-hidden 16,16")
 # name: task, report, arms, where the rate comes from ("sweep", "method": the same method's group-a
 # rate, or an arm's), seeds per arm; arms of `first` run their seeds before the others' later seeds
 GROUPS = {
@@ -96,7 +97,8 @@ GROUPS = {
     "c": dict(task="arith", report="arith-rank2", arms=("lora --adapter-rank 2", "nara --adapter-rank 2"),
               rate="method", seeds=3),
     "d": dict(task="arith", report="arith-others", arms=OTHERS, rate="sweep", seeds=3),
-    "e": dict(task="arith", report="arith-ablations", arms=("nara", "nara-c") + ABLATIONS, rate="nara", seeds=3),
+    "e": dict(task="arith", report="arith-ablations", arms=("nara", "nara-c", *ABLATIONS), rate="nara",
+              seeds=3),
     "f": dict(task="instruct", report="instruct", arms=CENTRAL, rate="sweep", seeds=5),
 }
 PROTOCOL = dict(updates={"arith": 1200, "instruct": 2400}, batch_size=16, rank=8, lrs=(1e-3, 3e-3, 1e-2),
@@ -113,12 +115,12 @@ def slug(text):
 
 def check_lengths(task):
     """Refuse a protocol under which any item would be skipped or truncated."""
-    from tasks import load_tokenizer, sft_pair
+    from tasks import load_tokenizer, prompt_of, sft_pair
     spec = TASKS[task]
     tok = load_tokenizer(ROOT / spec["model"])
     for split in ("data", "test"):
         examples = json.loads((ROOT / spec[split]).read_text())
-        pairs = [sft_pair(tok, e["instruction"], e["output"], 0) for e in examples]
+        pairs = [sft_pair(tok, prompt_of(e), e["output"], 0) for e in examples]
         longest, answer = max(len(p) + len(a) for p, a in pairs), max(len(a) for _, a in pairs)
         if longest > spec["max_length"] or answer > spec["gen"]["gen_length"]:
             sys.exit(f"error: {spec[split]}: an item of {longest} tokens (answer {answer}) does not fit "
@@ -130,14 +132,16 @@ def commit():
     """The commit this code is, with '-dirty' when tracked files differ from it."""
     git = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True,  # noqa: E731
                                     text=True).stdout.strip()
-    return (git("rev-parse", "HEAD") or "unknown") + ("-dirty" if git("status", "--porcelain", "-uno") else "")
+    dirty = "-dirty" if git("status", "--porcelain", "-uno") else ""
+    return (git("rev-parse", "HEAD") or "unknown") + dirty
 
 
 # ---------------------------------------------------------------- one run (in a worker process)
 def train(task, argv, out, log):
     """train.py as users run it, one thread; the output folder's metrics lines."""
     spec = TASKS[task]
-    argv = ["--model", str(ROOT / spec["model"]), "--data", str(ROOT / spec["data"]), "--out", str(out), *argv]
+    argv = ["--model", str(ROOT / spec["model"]), "--data", str(ROOT / spec["data"]), "--out", str(out),
+            *argv]
     with open(log, "w") as f:
         subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], stdout=f, stderr=f, check=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -148,13 +152,14 @@ def train(task, argv, out, log):
 
 def fingerprint(task, argv):
     """A hash of a 2-update run's adapter and validation losses under these train.py flags."""
+    import torch
     from safetensors.torch import load_file
     with tempfile.TemporaryDirectory(prefix="methods-fp-") as tmp:
         argv = [*argv, "--max-updates", "2", "--eval-every", "1", "--batch-size", "4"]
         steps = train(task, argv, Path(tmp) / "run", Path(tmp) / "log.txt")
         h = hashlib.sha256(json.dumps([m["val_loss"] for m in steps]).encode())
         for k, t in sorted(load_file(Path(tmp) / "run" / "adapter" / "adapter.safetensors").items()):
-            h.update(k.encode() + t.contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+            h.update(k.encode() + t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -163,7 +168,7 @@ def validation_rows(task, tok, eos, seed):
     import torch
     from tasks import sft_rows
     spec = TASKS[task]
-    ids, answer, _ = sft_rows(tok, ROOT / spec["data"], spec["max_length"], eos)
+    ids, answer, *_ = sft_rows(tok, ROOT / spec["data"], spec["max_length"], eos)
     perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))[:spec["val_size"]]
     return ids[perm], answer[perm]
 
@@ -173,8 +178,8 @@ def score(task, model, tok, seed, limit=None):
     the Figure 3 sizes of one model."""
     import adapters
     import figures
-    from tasks import accuracy
-    examples = json.loads((ROOT / TASKS[task]["test"]).read_text())[:limit]
+    from tasks import accuracy, load_items
+    examples = load_items("auto", ROOT / TASKS[task]["test"])[:limit]
     acc, _ = accuracy(model.eval(), tok, examples, **TASKS[task]["gen"])
     ids, answer = validation_rows(task, tok, model.config.eos_token_id, seed)
     curve = figures.noise_curve(model, ids, answer, tables.LAMS)
@@ -199,7 +204,8 @@ def run_job(job):
     shutil.rmtree(work, ignore_errors=True)                           # a partly trained run starts over
     work.mkdir(parents=True)
     t0 = time.time()
-    steps = train(s["task"], [*s["train"], "--method", *shlex.split(s["arm"])], work / "run", work / "log.txt")
+    argv = [*s["train"], "--method", *shlex.split(s["arm"])]
+    steps = train(s["task"], argv, work / "run", work / "log.txt")
     log = (work / "log.txt").read_text()
     curve = [[m["step"], m["val_loss"]] for m in steps if "val_loss" in m]
     trainable = int(re.search(r"trainable ([\d,]+) of", log).group(1).replace(",", ""))
@@ -211,7 +217,8 @@ def run_job(job):
     with open(work / "log.txt", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         model = interop.load_adapter(LLaDA.from_pretrained(model_dir), work / "run" / "best")
         record.update(score(s["task"], model, load_tokenizer(model_dir), s["seed"], s["test_items"]),
-                      score_s=time.time() - t0, torch=torch.__version__, finished=time.strftime("%Y-%m-%d %H:%M"))
+                      score_s=time.time() - t0, torch=torch.__version__,
+                      finished=time.strftime("%Y-%m-%d %H:%M"))
     record_file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(record_file, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
     shutil.rmtree(work, ignore_errors=True)
@@ -224,12 +231,12 @@ def base_job(job):
     torch.set_num_threads(1)
     from checkpoint import atomic_write
     from model import LLaDA
-    from tasks import accuracy, load_tokenizer
+    from tasks import accuracy, load_items, load_tokenizer
     record_file, s = Path(job["record"]), job["settings"]
     model_dir = ROOT / TASKS[s["task"]]["model"]
     with contextlib.redirect_stdout(open(os.devnull, "w")):
         model = LLaDA.from_pretrained(model_dir).eval()
-        examples = json.loads((ROOT / TASKS[s["task"]]["test"]).read_text())[:s["test_items"]]
+        examples = load_items("auto", ROOT / TASKS[s["task"]]["test"])[:s["test_items"]]
         acc, _ = accuracy(model, load_tokenizer(model_dir), examples, **TASKS[s["task"]]["gen"])
     record = {"settings": s, "accuracy": acc, "items": len(examples)}
     record_file.parent.mkdir(parents=True, exist_ok=True)
@@ -276,8 +283,9 @@ class Experiment:
     def settings(self, task, arm, lr, seed):
         p, spec, T = self.p, TASKS[task], self.p["updates"][task]
         train = ["--max-updates", str(T), "--eval-every", str(max(1, T // 20)), "--batch-size",
-                 str(p["batch_size"]), "--adapter-rank", str(p["rank"]), "--max-length", str(spec["max_length"]),
-                 "--val-size", str(spec["val_size"]), "--lr", f"{lr:g}", "--seed", str(seed)]
+                 str(p["batch_size"]), "--adapter-rank", str(p["rank"]), "--max-length",
+                 str(spec["max_length"]), "--val-size", str(spec["val_size"]), "--lr", f"{lr:g}", "--seed",
+                 str(seed)]
         return dict(task=task, arm=arm, lr=lr, seed=seed, updates=T, train=train, test_items=p["test_items"],
                     gen=spec["gen"], figure1="validation rows")
 
@@ -309,8 +317,9 @@ class Experiment:
                     job = dict(settings=s, record=str(record), work=str(self.work / task / name),
                                fingerprint=self.prints[task, arm], commit=self.commit)
                     r = self.pool.submit(run_job, job).result()
+                minutes = (r["train_s"] + r["score_s"]) / 60
                 print(f"{task} {arm} lr {lr:g} seed {seed}: best val {r['best_val_loss']:.4f}, accuracy "
-                      f"{100 * r['accuracy']:.1f} %, {(r['train_s'] + r['score_s']) / 60:.1f} min", flush=True)
+                      f"{100 * r['accuracy']:.1f} %, {minutes:.1f} min", flush=True)
                 future.set_result(r)
         except BaseException as e:
             future.set_exception(e)
@@ -353,7 +362,8 @@ class Experiment:
                 source = arm.split()[0] if spec["rate"] == "method" else spec["rate"]
                 lr, sweep = self.rate(task, source, 0, i)[0], None       # group a's sweep, at a's priority
             late = name == "f" and arm not in ("lora", "nara")          # f: their seeds 3-4 come last
-            seeds = [self.run(task, arm, lr, s, (g, s + 2 * (late and s >= 3), i, lr)) for s in range(spec["seeds"])]
+            seeds = [self.run(task, arm, lr, s, (g, s + 2 * (late and s >= 3), i, lr))
+                     for s in range(spec["seeds"])]
             return lr, sweep, seeds
         with ThreadPoolExecutor(len(arms)) as ex:
             out = list(ex.map(lambda ia: arm_runs(*ia), enumerate(arms)))
@@ -366,8 +376,8 @@ def main(argv=None):
     ap.add_argument("--groups", default=None, help="which groups, in priority order (default: all, abcdef)")
     ap.add_argument("--report", action="store_true", help="no training: the tables of every group whose "
                     "records are all in, and what the others lack")
-    ap.add_argument("--quick", action="store_true", help="LoRA and NaRA on arith at group a's rates, seeds 0-1, "
-                    "in a temporary folder, compared with the committed records")
+    ap.add_argument("--quick", action="store_true", help="LoRA and NaRA on arith at group a's rates, seeds "
+                    "0-1, in a temporary folder, compared with the committed records")
     ap.add_argument("--smoke", action="store_true", help="a tiny protocol in a temporary folder")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs, one "
                     "thread each")
@@ -376,21 +386,24 @@ def main(argv=None):
                     "benchmarks/results; smoke and quick: temporary)")
     args = ap.parse_args(argv)
     protocol = SMOKE if args.smoke else PROTOCOL
-    scratch = Path(tempfile.mkdtemp(prefix="methods-")) if args.smoke or args.quick else None
+    scratch = Path(tempfile.mkdtemp(prefix="methods-")) if args.quick or (args.smoke and not args.results) \
+        else None
     committed = Path(args.results or ROOT / "benchmarks" / "results")
     results = scratch / "results" if scratch else committed
     work = Path(args.runs or (scratch / "runs" if scratch else ROOT / "runs" / "methods"))
     groups = args.groups or "".join(protocol["groups"])
     if args.quick:
-        lr = json.loads((committed / "arith.json").read_text())["lr"] if (committed / "arith.json").exists() else {}
+        chosen = committed / "arith.json"
+        lr = json.loads(chosen.read_text())["lr"] if chosen.exists() else {}
         if not {"lora", "nara"} <= set(lr):
-            sys.exit(f"error: {committed / 'arith.json'} has no rates for lora and nara: run group a first")
-        protocol = {**protocol, "groups": {"q": dict(task="arith", report="arith-quick", arms=("lora", "nara"),
-                                                     rate="method", seeds=2)}}
+            sys.exit(f"error: {chosen} has no rates for lora and nara: run group a first")
+        quick = dict(task="arith", report="arith-quick", arms=("lora", "nara"), rate="method", seeds=2)
+        protocol = {**protocol, "groups": {"q": quick}}
         groups = "q"
     unknown = [g for g in groups if g not in protocol["groups"]]
     if unknown:
-        sys.exit(f"error: --groups {groups}: no group {unknown[0]!r} (choose from {''.join(protocol['groups'])})")
+        sys.exit(f"error: --groups {groups}: no group {unknown[0]!r} (choose from "
+                 f"{''.join(protocol['groups'])})")
     for task in {protocol["groups"][g]["task"] for g in groups}:
         check_lengths(task)
     results.mkdir(parents=True, exist_ok=True)
@@ -400,10 +413,11 @@ def main(argv=None):
             ex.rates = {("arith", a): Future() for a in ("lora", "nara")}        # group a's, not swept again
             for (_, a), f in ex.rates.items():
                 f.set_result((lr[a], None))
-        needed = {(protocol["groups"][g]["task"], a) for g in groups for a in protocol["groups"][g]["arms"]}
-        needed |= {(protocol["groups"][g]["task"], a.split()[0]) for g in groups for a in
-                   protocol["groups"][g]["arms"] if protocol["groups"][g]["rate"] == "method"}
-        needed |= {(protocol["groups"][g]["task"], "nara") for g in groups if protocol["groups"][g]["rate"] == "nara"}
+        specs = [protocol["groups"][g] for g in groups]
+        needed = {(s["task"], a) for s in specs for a in s["arms"]}    # and the arms they take rates from
+        needed |= {(s["task"], a.split()[0]) for s in specs for a in s["arms"] if s["rate"] == "method"}
+        needed |= {(s["task"], "nara") for s in specs if s["rate"] == "nara"}
+        needed |= {(s["task"], "lora") for s in specs if s["rate"] != "method"}
         ex.fingerprints(needed)
         bases = {t: pool.submit(base_job, dict(record=str(results / "runs" / t / "base.json"),
                                                settings=dict(task=t, test_items=protocol["test_items"],

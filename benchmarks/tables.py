@@ -28,10 +28,10 @@ def report(name, command, task, lr_of, records, base, results, sweeps, T, group)
     every = {json.dumps(r["settings"], sort_keys=True): r for rs in records.values() for r in rs}
     every.update({json.dumps(r["settings"], sort_keys=True): r for s in sweeps.values() for r in s.values()})
     hours = sum(r["train_s"] + r["score_s"] for r in every.values()) / 3600
-    commits = sorted({r["commit"][:7] + ("-dirty" if r["commit"].endswith("-dirty") else "") for r in every.values()})
+    commits = sorted({r["commit"][:7] + "-dirty" * r["commit"].endswith("-dirty") for r in every.values()})
     lines = [f"# Group {group}: `{task}` at {T} updates (`{command}`)", "",
-             f"{time.strftime('%Y-%m-%d')}. Base model: {100 * base['accuracy']:.1f} % on {base['items']} test "
-             f"items. The {len(every)} runs behind these tables took {hours:.1f} CPU-hours (training and "
+             f"{time.strftime('%Y-%m-%d')}. Base model: {100 * base['accuracy']:.1f} % on {base['items']} "
+             f"test items. The {len(every)} runs behind these tables took {hours:.1f} CPU-hours (training and "
              f"scoring, one thread each), on commit(s) {', '.join(commits)}, torch "
              f"{', '.join(sorted({r['torch'] for r in every.values()}))}.", "",
              "Two measures on the same validation rows (the seed fixes them): the best validation loss of "
@@ -39,8 +39,8 @@ def report(name, command, task, lr_of, records, base, results, sweeps, T, group)
              "cross-entropy per masked answer token at fixed λ = 0.1 ... 1.0, averaged over λ (the same "
              f"masks for every arm). Each is also given minus {ref_arm}'s at the same seed (paired; "
              "negative is better): a difference smaller than its spread over seeds is not a difference.", "",
-             f"| method | trainable | lr | seeds | test accuracy % | best val loss | − {ref_arm}'s | per-token CE "
-             f"| − {ref_arm}'s | min per run |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| method | trainable | lr | seeds | test accuracy % | best val loss | − {ref_arm}'s | "
+             f"per-token CE | − {ref_arm}'s | min per run |", "|---|---|---|---|---|---|---|---|---|---|"]
     for a, rs in records.items():
         acc, val, tok = (mean_std(f(r) for r in rs) for f in (lambda r: 100 * r["accuracy"],
                                                                 lambda r: r["best_val_loss"], ce))
@@ -48,8 +48,8 @@ def report(name, command, task, lr_of, records, base, results, sweeps, T, group)
         dval = mean_std(r["best_val_loss"] - ref[r["settings"]["seed"]]["best_val_loss"] for r in paired)
         dtok = mean_std(ce(r) - ce(ref[r["settings"]["seed"]]) for r in paired)
         wall = statistics.mean(r["train_s"] + r["score_s"] for r in rs) / 60
-        lines.append(f"| {a} | {rs[0]['trainable']:,} | {lr_of[a]:g} | {len(rs)} | {acc[0]:.1f} ± {acc[1]:.1f} "
-                     f"| {val[0]:.4f} ± {val[1]:.4f} | {dval[0]:+.4f} ± {dval[1]:.4f} | {tok[0]:.4f} ± "
+        lines.append(f"| {a} | {rs[0]['trainable']:,} | {lr_of[a]:g} | {len(rs)} | {acc[0]:.1f} ± "
+                     f"{acc[1]:.1f} | {val[0]:.4f} ± {val[1]:.4f} | {dval[0]:+.4f} ± {dval[1]:.4f} | {tok[0]:.4f} ± "
                      f"{tok[1]:.4f} | {dtok[0]:+.4f} ± {dtok[1]:.4f} | {wall:.1f} |")
     if sweeps:
         grid = sorted({lr for s in sweeps.values() for lr in s})
@@ -60,7 +60,8 @@ def report(name, command, task, lr_of, records, base, results, sweeps, T, group)
                      f"{s[lr]['best_val_loss']:.4f}" for lr in grid]
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
         body = {"updates": T, "lr": {a: lr_of[a] for a in sweeps},
-                "sweep": {a: {f"{lr:g}": r["best_val_loss"] for lr, r in s.items()} for a, s in sweeps.items()}}
+                "sweep": {a: {f"{lr:g}": r["best_val_loss"] for lr, r in s.items()}
+                          for a, s in sweeps.items()}}
         (results / f"{name}.json").write_text(json.dumps(body, indent=1) + "\n")
     base_loss = {lam: statistics.mean(r["base_curve"][str(lam)] for rs in records.values() for r in rs)
                  for lam in LAMS}
@@ -71,9 +72,10 @@ def report(name, command, task, lr_of, records, base, results, sweeps, T, group)
             return (b - r["curve"][str(lam)]) / (b if rel else 1.0)
         rows = [[lam] + [v for a in arms for v in mean_std(gain(r, lam) for r in records[a])] for lam in LAMS]
         tag = "figure1_relative" if rel else "figure1"
-        write_csv(results / f"{name}_{tag}.csv", ["lambda"] + [f"{a} {k}" for a in arms for k in ("mean", "std")],
-                  rows)
-        lines += ["", f"Figure 1 on the validation rows ({what}; mean ± std over seeds), by noise level λ", "",
+        header = ["lambda"] + [f"{a} {k}" for a in arms for k in ("mean", "std")]
+        write_csv(results / f"{name}_{tag}.csv", header, rows)
+        lines += ["", f"Figure 1 on the validation rows ({what}; mean ± std over seeds), by noise level λ",
+                  "",
                   "| λ | base CE | " + " | ".join(arms) + " |", "|---" * (len(arms) + 2) + "|"]
         fmt = (lambda m, s: f"{m:.1%} ± {s:.1%}") if rel else (lambda m, s: f"{m:.3f} ± {s:.3f}")
         lines += [f"| {row[0]} | {base_loss[row[0]]:.3f} | " + " | ".join(
@@ -84,10 +86,11 @@ def report(name, command, task, lr_of, records, base, results, sweeps, T, group)
     if sized:
         size = lambda a, lam, i: statistics.mean(r["sizes"][str(lam)][i] for r in records[a])  # noqa: E731
         rows3 = [[lam] + [size(a, lam, i) for a in sized for i in (0, 1)] for lam in LAMS]
-        write_csv(results / f"{name}_figure3.csv", ["lambda"] + [f"{a} {k}" for a in sized for k in ("|C-I|", "|dW|")],
-                  rows3)
+        header = ["lambda"] + [f"{a} {k}" for a in sized for k in ("|C-I|", "|dW|")]
+        write_csv(results / f"{name}_figure3.csv", header, rows3)
         lines += ["", "Figure 3: NaRA's update size by λ (mean over seeds): ‖C(λ) − I‖_F / ‖ΔW(λ)‖_F "
-                  "averaged over layers", "", "| λ | " + " | ".join(sized) + " |", "|---" * (len(sized) + 1) + "|"]
+                  "averaged over layers", "", "| λ | " + " | ".join(sized) + " |",
+                  "|---" * (len(sized) + 1) + "|"]
         lines += [f"| {row[0]} | " + " | ".join(f"{row[1 + 2 * i]:.3f} / {row[2 + 2 * i]:.3f}"
                                                for i in range(len(sized))) + " |" for row in rows3]
         plot(results / f"{name}_figure3.png", [f"{a}: ‖{k}‖" for a in sized for k in ("C(λ) − I", "ΔW(λ)")],

@@ -1,9 +1,8 @@
 """The benchmark scripts run end to end on CPU with tiny shapes (their figures are not checked here)."""
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -45,54 +44,71 @@ def test_ratio_benchmarks_run_quickly(tmp_path):
 
 
 def tracked_results():
-    return {f: f.stat().st_mtime for f in (BENCH / "results").rglob("*") if f.is_file()}
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "benchmarks/results"], capture_output=True,
+                           text=True).stdout.split()
+    return {f: (ROOT / f).stat().st_mtime for f in files if (ROOT / f).exists()}
 
 
 def test_methods_comparison_runs_end_to_end_and_reuses_only_matching_records(tmp_path):
     tracked = tracked_results()
-    smoke = subprocess.run([sys.executable, str(BENCH / "methods.py"), "--smoke"], capture_output=True,
-                           text=True, timeout=600, check=True)
-    scratch = Path(smoke.stdout.strip().splitlines()[-1].split()[3])       # "smoke results in DIR (...)"
-    assert (scratch / "results" / "arith.md").exists() and str(scratch).startswith(tempfile.gettempdir())
-    assert tracked_results() == tracked                                   # benchmarks/results/ untouched
-    shutil.rmtree(scratch)
-
     cmd = [sys.executable, str(BENCH / "methods.py"), "--smoke", "--runs", str(tmp_path / "runs"),
            "--results", str(tmp_path / "res")]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    subprocess.run(cmd, check=True, capture_output=True, timeout=900)
     table = (tmp_path / "res" / "arith.md").read_text()
-    assert "| lora | 16,384 |" in table and "| nara |" in table and "The budget: LoRA" in table
-    for part in ("Figure 1 (gain over the base", "Figure 1 (gain relative", "Figure 3",
-                 "Learning-rate sweep"):
+    assert "| lora | 16,384 |" in table and "| nara |" in table and "Learning-rate sweep" in table
+    for part in ("Figure 1 on the validation rows (gain over the base", "(gain relative", "Figure 3",
+                 "per-token CE | − lora's", "on commit(s) "):
         assert part in table
-    for name in ("arith_figure1.csv", "arith_figure1_relative.csv", "arith_figure3.csv", "arith.json"):
-        assert (tmp_path / "res" / name).exists()
+    ablations = (tmp_path / "res" / "arith-ablations.md").read_text()
+    rows = [line.split(" | ")[0][2:] for line in ablations.split("\n\n")[3].splitlines()[2:]]
+    assert rows == ["lora", "nara", "nara --stage1 0.5"]               # paired with group a's LoRA
+    chosen = json.loads((tmp_path / "res" / "arith.json").read_text())["lr"]
+    assert f"| nara --stage1 0.5 | 166,660 | {chosen['nara']:g} |" in ablations
     records = sorted((tmp_path / "res" / "runs").rglob("*seed*.json"))
-    assert len(records) == 7        # budget ladder 4, 8; sweep 2 arms x 2 rates (lora's 4 shared); seed 1
-    stamp = [r.stat().st_mtime for r in records]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)      # a second call reuses every record
-    assert [r.stat().st_mtime for r in records] == stamp
-    seed1 = next(r for r in records if r.name.endswith("seed1.json") and r.parent.name == "nara")
-    body = json.loads(seed1.read_text())
-    body["settings"]["train"][1] = "3"                                     # recorded under other settings
-    seed1.write_text(json.dumps(body))
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-    assert json.loads(seed1.read_text())["settings"]["train"][1] == "4"    # so run again, not reused
+    assert len(records) >= 7            # sweep 2 arms x 2 rates (+ widening), seed 1 x 2, the ablation arm
+    body = json.loads(records[0].read_text())
+    assert len(body["fingerprint"]) == 16 and body["commit"] and set(body["base_curve"]) == set(body["curve"])
+    assert tracked_results() == tracked                                   # benchmarks/results/ untouched
 
-    chosen = json.loads((tmp_path / "res" / "arith.json").read_text())["lr"]["nara"]
-    arms = ["--arm", "nara", "--arm", "nara --stage1 0.5"]
-    subprocess.run(cmd + ["--lr-from", "nara", "--seeds", "1", *arms, "--name", "abl"], check=True,
-                   capture_output=True, timeout=600)
-    table = (tmp_path / "res" / "abl.md").read_text()
-    command = "python benchmarks/methods.py --task arith --name abl --lr-from nara --seeds 1 --smoke --arm"
-    assert f"`{command}" in table
-    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:3] for line in table.splitlines()
-            if line.startswith("| nara")}
-    assert rows["nara"] == rows["nara --stage1 0.5"] == [rows["nara"][0], f"{chosen:g}"]
-    assert "| lora |" not in table
-    assert len(sorted((tmp_path / "res" / "runs").rglob("*seed*.json"))) == 8    # nara's seed 0 reused
-    bad = subprocess.run(cmd + ["--lr-from", "dora"], capture_output=True, text=True, timeout=600)
-    assert bad.returncode != 0 and "no learning rate for dora" in bad.stderr
+    stamp = {r: r.stat().st_mtime for r in records}
+    subprocess.run(cmd, check=True, capture_output=True, timeout=900)      # a second call reuses every record
+    assert {r: r.stat().st_mtime for r in records} == stamp
+    seed1 = next(r for r in records if r.name.endswith("seed1.json") and r.parent.name == "nara")
+    kept = json.loads(seed1.read_text())
+    seed1.write_text(json.dumps({**kept, "fingerprint": "0" * 16}))      # the numerics changed since
+    subprocess.run(cmd + ["--groups", "a"], check=True, capture_output=True, timeout=900)
+    assert json.loads(seed1.read_text())["fingerprint"] == kept["fingerprint"]
+    assert [r for r in records if r.stat().st_mtime != stamp[r]] == [seed1]   # only that one ran again
+
+    seed1.unlink()
+    before = time.time()
+    report = subprocess.run(cmd + ["--report"], capture_output=True, text=True, timeout=900, check=True)
+    assert "group a (arith): not complete, no record for arith nara lr" in report.stdout
+    assert "group e" not in report.stdout                                # its own runs are all in
+    assert (tmp_path / "res" / "arith-ablations.md").stat().st_mtime >= before          # rewritten
+    bad = subprocess.run(cmd + ["--groups", "az"], capture_output=True, text=True, timeout=900)
+    assert bad.returncode != 0 and "no group 'z'" in bad.stderr
+
+
+def test_a_free_worker_goes_to_the_first_group_waiting():
+    sys.path.insert(0, str(BENCH))
+    import threading
+    import methods
+    slots, order, started = methods.Slots(1), [], []
+
+    def job(key):
+        started.append(key)
+        with slots.take(key):
+            order.append(key)
+    with slots.take((0,)):                             # the only worker is busy while three jobs queue up
+        threads = [threading.Thread(target=job, args=(k,)) for k in ((5, 1), (2, 0), (5, 0))]
+        for t in threads:
+            t.start()
+        while len(started) < 3 or len(slots.waiting) < 3:
+            threading.Event().wait(0.01)
+    for t in threads:
+        t.join()
+    assert order == [(2, 0), (5, 0), (5, 1)]
 
 
 def test_methods_refuses_a_protocol_that_would_skip_items(tmp_path, monkeypatch):
