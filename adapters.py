@@ -20,7 +20,7 @@ import baselines
 import nara
 import prompts
 from checkpoint import check_keys
-from model import Linear
+from model import LLaDA, Linear
 
 METHODS = ("lora", "nara", "nara-c", "multi-lora", "hira", "dora", "nara-dora", "prompt-tuning", "p-tuning")
 NOISE_AWARE = ("nara", "multi-lora", "nara-dora")      # their update depends on λ
@@ -210,7 +210,7 @@ def add_flags(ap):
     ap.add_argument("--alpha", type=float, default=None, help="LoRA alpha, s = alpha/r (default: s = 1)")
     ap.add_argument("--eta", type=float, default=0.1, help="NaRA core scale η")
     ap.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapters' input")
-    ap.add_argument("--targets", default=",".join(nara.TARGETS), help="comma-separated layer names")
+    ap.add_argument("--targets", default=",".join(nara.TARGETS), help="comma-separated layer names (default: %(default)s)")
     ap.add_argument("--bins", type=int, default=5, help="Multi-LoRA noise bins K")
     ap.add_argument("--embedding", default="fourier", choices=("fourier", "mlp", "raw"),
                     help="NaRA: λ embedding")
@@ -245,7 +245,7 @@ def check_flags(args):
             flag = "--" + {"r": "adapter-rank"}.get(name, name.replace("_", "-"))
             raise ValueError(f"{flag} must be at least 1, got {getattr(args, name)}")
     for flag, ok, what in (("--dropout", 0 <= args.dropout < 1, "in [0, 1)"),
-                           ("--eta", math.isfinite(args.eta), "finite"),
+                           ("--eta", math.isfinite(args.eta) and args.eta >= 0, "finite and >= 0"),
                            ("--stage1", 0 <= args.stage1 <= 1, "in [0, 1]")):
         if not ok:
             raise ValueError(f"{flag} must be {what}, got {getattr(args, flag[2:])}")
@@ -267,6 +267,13 @@ def check_flags(args):
         raise ValueError(f"--freeze {args.freeze}: leaves nothing of {args.method} to train")
     if not all(args.targets.split(",")):
         raise ValueError(f"--targets {args.targets!r}: give comma-separated layer names")
+
+
+def check_on_meta(config, method, options):
+    """add_adapters on a weightless copy of the model (the meta device): a bad --targets or adapter option
+    fails in a second, before an 8B model loads. The random streams are left as they were."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        add_adapters(LLaDA(config), method, verbose=False, **options)
 
 
 def from_flags(args, tok):

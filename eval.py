@@ -33,9 +33,8 @@ import interop
 from figures import noise_report, write_noise
 from model import LLaDA
 from sandbox import SandboxUnavailable, run_untrusted, why_unavailable
-from tasks import (LABELS, TASKS, answer_all, choose_by_likelihood, completion_code, extract,
-                   is_correct, load_items,
-                   load_tokenizer)
+from tasks import (LABELS, TASKS, answer_all, choose_by_likelihood, completion_code, extract, gen_defaults,
+                   is_correct, load_items, load_tokenizer)
 
 HERE = Path(__file__).resolve().parent
 
@@ -54,15 +53,20 @@ def parse_args(argv):
     ap.add_argument("--adapter", action="append",
                     help="adapter directory: ours, PEFT's or the authors' (repeatable; `none`: the base "
                          "alone; default: the newest runs/default*/adapter)")
-    ap.add_argument("--task", default="arith", choices=(*TASKS, *SUITES),
+    ap.add_argument("--task", default=None, choices=(*TASKS, *SUITES),
                     help="a test set and its scoring rule, or a whole table of the paper: commonsense, math, "
-                         "code")
-    ap.add_argument("--data", default=None, help="test file; for a table, the folder holding <set>/test.json "
-                    "(default data/llm-adapters/dataset; code: data/code)")
+                         "code (default: arith on the bundled test without --data; with --data, auto: a "
+                         "numeric answer by the last number, any other by normalised exact match)")
+    ap.add_argument("--data", default=None, help="test file, e.g. a run's held-out RUN/val.json; for a "
+                    "table, the folder holding <set>/test.json (default: data/arith/test.json for arith; "
+                    "data/llm-adapters/dataset for a table; code: data/code)")
     ap.add_argument("--limit", type=int, default=None, help="score only the first N items of each set")
-    ap.add_argument("--gen-length", type=int, help="answer tokens (default 256; 16 for arith)")
-    ap.add_argument("--steps", type=int, help="sampling steps (default 256; 16 for arith)")
-    ap.add_argument("--block-length", type=int, help="semi-autoregressive block (default 8; 16 for arith)")
+    ap.add_argument("--gen-length", type=int, help="answer tokens (default 256; 16 for arith or the "
+                    "bundled model)")
+    ap.add_argument("--steps", type=int, help="sampling steps (default 256; 16 for arith or the bundled "
+                    "model)")
+    ap.add_argument("--block-length", type=int, help="semi-autoregressive block (default 8; 16 for arith or "
+                    "the bundled model)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the paper)")
     ap.add_argument("--remasking", default="low_confidence", choices=("low_confidence", "random"),
                     help="remasking rule")
@@ -79,10 +83,10 @@ def parse_args(argv):
                          "with resource limits only, at your own risk")
     ap.add_argument("--out", default="runs/eval", help="folder for the item JSONL, summaries and results.csv")
     args = ap.parse_args(argv)
-    small = args.task == "arith"
-    args.gen_length = args.gen_length or (16 if small else 256)
-    args.steps = args.steps or (16 if small else 256)
-    args.block_length = args.block_length or (16 if small else 8)
+    args.task = args.task or ("auto" if args.data else "arith")
+    small = args.task == "arith" or Path(args.model).resolve() == (HERE / "data" / "base").resolve()
+    for k, v in gen_defaults(small).items():
+        setattr(args, k, getattr(args, k) or v)
     for name in ("limit", "gen_length", "steps", "block_length", "batch_size", "mc_num"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -95,8 +99,10 @@ def parse_args(argv):
         raise ValueError(f"--mc scores the commonsense label sets, not --task {args.task}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a file, not a folder")
-    if args.data is None and small:
+    if args.data is None and args.task == "arith":
         args.data = str(HERE / "data" / "arith" / "test.json")
+    own = args.data and Path(args.data).resolve() != (HERE / "data" / "arith" / "test.json").resolve()
+    args.name = Path(args.data).name.split(".")[0] if own and args.task not in SUITES else args.task
     if args.adapter is None:
         runs = sorted(Path("runs").glob("default*/adapter"), key=lambda p: p.stat().st_mtime)
         if not (runs and small):
@@ -155,12 +161,11 @@ def main(argv=None):
         if noise:
             curves[name], sizes[name] = noise_report(model, tok, items[sets[0]], adapter=i > 0)
         if not args.noise_curve:
-            table[name] = {t: score(name, "base" if i == 0 else adapters[i - 1], model, tok,
-                                    t, test_file(t, args),
-                                    items[t], args, out) for t in sets}
+            table[name] = {t: score(name, "base" if i == 0 else adapters[i - 1], model, tok, t,
+                                    test_file(t, args), items[t], args, out) for t in sets}
         del model
     if noise:
-        write_noise(curves, {n: v for n, v in sizes.items() if v is not None}, out)
+        write_noise(curves, {n: v for n, v in sizes.items() if v is not None}, out, args.name)
     if args.task in SUITES and not args.noise_curve:
         rows = [f"| model | {' | '.join(sets)} | avg |", "|---" * (len(sets) + 2) + "|"]
         rows += [f"| {n} | " + " | ".join(f"{100 * table[n][t]:.1f}" for t in sets)
@@ -192,15 +197,16 @@ def score(name, adapter, model, tok, task, data, items, args, out):
         records.append({"prompt": it["prompt"], "generation": g, "extracted": pred, "gold": it["gold"],
                         "correct": (pred == "pass") if "tests" in it else is_correct(task, pred, it["gold"])})
     acc = sum(r["correct"] for r in records) / len(records)
-    with open(out / f"{task}-{name}.jsonl", "w") as f:
+    label = args.name if args.task not in SUITES else task           # results are named after the data
+    with open(out / f"{label}-{name}.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     summary = {"task": task, "data": str(data), "model": args.model, "adapter": adapter, "accuracy": acc,
                "correct": sum(r["correct"] for r in records), "items": len(records), "mc": args.mc,
                **gen, "batch_size": args.batch_size, "wall_s": round(time.time() - t0, 1)}
-    (out / f"{task}-{name}.summary.json").write_text(json.dumps(summary, indent=2))
+    (out / f"{label}-{name}.summary.json").write_text(json.dumps(summary, indent=2))
     append_result(out / "results.csv", summary)
-    print(f"{task}: {name}: accuracy {100 * acc:.1f} % ({summary['correct']}/{len(records)}) -> "
-          f"{out / task}-{name}.jsonl")
+    print(f"{label}: {name}: accuracy {100 * acc:.1f} % ({summary['correct']}/{len(records)}) -> "
+          f"{out / label}-{name}.jsonl")
     return acc
 
 

@@ -50,7 +50,7 @@ def update_magnitude(model, lams):
         cores = [(C - torch.eye(C.shape[-1], device=C.device)).norm().item()
                  for C in (nara.first_sequence(cond[k]) for k in model.noise_nets)]
         deltas = [(m.merged_weight(cond) - m.weight.float()).norm().item() for m in layers]
-        out[lam] = (sum(cores) / len(cores) if cores else None, sum(deltas) / max(1, len(deltas)))
+        out[lam] = (sum(cores) / len(cores) if cores else None, sum(deltas) / len(deltas) if deltas else None)
     return out
 
 
@@ -64,9 +64,10 @@ def noise_report(model, tok, items, adapter):
     return curve, update_magnitude(model, LAMS) if adapter else None
 
 
-def write_noise(curves, sizes, out):
+def write_noise(curves, sizes, out, name):
     """The table of Figure 1 (loss per masked token by λ) and Figure 3 (update sizes), printed with its
-    legend, as noise_curve.csv and, with matplotlib, noise_curve.png."""
+    legend, as <name>-noise_curve.csv and, with matplotlib, <name>-noise_curve.png."""
+    csv_file, png = out / f"{name}-noise_curve.csv", out / f"{name}-noise_curve.png"
     header = ["λ"] + [f"loss {n}" for n in curves] + [f"{k} {n}" for n in sizes for k in ("‖C−I‖", "‖ΔW‖")]
     lines = [[lam] + [curves[n][lam] for n in curves] + [v for n in sizes for v in sizes[n][lam]]
              for lam in LAMS]
@@ -78,15 +79,15 @@ def write_noise(curves, sizes, out):
     print("loss: cross-entropy per masked answer token with a fraction λ of the answer masked (Figure 1); "
           "‖C−I‖: NaRA's core C(λ) minus the identity, Frobenius norm, averaged over hypernetworks; ‖ΔW‖: "
           "each adapted layer's update at λ, Frobenius norm, averaged over layers (Figure 3); - = the method "
-          "has no core")
-    with open(out / "noise_curve.csv", "w", newline="") as f:
+          "has no core (or, for ‖ΔW‖, no weight update)")
+    with open(csv_file, "w", newline="") as f:
         csv.writer(f).writerows([["lambda"] + header[1:]] + lines)
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return print(f"wrote {out / 'noise_curve.csv'} (pip install matplotlib for a plot)")
+        return print(f"wrote {csv_file} (pip install matplotlib for a plot)")
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for n in curves:
         ax.plot(LAMS, [curves[n][l] for l in LAMS], marker="o", label=n)
@@ -94,6 +95,6 @@ def write_noise(curves, sizes, out):
     ax.set_ylabel("CE per masked token")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "noise_curve.png", dpi=120)
+    fig.savefig(png, dpi=120)
     plt.close(fig)
-    print(f"wrote {out / 'noise_curve.csv'} and {out / 'noise_curve.png'}")
+    print(f"wrote {csv_file} and {png}")

@@ -26,22 +26,29 @@ from tasks import accuracy, load_items, read_records
 RESUMABLE = ("out", "resume", "stop_at", "test", "grad_checkpointing")
 
 
-def add_flags(ap, recipe):
+def add_flags(ap, recipe, bundled):
     """train.py's flags but the adapters' (adapters.add_flags): data, schedule, run directory, device."""
-    ap.add_argument("--model", help="LLaDA directory (or a hub id, with huggingface_hub and a network)")
-    ap.add_argument("--data", help="LLM-Adapters .json, GSM8K-style .jsonl or CodeFeedback-style .json")
-    ap.add_argument("--test", help="held-out LLM-Adapters .json scored by generation at the end")
-    ap.add_argument("--max-length", type=int, help=f"prompt + answer tokens (recipe: {recipe.max_length})")
-    ap.add_argument("--val-size", type=int, help=f"examples held out (recipe: {recipe.val_size})")
-    ap.add_argument("--eval-every", type=int, help=f"validate every N updates (recipe: {recipe.eval_every})")
-    ap.add_argument("--lr", type=float, help=f"peak learning rate (recipe: {recipe.lr})")
-    ap.add_argument("--epochs", type=float, help=f"passes over the data (recipe: {recipe.epochs})")
+    both = lambda k: f"(recipe: {getattr(recipe, k)}; bundled run: {getattr(bundled, k)})"  # noqa: E731
+    ap.add_argument("--model", help="LLaDA directory (or a hub id, with huggingface_hub and a network); "
+                    "default: the bundled miniature data/base, with the bundled run's settings")
+    ap.add_argument("--data", help="LLM-Adapters .json, GSM8K-style .jsonl or CodeFeedback-style .json "
+                    "(required with --model; default: the bundled data/arith/train.json)")
+    ap.add_argument("--test", help="held-out file scored by generation at the end: a numeric answer by the "
+                    "last number, any other by normalised exact match (default: data/arith/test.json "
+                    "with the bundled data, else none)")
+    ap.add_argument("--max-length", type=int, help=f"prompt + answer tokens {both('max_length')}")
+    ap.add_argument("--val-size", type=int, help="examples held out, written to RUN/val.json "
+                    f"{both('val_size')}")
+    ap.add_argument("--eval-every", type=int, help=f"validate every N updates {both('eval_every')}")
+    ap.add_argument("--lr", type=float, help=f"peak learning rate {both('lr')}")
+    ap.add_argument("--epochs", type=float, help=f"passes over the data {both('epochs')}")
     ap.add_argument("--max-updates", type=int, help="stop after this many updates (overrides --epochs)")
-    ap.add_argument("--batch-size", type=int, help=f"sequences per micro-batch (recipe: {recipe.batch_size})")
+    ap.add_argument("--batch-size", type=int, help=f"sequences per micro-batch {both('batch_size')}")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (authors: 1 x 32)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (data split, order, masks, init)")
     ap.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
-    ap.add_argument("--out", help="run directory (default runs/<data name>-<method>, or runs/default)")
+    ap.add_argument("--out", help="run directory (default: runs/<data name>-<method>, or runs/default for "
+                    "the bundled run; -2, -3, ... when taken)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     ap.add_argument("--stop-at", type=int, default=None,
                     help="stop after this update, as if killed (time-boxed jobs)")
@@ -64,7 +71,7 @@ def check_flags(args, name):
         if path and not Path(path).exists():
             raise ValueError(f"{what} {path}: {what[2:]} file not found")
     if args.test:
-        load_items("arith", args.test)                  # a bad test file fails now, not after training
+        load_items("auto", args.test)                   # a bad test file fails now, not after training
     if args.device is not None:
         try:
             device = torch.device(args.device)
@@ -198,11 +205,18 @@ def restore(out, model, opt, sched, device, rank, method):
     torch.set_rng_state(ck["rng"].cpu())
     if device.type == "cuda" and ck["cuda_rng"].numel():
         torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), device)
+    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+    lines = [line for line in lines if json.loads(line)["step"] <= ck["step"]]
     if rank == 0:                                     # forget the metrics of updates after the checkpoint
-        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines
-                                                   if json.loads(line)["step"] <= ck["step"]))
-    return ck["step"], ck["best"]
+        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    return ck["step"], ck["best"], json.loads(lines[-1])["elapsed_s"] if lines else 0.0
+
+
+def write_heldout(file, data, index):
+    """The held-out records, as they are in --data, in validation order: `eval.py --data RUN/val.json`."""
+    rows = read_records(data)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(file, lambda tmp: Path(tmp).write_text(json.dumps([rows[i] for i in index], indent=1)))
 
 
 def log(out, record, line, show):
@@ -239,20 +253,21 @@ def finish(world, params, device, say):
         torch.distributed.destroy_process_group()         # no rank waits in a barrier while rank 0 reports
 
 
-def report(model, tok, args, adapter):
-    """Held-out accuracy of the base model and of the fine-tuned one: the same model in memory, with its
-    adapters bypassed for the base (adapters.base_only), so no second copy is ever loaded."""
-    examples = read_records(args.test, "test")
+def report(model, tok, args, adapter, gen):
+    """Held-out accuracy of the base model and of the fine-tuned one on --test (tasks.load_items' "auto"
+    rule, as eval.py scores it): the same model in memory, with its adapters bypassed for the base
+    (adapters.base_only), so no second copy is ever loaded."""
+    items = load_items("auto", args.test)
     try:
-        tuned, _ = accuracy(model.eval(), tok, examples)
+        tuned, _ = accuracy(model.eval(), tok, items, **gen)
         with adapters.base_only(model):
-            plain, _ = accuracy(model, tok, examples)
+            plain, _ = accuracy(model, tok, items, **gen)
     except torch.cuda.OutOfMemoryError:
         raise ValueError(f"out of GPU memory while scoring --test; the adapter is saved in {adapter}: "
                          f"score it with python eval.py --model {args.model} --adapter {adapter} --data "
                          f"{args.test} --batch-size 4") from None
-    print(f"held-out accuracy on {len(examples)} items: base {100 * plain:.1f} % -> {args.method} "
-          f"{100 * tuned:.1f} %")
+    print(f"held-out accuracy on {len(items)} items of {Path(args.test).name}: base {100 * plain:.1f} % -> "
+          f"{args.method} {100 * tuned:.1f} %")
 
 
 def cli(main):

@@ -18,7 +18,7 @@ LABELS = {"boolq": "true|false", "piqa": "solution1|solution2", "social_i_qa": "
           "ARC-Easy": "answer[1-5]", "ARC-Challenge": "answer[1-5]", "openbookqa": "answer[1-5]",
           "hellaswag": "ending[1-4]", "winogrande": "option1|option2"}
 NUMERIC = ("AddSub", "MultiArith", "SingleEq", "SVAMP", "gsm8k", "arith")
-TASKS = (*LABELS, *NUMERIC, "AQuA", "gsm8k-jsonl", "humaneval", "mbpp")
+TASKS = ("auto", *LABELS, *NUMERIC, "AQuA", "gsm8k-jsonl", "humaneval", "mbpp")
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -67,24 +67,37 @@ def pad_sft(prompt, answer, length, eos_token_id):
 
 
 def sft_rows(tok, path, max_length, eos):
-    """The training file as padded SFT rows: ids (N, L), answer mask (N, L), and how many were skipped."""
+    """The training file as padded SFT rows: ids (N, L), answer mask (N, L), how many items were skipped
+    (longer than max_length), and the index in the file of each row kept. No usable row is an error."""
+    examples = load_examples(path)
     rows = [pad_sft(*sft_pair(tok, p, a, eos), max_length, eos)
-            for p, a in tqdm(load_examples(path), desc="tokenizing",
-                                                                                   leave=False, disable=None)]
-    kept = [r for r in rows if r is not None]
-    return torch.stack([r[0] for r in kept]), torch.stack([r[1] for r in kept]), len(rows) - len(kept)
+            for p, a in tqdm(examples, desc="tokenizing", leave=False, disable=None)]
+    kept = [i for i, r in enumerate(rows) if r is not None]
+    if not kept:
+        raise ValueError(f"{path}: no usable examples ({len(examples)} in the file"
+                         + (f", all longer than --max-length {max_length} tokens)" if examples else ")"))
+    return (torch.stack([rows[i][0] for i in kept]), torch.stack([rows[i][1] for i in kept]),
+            len(rows) - len(kept), kept)
+
+
+FORMATS = (("instruction", "output"), ("question", "answer"), ("query", "answer"))
+
+
+def prompt_of(row, key="instruction"):
+    """THE prompt of a record, for training, train.py's report and eval.py alike: its instruction (or
+    question, query), then its `input`, when it has one, after a blank line."""
+    return row[key] + (f"\n\n{row['input']}" if row.get("input") else "")
 
 
 def load_examples(path):
-    """[(instruction, output)] from an LLM-Adapters .json, a GSM8K-style or CodeFeedback-style file."""
+    """[(prompt, output)] from an LLM-Adapters .json, a GSM8K-style or CodeFeedback-style file."""
     out = []
     for i, row in enumerate(read_records(path)):
-        fields = next((f for f in (("instruction", "output"), ("question", "answer"), ("query", "answer"))
-                       if f[0] in row), ("instruction", "output"))
+        fields = next((f for f in FORMATS if f[0] in row), FORMATS[0])
         for f in fields:
             if not isinstance(row.get(f), str):
                 raise ValueError(f"{path}: item {i} has no string field {f!r}")
-        out.append((row[fields[0]] + (f"\n\n{row['input']}" if row.get("input") else ""), row[fields[1]]))
+        out.append((prompt_of(row, fields[0]), row[fields[1]]))
     return out
 
 
@@ -102,19 +115,32 @@ def extract(task, text):
     if task == "AQuA":
         m = re.search(r"\b[A-E]\b", text)
         return m.group(0) if m else None
-    return last_number(text)
+    return text.strip() if task == "auto" else last_number(text)
 
 
 def is_correct(task, pred, gold):
     if pred is None:
         return False
+    if task == "auto":                            # a number by the last number, anything else exactly
+        if numeric(gold):
+            return is_correct("arith", last_number(pred), gold)
+        return normalise(pred) == normalise(gold)
     if task in LABELS or task == "AQuA":
         return pred == str(gold).strip().lower() if task in LABELS else pred == str(gold).strip()
     return abs(pred - float(str(gold).replace(",", ""))) < 1e-3
 
 
-def math_correct(generation, answer):
-    return is_correct("arith", last_number(generation), answer)
+def normalise(text):
+    """For exact match: lower case, single spaces, no surrounding quotes or final full stop."""
+    return " ".join(str(text).lower().split()).strip("\"'`").rstrip(".!").strip()
+
+
+def numeric(gold):
+    try:
+        float(str(gold).strip().replace(",", ""))
+        return True
+    except ValueError:
+        return False
 
 
 # ---------------------------------------------------------------- test files
@@ -153,6 +179,8 @@ def load_items(task, path):
     rows = read_records(path, "test")
     need = {"gsm8k-jsonl": ("question", "answer"), "humaneval": ("prompt", "test", "entry_point"),
             "mbpp": ("text", "test_list")}.get(task, ("instruction", "answer"))
+    if task == "auto" and rows:                   # any training format with a gold `answer`
+        need = (next((f for f, _ in FORMATS if f in rows[0]), "instruction"), "answer")
     items = []
     for i, r in enumerate(rows):
         missing = [f for f in need if f not in r]
@@ -160,7 +188,7 @@ def load_items(task, path):
             raise ValueError(f"{path}: item {i} has no field {missing[0]!r} (expected for --task {task})")
         if task == "gsm8k-jsonl":
             gold = r["answer"].split("####")[-1].strip().replace(",", "")
-            items.append({"prompt": r["question"], "gold": gold})
+            items.append({"prompt": prompt_of(r, "question"), "gold": gold})
         elif task == "humaneval":             # the prompt's helpers are trusted; the entry point is judged
             items.append({"prompt": f"Complete the following Python function.\n```python\n{r['prompt']}```",
                           "code_prefix": r["prompt"], "gold": "pass", "setup": r["prompt"],
@@ -172,15 +200,14 @@ def load_items(task, path):
                           "code_prefix": "", "gold": "pass", "setup": setup, "tests": tests + "\n",
                           "names": called_names(tests, setup), "canonical": r.get("code")})
         else:
-            prompt = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
-            items.append({"prompt": prompt, "gold": r["answer"], "output": r.get("output")})
+            gold, output = r["answer"], r.get("output")
+            if need[0] != "instruction":          # a GSM8K-style row: the gold follows '#### '
+                gold, output = str(gold).split("####")[-1].strip(), gold
+            items.append({"prompt": prompt_of(r, need[0]), "gold": gold, "output": output})
         gold = str(items[-1]["gold"]).strip()
-        if task in NUMERIC or task == "gsm8k-jsonl":
-            try:
-                float(gold.replace(",", ""))
-            except ValueError:
-                raise ValueError(f"{path}: item {i} has the non-numeric answer {gold!r} (--task {task} "
-                                 "scores numbers)") from None
+        if task in NUMERIC and not numeric(gold):
+            raise ValueError(f"{path}: item {i} has the non-numeric answer {gold!r} (--task {task} scores "
+                             "numbers; --task auto scores any answer by normalised exact match)")
         elif ((task in LABELS and not re.fullmatch(LABELS[task], gold.lower()))
               or (task == "AQuA" and gold not in "ABCDE")):
             raise ValueError(f"{path}: item {i} has the answer {gold!r}, not one of --task {task}'s labels")
@@ -230,11 +257,19 @@ def answer_all(model, tok, prompts, gen_length=16, steps=16, block_length=16, ba
     return out
 
 
-def accuracy(model, tok, examples, **gen):
-    """Math-scored accuracy of LLM-Adapters examples (the default run's task)."""
-    generations = answer_all(model, tok, [e["instruction"] for e in examples], **gen)
-    correct = sum(math_correct(g, e["answer"]) for g, e in zip(generations, examples))
-    return correct / max(1, len(examples)), generations
+def gen_defaults(bundled):
+    """Answer length, steps and block of generation: short for the bundled miniature's tasks, the paper's
+    256 / 256 / 8 otherwise."""
+    return dict(gen_length=16, steps=16, block_length=16) if bundled else \
+        dict(gen_length=256, steps=256, block_length=8)
+
+
+def accuracy(model, tok, items, task="auto", **gen):
+    """Accuracy by generation of load_items' items under `task`'s rule (auto: the last number for a
+    numeric gold, normalised exact match otherwise), and the generations."""
+    generations = answer_all(model, tok, [it["prompt"] for it in items], **gen)
+    correct = sum(is_correct(task, extract(task, g), it["gold"]) for g, it in zip(generations, items))
+    return correct / max(1, len(items)), generations
 
 
 def choose_by_likelihood(model, tok, task, prompt, mc_num):

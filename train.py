@@ -25,8 +25,8 @@ import adapters
 import interop
 import runs
 from diffusion import sft_loss
-from model import LLaDA
-from tasks import load_tokenizer, sft_rows
+from model import LLaDA, LLaDAConfig
+from tasks import gen_defaults, load_tokenizer, sft_rows
 
 HERE = Path(__file__).resolve().parent
 
@@ -55,17 +55,19 @@ DEFAULT = Config(max_length=64, val_size=30, eval_every=20, lr=2e-3, epochs=60, 
 def parse_args(argv=None):
     """The flags (runs.py and adapters.py define them); RECIPE's values with --model, else DEFAULT's."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    runs.add_flags(ap, RECIPE)
+    runs.add_flags(ap, RECIPE, DEFAULT)
     adapters.add_flags(ap)
     args = ap.parse_args(argv)
     preset = DEFAULT if args.model is None else RECIPE
+    bundled = args.data is None or Path(args.data).resolve() == Path(DEFAULT.data).resolve()
     for k, v in vars(preset).items():
-        if getattr(args, k) is None:
+        if getattr(args, k) is None and not (k == "test" and not bundled):   # the test follows the data
             setattr(args, k, v)
     if args.data is None:
         ap.error("--data is required with --model")
     adapters.check_flags(args)
-    runs.check_flags(args, "default" if preset is DEFAULT else f"{Path(args.data).stem}-{args.method}")
+    name = "default" if preset is DEFAULT and bundled else f"{Path(args.data).stem}-{args.method}"
+    runs.check_flags(args, name)                                          # and --out's default: runs/<name>
     return args
 
 
@@ -89,9 +91,11 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     dtype = getattr(torch, args.dtype) if args.dtype else None            # default: bf16 on CUDA, else fp32
-    model = LLaDA.from_pretrained(model_dir, device=device, dtype=dtype)
-    tok, eos = load_tokenizer(model_dir), model.config.eos_token_id
-    ids, answer, skipped = sft_rows(tok, args.data, args.max_length, eos)   # (N, L), host memory
+    config = LLaDAConfig.from_json(Path(model_dir) / "config.json")
+    tok = load_tokenizer(model_dir)
+    options = adapters.from_flags(args, tok)
+    adapters.check_on_meta(config, args.method, options)                  # bad --targets fail before loading
+    ids, answer, skipped, kept = sft_rows(tok, args.data, args.max_length, config.eos_token_id)
     if len(ids) <= args.val_size:
         raise ValueError(f"--data {args.data}: {len(ids)} usable examples ({skipped} longer than "
                          f"--max-length {args.max_length}), not more than --val-size {args.val_size}")
@@ -100,8 +104,11 @@ def main(argv=None):
     n = args.val_size                                                     # the first n rows are held out
     val_ids, val_answer, ids, answer = ids[:n], answer[:n], ids[n:], answer[n:]
     say(f"data: {len(ids)} train, {n} held out, {skipped} skipped (longer than {args.max_length} tokens)")
+    if rank == 0:
+        runs.write_heldout(out / "val.json", args.data, [kept[i] for i in perm[:n].tolist()])
 
-    adapters.add_adapters(model, args.method, verbose=rank == 0, **adapters.from_flags(args, tok))
+    model = LLaDA.from_pretrained(model_dir, device=device, dtype=dtype)
+    adapters.add_adapters(model, args.method, verbose=rank == 0, **options)
     ablations.freeze(model, [p for p in args.freeze.split(",") if p])
     if args.warm_start:
         ablations.warm_start(model, args.warm_start)
@@ -116,10 +123,10 @@ def main(argv=None):
     g = torch.Generator().manual_seed(args.seed + 1)     # the order of every example the run will see
     epochs = math.ceil(total * per_update / len(ids)) + 1
     order = torch.cat([torch.randperm(len(ids), generator=g) for _ in range(epochs)])
-    step, best, saved_at = 0, math.inf, None
+    step, best, saved_at, before = 0, math.inf, None, 0.0
     stage1 = round(args.stage1 * total)                   # updates trained with C = I (two-stage training)
     if resume:
-        step, best = runs.restore(out, model, opt, sched, device, rank, args.method)
+        step, best, before = runs.restore(out, model, opt, sched, device, rank, args.method)
         saved_at = step
         say(f"resumed {out} at update {step}/{total}")
     ddp = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
@@ -150,12 +157,13 @@ def main(argv=None):
                 tokens += idx.numel() * ids.shape[1] * world
             runs.check_finite(loss_sum, step, out, saved_at)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
+            lr = sched.get_last_lr()[0]                   # the rate this update uses
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            record = {"step": step, "loss": loss_sum, "lr": sched.get_last_lr()[0],
-                      "tokens_per_s": tokens / (time.time() - t0), "elapsed_s": time.time() - t0}
+            record = {"step": step, "loss": loss_sum, "lr": lr, "tokens_per_s": tokens / (time.time() - t0),
+                      "elapsed_s": before + time.time() - t0}             # continued across --resume
             validate = step % args.eval_every == 0 or step == total
             if validate:
                 model.eval()
@@ -184,7 +192,8 @@ def main(argv=None):
         interop.save_adapter(model, out / "adapter")
         say(f"adapter saved to {out / 'adapter'} (best validation loss {best:.4f} in {out / 'best'})")
         if args.test:
-            runs.report(model, tok, args, out / "adapter")
+            small = Path(model_dir).resolve() == Path(DEFAULT.model).resolve()     # the bundled model
+            runs.report(model, tok, args, out / "adapter", gen_defaults(small))
     return model
 
 

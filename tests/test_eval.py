@@ -117,16 +117,16 @@ def test_cli_writes_complete_results(tiny, tmp_path, monkeypatch):
     (tmp_path / "t.json").write_text(json.dumps(data))
     monkeypatch.chdir(tmp_path)
     ev.main(["--model", "m", "--adapter", "a", "--task", "arith", "--data", "t.json", "--out", "res"])
-    summary = json.loads((tmp_path / "res" / "arith-base.summary.json").read_text())
+    summary = json.loads((tmp_path / "res" / "t-base.summary.json").read_text())   # named after the data
     for key in ("accuracy", "correct", "items", "gen_length", "steps", "block_length",
                 "temperature", "remasking",
                 "till_eos", "model", "adapter", "wall_s"):
         assert key in summary
     assert summary["items"] == 3
-    rows = [json.loads(l) for l in (tmp_path / "res" / "arith-base.jsonl").read_text().splitlines()]
+    rows = [json.loads(l) for l in (tmp_path / "res" / "t-base.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and set(rows[0]) == {"prompt", "generation", "extracted", "gold", "correct"}
     assert len((tmp_path / "res" / "results.csv").read_text().splitlines()) == 3   # header + base + adapter
-    assert len((tmp_path / "res" / "noise_curve.csv").read_text().splitlines()) == 11
+    assert len((tmp_path / "res" / "t-noise_curve.csv").read_text().splitlines()) == 11
 
 
 def test_multiple_choice_by_likelihood_picks_the_most_likely_label(tiny, monkeypatch):
@@ -168,8 +168,8 @@ def test_bad_eval_flags_are_named(tmp_path, extra, words):
 def test_bad_test_files_are_named_before_any_model_loads(tmp_path, rows, words):
     (tmp_path / "t.json").write_text(json.dumps(rows))
     with pytest.raises(ValueError, match=words):
-        ev.main(["--model", str(tmp_path / "no-model"), "--data",
-                 str(tmp_path / "t.json"), "--adapter", "none",
+        ev.main(["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "t.json"), "--task", "arith",
+                 "--adapter", "none",
                  "--out", str(tmp_path / "r")])
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="is a file, not a folder"):
@@ -191,7 +191,7 @@ def test_two_adapters_of_one_run_keep_their_own_results(tiny, tmp_path, monkeypa
     ev.main(argv)
     ev.main(argv)
     assert {p.name for p in (tmp_path / "res").glob("*.summary.json")} == {
-        "arith-base.summary.json", "arith-x-adapter.summary.json", "arith-x-best.summary.json"}
+        "t-base.summary.json", "t-x-adapter.summary.json", "t-x-best.summary.json"}
     lines = (tmp_path / "res" / "results.csv").read_text().splitlines()
     assert lines[0].split(",") == ev.FIELDS and len(lines) == 1 + 6 and lines.count(lines[0]) == 1
     (tmp_path / "res" / "results.csv").write_text("task,accuracy\narith,0.5\n")

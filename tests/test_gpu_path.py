@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 
 
-def recipe_dtypes(method="nara", b_scale=1.0, **kw):
+def recipe_dtypes(method="nara", b_scale=1.0, seed=0, **kw):
     """A tiny model as the recipe builds it on CUDA: bf16 base weights, fp32 adapters (B non-zero)."""
-    model = random_model().to(torch.bfloat16)
-    torch.manual_seed(3)
+    model = random_model(seed=seed).to(torch.bfloat16)
+    torch.manual_seed(3 + seed)
     adapters.add_adapters(model, method, r=4, verbose=False, dropout=0.0, **kw)
     with torch.no_grad():
         for m in model.modules():
@@ -46,13 +46,14 @@ def set_core(model, delta):
 
 
 # ------------------------------------------------------------------ bf16 and autocast
-def test_a_core_of_i_plus_1e_3_survives_bf16_in_the_layer_and_the_model():
-    """What the layer applies of C − I = 1e-3·D, as a share of what fp64 says it should apply."""
-    torch.manual_seed(0)
+def core_share(seed):
+    """What the first q_proj and the whole model apply of C − I = 1e-3·D in the recipe's dtypes, as the
+    slope of their output change regressed on fp64's (1 = all of it, 0 = rounded away)."""
+    torch.manual_seed(seed)
     lam, ids = torch.rand(32), torch.randint(0, 120, (32, 32))
     changes = {}
     for dtype in (torch.bfloat16, torch.float64):
-        model = recipe_dtypes()
+        model = recipe_dtypes(seed=seed)
         if dtype == torch.float64:
             model.double()
         out = {}
@@ -64,9 +65,17 @@ def test_a_core_of_i_plus_1e_3_survives_bf16_in_the_layer_and_the_model():
                 out[delta] = (layer(x, model.conditioning(lam)).double(),
                               model(ids, noise_level=lam).double())
         changes[dtype] = [a - b for a, b in zip(out[1e-3], out[0.0])]
-    for bf, exact in zip(changes[torch.bfloat16], changes[torch.float64]):
-        share = float((bf * exact).sum() / (exact * exact).sum())
-        assert 0.75 < share < 1.3, share                 # 0.00 when C is applied in bf16
+    return [float((bf * exact).sum() / (exact * exact).sum())
+            for bf, exact in zip(changes[torch.bfloat16], changes[torch.float64])]
+
+
+def test_a_core_of_i_plus_1e_3_survives_bf16_in_the_layer_and_the_model():
+    """C − I = 1e-3·D is below half a bf16 ulp of 1: the rank-2r path keeps it (0.00 when C is applied in
+    bf16). One seed's slope is noisy at that size (the signal is mostly rounding-dithered), so the mean
+    over seeds 0-5 is what must be near 1, for the layer and for the whole model."""
+    shares = [core_share(seed) for seed in range(6)]
+    for where, values in zip(("layer", "model"), zip(*shares)):
+        assert 0.85 < sum(values) / 6 < 1.15 and min(values) > 0.5, (where, values)
     layer, x = recipe_dtypes().transformer.blocks[0].q_proj, torch.randn(2, 5, 64, dtype=torch.bfloat16)
     C = torch.eye(4) + 1e-3 * torch.diag(torch.tensor([1.0, -1.0, 1.0, -1.0]))
     with torch.no_grad(), torch.autocast(**BF16):
@@ -262,7 +271,7 @@ def test_eval_and_the_training_report_hold_one_model_at_a_time(one_model_at_a_ti
     monkeypatch.chdir(tmp_path)
     model = train.main(["--out", str(tmp_path / "run"), "--test", short_test_file(tmp_path), *SHORT])
     assert len(one_model_at_a_time) == 1                                  # the report loads no second model
-    assert "held-out accuracy on 8 items: base" in capsys.readouterr().out
+    assert "held-out accuracy on 8 items of test.json: base" in capsys.readouterr().out
     del model
     adapter = str(tmp_path / "run" / "adapter")
     ev.main(["--adapter", adapter, "--adapter", adapter, "--limit", "2", "--out", str(tmp_path / "e")])
