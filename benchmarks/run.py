@@ -199,14 +199,18 @@ def saved_for_backward(model, fn):
             hooks.append(m.register_forward_pre_hook(lambda m, a, s=short: stack.append(s)))
             hooks.append(m.register_forward_hook(lambda m, a, o: (stack.pop(), None)[1]))
 
-    def pack(t):
+    held = []                        # every storage counted stays alive until the forward ends, so that no
+
+    def pack(t):                     # address is reused and a later tensor mistaken for a counted one
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
         if key not in seen:
             seen.add(key)
+            held.append(t)
             kept[(stack[-1], tuple(t.shape), str(t.dtype)[6:])] += key[1]
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
+    del held
     for h in hooks:
         h.remove()
     return kept
