@@ -6,11 +6,16 @@ Glossary (code -> paper)
     A, B             lora_A (r, d_in), kaiming-uniform(a=√5); lora_B (d_out, r), zero: ΔW = 0 at step 0
     C(λ), F_φ, e_λ   the r x r core I + η unvec F_φ(e_λ), one per sequence; F_φ = `Hypernetwork`, ONE
                      shared by every adapted layer, reached through cond = {"lam": λ, "nara": C(λ)}
-    lam (λ), eta, s  noise level of each sequence (t in training); core scale η = 0.1; s = alpha/r = 1
+    lam (λ), eta, s  noise level of each sequence (t in training); core scale η = 0.1; s = alpha/r (1 with
+                     alpha None, as the authors)
 
-Departure from the authors' code, on purpose: under bf16 autocast their ((x Aᵀ) M) Bᵀ rounds 1 + δ to 1
-for |δ| < 2⁻⁸, so a core near I never reaches the output; here the rank-r part after A x runs in fp32
-(`LoRALinear.update`): 2·r·d_out fp32 FLOPs per token, 0.8 % of the layer's at r = 32, d = 4096.
+Departure from the authors' code, on purpose: under bf16 autocast their ((x Aᵀ) M) Bᵀ casts the core to
+bf16, which holds a diagonal entry 1 + δ only to within its resolution around 1 (|δ| < 2⁻⁸ rounds to 1;
+off-diagonal entries near 0 keep their precision), so that part of C − I never reaches the output.
+Here, with bf16 activations, `LoRALinear.update` forms the small term a (C − I)ᵀ in fp32 and runs ONE
+bf16 matmul of rank 2r, [a, a (C − I)ᵀ] [B, B]ᵀ: the term meets B a in the matmul's fp32 accumulator.
+Measured cost against LoRA in BENCHMARKS.md (`python benchmarks/run.py`). In fp32 nothing is rounded
+and the path is the plain one.
 """
 import math
 
@@ -83,15 +88,21 @@ class LoRALinear(nn.Module):
         return self.lora_A, None, self.lora_B
 
     def update(self, x, cond):
-        """s · B C A x: (B, L, d_in) -> (B, L, d_out) in fp32 (x's dtype if wider). A x runs in x's dtype
-        (A is cast: r x d, cheap), the rank-r rest in fp32 with autocast off, so that C − I survives."""
+        """s · B C A x: (B, L, d_in) -> (B, L, d_out), a = A x in x's dtype. fp32: the rest in fp32. bf16:
+        [a, a (C − I)ᵀ] @ [sB, sB]ᵀ in one matmul, the small term formed in fp32 (a Cᵀ cast back to bf16
+        would round to a: a is a bf16 number, and a change below half its ulp is lost)."""
         A, C, B = self.factors(cond)
         a = checkpointed(cond, self.down, x, A.to(x.dtype))               # (B, L, r), x's dtype
         with torch.autocast(x.device.type, enabled=False):
-            a = a.to(torch.promote_types(a.dtype, torch.float32))
-            if C is not None:
-                a = a @ C.to(a.dtype).transpose(-1, -2)                   # (B, L, r) @ (B, r, r)
-            return (self.s * a) @ B.to(a.dtype).transpose(-1, -2)         # (B, L, d_out); s on the r side
+            if a.dtype.itemsize >= 4:                                     # fp32 (or fp64): all of it
+                if C is not None:
+                    a = a @ C.to(a.dtype).transpose(-1, -2)               # (B, L, r) @ (B, r, r)
+                return (self.s * a) @ B.to(a.dtype).transpose(-1, -2)     # (B, L, d_out); s on the r side
+            sB = self.s * B.float()                                       # (d_out, r) or (B, d_out, r)
+            if C is not None:                                             # a (C − I)ᵀ in fp32: (B, L, r)
+                small = a.float() @ (C.float() - torch.eye(C.shape[-1], device=C.device)).transpose(-1, -2)
+                a, sB = torch.cat([a, small.to(a.dtype)], -1), torch.cat([sB, sB], -1)   # rank 2r
+            return a @ sB.to(a.dtype).transpose(-1, -2)                   # (B, L, d_out), x's dtype
 
     def down(self, x, A):
         """A dropout(x), recomputed in backward when training: q, k, v keep one shared input, no masks."""

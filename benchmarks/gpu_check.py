@@ -10,8 +10,9 @@ CUDA some reductions are not deterministic), `eval.py` (the default table), `eva
 `eval.py --task humaneval --limit 2` and `torchrun --nproc_per_node=1 train.py`.
 Part 2 writes a random checkpoint at LLaDA-8B's shapes in the released layout and measures loading
 (host RSS, time), bf16 forwards, LoRA/NaRA training steps with and without activation checkpointing,
-the recipe's 32-sequence update in several layouts, what NaRA's fp32 rank-r path costs against the
-rank-r product in bf16 (the authors' autocast path) and how much of C − I = 1e-3·D each applies, and
+the recipe's 32-sequence update in several layouts, what NaRA's rank-2r path (nara.py) and the fp32
+rank-r path it replaced cost against the rank-r product in bf16 (the authors' autocast path) and how
+much of C − I = 1e-3·D each applies (benchmarks/variants.py), and
 a sampling step of the paper's GSM8K setting next to the base's. FLOP utilisation counts the work of
 a frozen-base adapter step: forward + input-gradient backward = 4 x 8.0 GFLOP per token.
 The report is rewritten after every row, so a run stopped by a time limit keeps what it measured.
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import adapters  # noqa: E402
 import nara  # noqa: E402
+from variants import AuthorsPathNaRA, Fp32PathNaRA, use  # noqa: E402  (the reference paths)
 from checkpoint import config_json, released_shard  # noqa: E402
 from diffusion import sft_loss  # noqa: E402
 from model import LLaDA, LLaDAConfig  # noqa: E402
@@ -151,14 +153,6 @@ def timed(fn, device, repeats=5):
     return sorted(times)[len(times) // 2]
 
 
-class AuthorsPathNaRA(nara.NaRALinear):
-    """The rank-r product in the activations' dtype, as the authors' autocast runs it."""
-    def forward(self, x, cond=None):
-        A, C, B = (t.to(x.dtype) for t in self.factors(cond))
-        a = (self.dropout(x) @ A.T) @ C.transpose(-1, -2)
-        return torch.nn.functional.linear(x, self.weight).add_((self.s * a) @ B.T)
-
-
 def core_share(model, device, L):
     """How much of C − I = 1e-3·D the first q_proj applies in bf16, against fp64 (1 = all of it)."""
     layer, r = model.eval().transformer.blocks[0].q_proj, model.transformer.blocks[0].q_proj.r   # no dropout
@@ -231,20 +225,21 @@ def shapes(report, args, device, tiny):
         opt = None                                # freed before the next optimizer
         if method == "lora":
             adapters.merge(model, 0.5)
-    report.add("NaRA in bf16: share of C − I = 1e-3·D applied (fp32 rank-r path; 1 = all)",
-               f"{core_share(model, device, L):.3f}")
+    for name, cls in (("rank-2r path", nara.NaRALinear), ("fp32 rank-r path, before", Fp32PathNaRA),
+                      ("rank-r in bf16, authors'", AuthorsPathNaRA)):
+        report.add(f"NaRA in bf16: share of C − I = 1e-3·D applied ({name}; 1 = all)",
+                   f"{core_share(use(model, cls), device, L):.3f}")
+    use(model, nara.NaRALinear)
     # the recipe's update: 32 sequences of length L with NaRA, as one batch or as accumulated micro-batches
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     answer = torch.arange(L, device=device)[None] >= L // 4                    # prompt = first quarter
     layouts = ((1, True, True), (4, True, True), (8, True, True), (32, True, True),
                (8, False, True), (32, False, True),
-               (32, False, False), (32, False, "authors"))
+               (32, False, False), (32, False, "fp32"), (32, False, "authors"))
     for micro, ckpt, recompute in layouts:
         model.train().gradient_checkpointing = ckpt
         model.recompute = recompute is not False
-        for m in model.modules():   # the last layout: the rank-r product in bf16, as the authors'
-            if isinstance(m, nara.NaRALinear):
-                m.__class__ = AuthorsPathNaRA if recompute == "authors" else nara.NaRALinear
+        use(model, {"fp32": Fp32PathNaRA, "authors": AuthorsPathNaRA}.get(recompute, nara.NaRALinear))
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -258,7 +253,8 @@ def shapes(report, args, device, tiny):
             opt.step()
             opt.zero_grad(set_to_none=True)
         what = (f"recipe update 32 = {micro} x {32 // micro}, checkpointing={ckpt}, "
-                + ("rank-r path in bf16 (authors')" if recompute == "authors" else f"recompute={recompute}"))
+                + {"authors": "rank-r path in bf16 (authors')", "fp32": "fp32 rank-r path (before)"}.get(
+                    recompute, f"recompute={recompute}"))
         try:
             dt = timed(update, device, repeats=1 if micro == 1 else 2)
         except torch.cuda.OutOfMemoryError:

@@ -185,7 +185,8 @@ HOST_BY_DESIGN = {   # (file, function): why a tensor is made on the host there
     ("ablations.py", "make_embedding"): "the same, for the ablations' embeddings",
     ("baselines.py", "__init__"): "NaRA-C's P at construction, then moved with .to(device)",
     ("prompts.py", "__init__"): "Prompt Tuning draws its initial rows on the host, then moves them",
-    ("train.py", "main"): "the data split and order come from a CPU generator, whatever the device",
+    ("train.py", "main"): "the data order comes from a CPU generator, whatever the device",
+    ("runs.py", "split"): "the data split comes from a CPU generator, whatever the device",
     ("runs.py", "save_checkpoint"): "an empty CUDA RNG state on a CPU run",
 }
 
