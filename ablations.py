@@ -117,6 +117,13 @@ def identity_cores(model):
             del net.forward
 
 
+def apply(model, args):
+    """train.py's ablation switches on a model with adapters, in one call: --freeze and --warm-start."""
+    freeze(model, [p for p in args.freeze.split(",") if p])
+    if args.warm_start:
+        warm_start(model, args.warm_start)
+
+
 def freeze(model, parts):
     """Freeze parts of the adapters (the authors' train_a / train_b / train_mapper): any of "A", "B",
     "hypernetwork"."""

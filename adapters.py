@@ -271,9 +271,11 @@ def check_flags(args):
 
 def check_on_meta(config, method, options):
     """add_adapters on a weightless copy of the model (the meta device): a bad --targets or adapter option
-    fails in a second, before an 8B model loads. The random streams are left as they were."""
+    fails in a second, before an 8B model loads. The random streams are left as they were. Returns
+    `options`."""
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         add_adapters(LLaDA(config), method, verbose=False, **options)
+    return options
 
 
 def from_flags(args, tok):

@@ -20,7 +20,7 @@ import torch
 
 import adapters
 from checkpoint import atomic_write, read_json
-from tasks import accuracy, load_items, read_records
+from tasks import accuracy, load_items, read_records, sft_rows
 
 # what may change when a run is resumed
 RESUMABLE = ("out", "resume", "stop_at", "test", "grad_checkpointing")
@@ -212,11 +212,24 @@ def restore(out, model, opt, sched, device, rank, method):
     return ck["step"], ck["best"], json.loads(lines[-1])["elapsed_s"] if lines else 0.0
 
 
-def write_heldout(file, data, index):
-    """The held-out records, as they are in --data, in validation order: `eval.py --data RUN/val.json`."""
-    rows = read_records(data)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(file, lambda tmp: Path(tmp).write_text(json.dumps([rows[i] for i in index], indent=1)))
+def split(tok, args, eos, out, rank):
+    """--data as padded SFT rows, the first --val-size rows of a permutation seeded by --seed held out:
+    (train ids, train answer mask, held-out ids, held-out mask). The held-out records are written, as
+    they are in --data, to RUN/val.json (`eval.py --data RUN/val.json` scores or plots them)."""
+    ids, answer, skipped, kept = sft_rows(tok, args.data, args.max_length, eos)
+    n = args.val_size
+    if len(ids) <= n:
+        raise ValueError(f"--data {args.data}: {len(ids)} usable examples ({skipped} longer than "
+                         f"--max-length {args.max_length}), not more than --val-size {n}")
+    perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(args.seed))
+    if rank == 0:
+        print(f"data: {len(ids) - n} train, {n} held out, {skipped} skipped (longer than {args.max_length} "
+              "tokens)")
+        rows = read_records(args.data)
+        out.mkdir(parents=True, exist_ok=True)
+        held = [rows[kept[i]] for i in perm[:n].tolist()]
+        atomic_write(out / "val.json", lambda tmp: Path(tmp).write_text(json.dumps(held, indent=1)))
+    return ids[perm[n:]], answer[perm[n:]], ids[perm[:n]], answer[perm[:n]]
 
 
 def log(out, record, line, show):

@@ -26,7 +26,7 @@ import interop
 import runs
 from diffusion import sft_loss
 from model import LLaDA, LLaDAConfig
-from tasks import gen_defaults, load_tokenizer, sft_rows
+from tasks import gen_defaults, load_tokenizer
 
 HERE = Path(__file__).resolve().parent
 
@@ -91,27 +91,13 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     dtype = getattr(torch, args.dtype) if args.dtype else None            # default: bf16 on CUDA, else fp32
-    config = LLaDAConfig.from_json(Path(model_dir) / "config.json")
-    tok = load_tokenizer(model_dir)
-    options = adapters.from_flags(args, tok)
-    adapters.check_on_meta(config, args.method, options)                  # bad --targets fail before loading
-    ids, answer, skipped, kept = sft_rows(tok, args.data, args.max_length, config.eos_token_id)
-    if len(ids) <= args.val_size:
-        raise ValueError(f"--data {args.data}: {len(ids)} usable examples ({skipped} longer than "
-                         f"--max-length {args.max_length}), not more than --val-size {args.val_size}")
-    perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(args.seed))
-    ids, answer = ids[perm], answer[perm]
-    n = args.val_size                                                     # the first n rows are held out
-    val_ids, val_answer, ids, answer = ids[:n], answer[:n], ids[n:], answer[n:]
-    say(f"data: {len(ids)} train, {n} held out, {skipped} skipped (longer than {args.max_length} tokens)")
-    if rank == 0:
-        runs.write_heldout(out / "val.json", args.data, [kept[i] for i in perm[:n].tolist()])
+    config, tok = LLaDAConfig.from_json(Path(model_dir) / "config.json"), load_tokenizer(model_dir)
+    options = adapters.check_on_meta(config, args.method, adapters.from_flags(args, tok))   # before loading
+    ids, answer, val_ids, val_answer = runs.split(tok, args, config.eos_token_id, out, rank)   # host memory
 
     model = LLaDA.from_pretrained(model_dir, device=device, dtype=dtype)
     adapters.add_adapters(model, args.method, verbose=rank == 0, **options)
-    ablations.freeze(model, [p for p in args.freeze.split(",") if p])
-    if args.warm_start:
-        ablations.warm_start(model, args.warm_start)
+    ablations.apply(model, args)                          # --freeze, --warm-start
     model.gradient_checkpointing = args.grad_checkpointing
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05, eps=1e-8)
