@@ -206,7 +206,8 @@ def cond_at(model, lam, density=None):
 # ---------------------------------------------------------------- train.py's flags for all of the above
 def add_flags(ap):
     ap.add_argument("--method", default="nara", choices=METHODS, help="adapter method")
-    ap.add_argument("--adapter-rank", dest="r", type=int, help="adapter rank r (recipe: 32)")
+    ap.add_argument("--adapter-rank", dest="r", type=int,
+                    help="adapter rank r (recipe: 32; bundled run: 8)")
     ap.add_argument("--alpha", type=float, default=None, help="LoRA alpha, s = alpha/r (default: s = 1)")
     ap.add_argument("--eta", type=float, default=0.1, help="NaRA core scale η")
     ap.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapters' input")

@@ -21,7 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import adapters  # noqa: E402
 import interop  # noqa: E402
-import nara  # noqa: E402
 from variants import AuthorsPathNaRA, Fp32PathNaRA, use  # noqa: E402  (the reference paths)
 from diffusion import generate, sft_loss  # noqa: E402
 from model import LLaDA, LLaDAConfig, Linear  # noqa: E402
@@ -204,9 +203,9 @@ def saved_for_backward(model, fn):
             hooks.append(m.register_forward_pre_hook(lambda m, a, s=short: stack.append(s)))
             hooks.append(m.register_forward_hook(lambda m, a, o: (stack.pop(), None)[1]))
 
-    held = []                        # every storage counted stays alive until the forward ends, so that no
+    held = []     # each counted storage stays alive until the forward ends: no address of it is reused
 
-    def pack(t):                     # address is reused and a later tensor mistaken for a counted one
+    def pack(t):
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
         if key not in seen:
             seen.add(key)
@@ -215,7 +214,7 @@ def saved_for_backward(model, fn):
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    del held
+    held.clear()
     for h in hooks:
         h.remove()
     return kept
@@ -340,10 +339,10 @@ def main():
         "Ratios of medians, variants interleaved; absolute times are this machine's and noisy.", "",
         "## Adapted layer: forward + backward, 4096 x 4096, 512 tokens in 4 sequences (one λ each), r = 32, "
         f"{str(dtype)[6:]}", "", *layer, "",
-        f"## Training step: a small LLaDA (d 512, 4 layers), 4 sequences x 128 tokens, r = 32, {str(dtype)[6:]} "
-        "base" + (" under bf16 autocast" if dtype == torch.bfloat16 else "") + ", fp32 adapters", "",
-        *step, "", "## Sampling step: one denoising forward, same model and dtypes, 4 x 128 tokens", "", *samp,
-        "",
+        "## Training step: a small LLaDA (d 512, 4 layers), 4 sequences x 128 tokens, r = 32, "
+        f"{str(dtype)[6:]} base" + (" under bf16 autocast" if dtype == torch.bfloat16 else "") + ", fp32 adapters", "",
+        *step, "", "## Sampling step: one denoising forward, same model and dtypes, 4 x 128 tokens", "",
+        *samp, "",
         f"## Early termination: 30 bundled questions, gen 64, block 8, 64 steps, {which}", "", *early, "",
         "## Size at LLaDA-8B (docs/methods.md)", "", *size_table(), "",
         "## The LM head only where it is read: LLaDA's vocabulary (126,464), a small model, 4 sequences, "
@@ -360,8 +359,8 @@ def main():
         "## Goals", "",
         f"- NaRA / LoRA, adapted layer forward + backward ({str(dtype)[6:]}): {lt['nara'] / lt['lora']:.3f} "
         "(goal <= 1.02)",
-        f"- NaRA / LoRA per training step: {st['nara'] / st['lora']:.3f} (goal <= 1.02); the fp32 rank-r path "
-        f"it replaced: {st[FP32] / st['lora']:.3f}",
+        f"- NaRA / LoRA per training step: {st['nara'] / st['lora']:.3f} (goal <= 1.02); the fp32 rank-r "
+        f"path it replaced: {st[FP32] / st['lora']:.3f}",
         f"- NaRA / LoRA per sampling step: {sp['nara'] / sp['lora']:.3f} (goal <= 1.02)",
         "- Recomputing norms, SiLU and dropout / keeping them, training step on this CPU: "
         f"{st['nara, recomputing norms, SiLU, dropout'] / st['nara']:.3f} (so it is on by default on CUDA "

@@ -31,8 +31,8 @@ def report(name, command, task, lr_of, records, base, results, sweeps, T, group)
     commits = sorted({r["commit"][:7] + "-dirty" * r["commit"].endswith("-dirty") for r in every.values()})
     lines = [f"# Group {group}: `{task}` at {T} updates (`{command}`)", "",
              f"{time.strftime('%Y-%m-%d')}. Base model: {100 * base['accuracy']:.1f} % on {base['items']} "
-             f"test items. The {len(every)} runs behind these tables took {hours:.1f} CPU-hours (training and "
-             f"scoring, one thread each), on commit(s) {', '.join(commits)}, torch "
+             f"test items. The {len(every)} runs behind these tables took {hours:.1f} CPU-hours (training "
+             f"and scoring, one thread each), on commit(s) {', '.join(commits)}, torch "
              f"{', '.join(sorted({r['torch'] for r in every.values()}))}.", "",
              "Two measures on the same validation rows (the seed fixes them): the best validation loss of "
              "training (masked-diffusion loss, random t weighted by 1/t: heavy-tailed), and the "
@@ -49,8 +49,8 @@ def report(name, command, task, lr_of, records, base, results, sweeps, T, group)
         dtok = mean_std(ce(r) - ce(ref[r["settings"]["seed"]]) for r in paired)
         wall = statistics.mean(r["train_s"] + r["score_s"] for r in rs) / 60
         lines.append(f"| {a} | {rs[0]['trainable']:,} | {lr_of[a]:g} | {len(rs)} | {acc[0]:.1f} ± "
-                     f"{acc[1]:.1f} | {val[0]:.4f} ± {val[1]:.4f} | {dval[0]:+.4f} ± {dval[1]:.4f} | {tok[0]:.4f} ± "
-                     f"{tok[1]:.4f} | {dtok[0]:+.4f} ± {dtok[1]:.4f} | {wall:.1f} |")
+                     f"{acc[1]:.1f} | {val[0]:.4f} ± {val[1]:.4f} | {dval[0]:+.4f} ± {dval[1]:.4f} | "
+                     f"{tok[0]:.4f} ± {tok[1]:.4f} | {dtok[0]:+.4f} ± {dtok[1]:.4f} | {wall:.1f} |")
     if sweeps:
         grid = sorted({lr for s in sweeps.values() for lr in s})
         lines += ["", "Learning-rate sweep, seed 0: best validation loss (the chosen rate in bold)", "",

@@ -28,7 +28,8 @@ def test_gpu_check_runs_the_real_commands_and_the_shapes_on_cpu_with_a_tiny_conf
     for path in ("rank-2r path", "fp32 rank-r path, before"):
         share = rows[f"NaRA in bf16: share of C − I = 1e-3·D applied ({path}; 1 = all)"]
         assert 0.7 < float(share) < 1.3, (path, share)
-    assert float(rows["NaRA in bf16: share of C − I = 1e-3·D applied (rank-r in bf16, authors'; 1 = all)"]) < 0.3
+    authors = rows["NaRA in bf16: share of C − I = 1e-3·D applied (rank-r in bf16, authors'; 1 = all)"]
+    assert float(authors) < 0.3                                            # rounded away
     for row in ("from_pretrained time", "train step nara, checkpointing=True", "GSM8K sampling step",
                 "recipe update 32 = 32 x 1, checkpointing=False, rank-r path in bf16 (authors')",
                 "recipe update 32 = 32 x 1, checkpointing=False, fp32 rank-r path (before)"):

@@ -243,3 +243,14 @@ def test_update_size_of_a_density_conditioned_nara_uses_density_lambda(tiny):
         C = net(None, density=torch.tensor([lam]))[0]
         assert sizes[lam][0] == pytest.approx((C - torch.eye(2)).norm().item(), rel=1e-6)
     assert sizes[0.2][0] != pytest.approx(sizes[0.8][0])
+
+
+def test_prompt_tuning_has_no_core_and_no_weight_update_in_the_noise_table(tiny, tmp_path, capsys):
+    model, tok = tiny
+    adapters.add_adapters(model, "prompt-tuning", virtual_tokens=2, verbose=False)
+    sizes = figures.update_magnitude(model, figures.LAMS)
+    assert sizes[0.5] == (None, None)                                    # printed "-", never 0.0000
+    curve = {lam: 1.0 for lam in figures.LAMS}
+    figures.write_noise({"base": curve, "pt": curve}, {"pt": sizes}, tmp_path, "t")
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("0.5"))
+    assert row.split()[-2:] == ["-", "-"] and (tmp_path / "t-noise_curve.csv").exists()

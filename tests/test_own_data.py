@@ -21,8 +21,8 @@ EVAL = ["--gen-length", "4", "--steps", "4", "--block-length", "4"]
 
 def cli(cwd, script, *argv):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+    return subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
 
 
 def times(a, b):
@@ -86,7 +86,8 @@ def test_own_data_trains_scores_and_evaluates_without_a_wrong_number(mine):
     res = cli(mine, "train.py", "--data", "mine.json", "--test", "mine_test.json", "--out", "runs/t",
               *SHORT)
     assert res.returncode == 0, res.stderr[-2000:]
-    line = next(x for x in res.stdout.splitlines() if x.startswith("held-out accuracy on 3 items of mine_test"))
+    line = next(x for x in res.stdout.splitlines()
+                if x.startswith("held-out accuracy on 3 items of mine_test.json"))
     tuned = float(line.split("-> nara ")[1].split()[0])
     res = cli(mine, "eval.py", "--adapter", "runs/t/adapter", "--data", "mine_test.json",
               "--gen-length", "16", "--steps", "16", "--block-length", "16")
@@ -114,7 +115,8 @@ def test_non_numeric_answers_are_scored_by_exact_match(mine):
 
 @pytest.mark.parametrize("argv, words", [
     (["--data", "empty.json"], ["empty.json: no usable examples (0 in the file)"]),
-    (["--max-length", "10"], ["train.json: no usable examples (300 in the file, all longer than --max-length 10"]),
+    (["--max-length", "10"], ["train.json: no usable examples (300 in the file, all longer than "
+                              "--max-length 10"]),
     (["--eta", "-1"], ["--eta must be finite and >= 0, got -1.0"]),
     (["--targets", "q_proj,foo"], ["target 'foo' matches no linear layer"]),
 ])
@@ -137,8 +139,8 @@ def test_help_says_what_is_used_when_a_flag_is_not_given():
 
 def test_logged_rate_is_the_one_each_update_used_and_time_continues_after_resume(tmp_path):
     out = tmp_path / "r"
-    args = ["--out", str(out), "--max-updates", "4", "--eval-every", "2", "--batch-size", "4", "--val-size", "4",
-            "--lr", "0.01"]
+    args = ["--out", str(out), "--max-updates", "4", "--eval-every", "2", "--batch-size", "4",
+            "--val-size", "4", "--lr", "0.01"]
     train.main([*args, "--stop-at", "2"])
     first = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train.main([*args, "--resume"])
