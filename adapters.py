@@ -211,7 +211,8 @@ def add_flags(ap):
     ap.add_argument("--alpha", type=float, default=None, help="LoRA alpha, s = alpha/r (default: s = 1)")
     ap.add_argument("--eta", type=float, default=0.1, help="NaRA core scale η")
     ap.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapters' input")
-    ap.add_argument("--targets", default=",".join(nara.TARGETS), help="comma-separated layer names (default: %(default)s)")
+    ap.add_argument("--targets", default=",".join(nara.TARGETS),
+                    help="comma-separated layer names (default: %(default)s)")
     ap.add_argument("--bins", type=int, default=5, help="Multi-LoRA noise bins K")
     ap.add_argument("--embedding", default="fourier", choices=("fourier", "mlp", "raw"),
                     help="NaRA: λ embedding")

@@ -340,7 +340,8 @@ def main():
         "## Adapted layer: forward + backward, 4096 x 4096, 512 tokens in 4 sequences (one λ each), r = 32, "
         f"{str(dtype)[6:]}", "", *layer, "",
         "## Training step: a small LLaDA (d 512, 4 layers), 4 sequences x 128 tokens, r = 32, "
-        f"{str(dtype)[6:]} base" + (" under bf16 autocast" if dtype == torch.bfloat16 else "") + ", fp32 adapters", "",
+        f"{str(dtype)[6:]} base" + (" under bf16 autocast" if dtype == torch.bfloat16 else "")
+        + ", fp32 adapters", "",
         *step, "", "## Sampling step: one denoising forward, same model and dtypes, 4 x 128 tokens", "",
         *samp, "",
         f"## Early termination: 30 bundled questions, gen 64, block 8, 64 steps, {which}", "", *early, "",
