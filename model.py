@@ -7,7 +7,7 @@ Read with LLaDA (arXiv 2502.09992) §2 and Appendix B. It reproduces the release
 Glossary (code -> paper / checkpoint)
     wte, ff_out (top level)   token embedding and the *untied* LM head (126464 x 4096)
     attn_norm, ff_norm, ln_f  RMSNorm before attention, before the MLP, and at the end
-    q_proj k_proj v_proj      attention projections (the layers NaRA adapts), attn_out = W_o
+    q_proj k_proj v_proj      attention projections, attn_out = W_o (the four layers NaRA adapts)
     ff_proj, up_proj, ff_out  SwiGLU MLP: ff_out(silu(ff_proj(h)) * up_proj(h)); ff_proj is the gate
     noise_level (λ), cond     the noise level of each sequence (B,); cond = what every linear layer
                               receives: {"lam": λ, name: output of each net in `noise_nets`}
