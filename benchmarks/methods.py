@@ -362,8 +362,10 @@ class Experiment:
                 source = arm.split()[0] if spec["rate"] == "method" else spec["rate"]
                 lr, sweep = self.rate(task, source, 0, i)[0], None       # group a's sweep, at a's priority
             late = name == "f" and arm not in ("lora", "nara")          # f: their seeds 3-4 come last
-            seeds = [self.run(task, arm, lr, s, (g, s + 2 * (late and s >= 3), i, lr))
-                     for s in range(spec["seeds"])]
+            with ThreadPoolExecutor(spec["seeds"]) as ex:                 # all waiting at once, so that a
+                seeds = list(ex.map(lambda s: self.run(task, arm, lr, s,   # freed worker goes to them first
+                                                       (g, s + 2 * (late and s >= 3), i, lr)),
+                                    range(spec["seeds"])))
             return lr, sweep, seeds
         with ThreadPoolExecutor(len(arms)) as ex:
             out = list(ex.map(lambda ia: arm_runs(*ia), enumerate(arms)))
