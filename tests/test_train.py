@@ -256,7 +256,9 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(tiny_task, tmp_path):
     out = tmp_path / "run"
     args = train_args(tiny_task, out, "--max-updates", "100000", "--eval-every", "2")
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**_env(), "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.PIPE, text=True, env={**_env(), "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # as typed:
+    # a runner started in the background of a script inherits SIGINT ignored, and so would train.py
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "checkpoint.pt").exists():
         time.sleep(0.2)
