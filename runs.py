@@ -216,7 +216,8 @@ def split(tok, args, eos, out, rank):
     """--data as padded SFT rows, the first --val-size rows of a permutation seeded by --seed held out:
     (train ids, train answer mask, held-out ids, held-out mask). The held-out records are written, as
     they are in --data, to RUN/val.json (`eval.py --data RUN/val.json` scores or plots them)."""
-    ids, answer, skipped, kept = sft_rows(tok, args.data, args.max_length, eos)
+    rows = read_records(args.data)                                         # read once, also for val.json
+    ids, answer, skipped, kept = sft_rows(tok, args.data, args.max_length, eos, rows)
     n = args.val_size
     if len(ids) <= n:
         raise ValueError(f"--data {args.data}: {len(ids)} usable examples ({skipped} longer than "
@@ -225,7 +226,6 @@ def split(tok, args, eos, out, rank):
     if rank == 0:
         print(f"data: {len(ids) - n} train, {n} held out, {skipped} skipped (longer than {args.max_length} "
               "tokens)")
-        rows = read_records(args.data)
         out.mkdir(parents=True, exist_ok=True)
         held = [rows[kept[i]] for i in perm[:n].tolist()]
         atomic_write(out / "val.json", lambda tmp: Path(tmp).write_text(json.dumps(held, indent=1)))

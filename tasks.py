@@ -66,10 +66,10 @@ def pad_sft(prompt, answer, length, eos_token_id):
     return ids, torch.arange(length) >= len(prompt)
 
 
-def sft_rows(tok, path, max_length, eos):
+def sft_rows(tok, path, max_length, eos, rows=None):
     """The training file as padded SFT rows: ids (N, L), answer mask (N, L), how many items were skipped
     (longer than max_length), and the index in the file of each row kept. No usable row is an error."""
-    examples = load_examples(path)
+    examples = load_examples(path, rows)
     rows = [pad_sft(*sft_pair(tok, p, a, eos), max_length, eos)
             for p, a in tqdm(examples, desc="tokenizing", leave=False, disable=None)]
     kept = [i for i, r in enumerate(rows) if r is not None]
@@ -89,10 +89,11 @@ def prompt_of(row, key="instruction"):
     return row[key] + (f"\n\n{row['input']}" if row.get("input") else "")
 
 
-def load_examples(path):
-    """[(prompt, output)] from an LLM-Adapters .json, a GSM8K-style or CodeFeedback-style file."""
+def load_examples(path, rows=None):
+    """[(prompt, output)] from an LLM-Adapters .json, a GSM8K-style or CodeFeedback-style file (its
+    records `rows` when the caller has read them already)."""
     out = []
-    for i, row in enumerate(read_records(path)):
+    for i, row in enumerate(read_records(path) if rows is None else rows):
         fields = next((f for f in FORMATS if f[0] in row), FORMATS[0])
         for f in fields:
             if not isinstance(row.get(f), str):
