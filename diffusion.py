@@ -8,7 +8,7 @@ Glossary
     λ (lam)    the noise level handed to the model (`noise_level=`): t in training; in sampling and the
                likelihood, the fraction of the answer still masked: from 1 down to 0 everywhere
     mask_id    `model.config.mask_token_id` (126336 in LLaDA-8B); eos = `model.config.eos_token_id`
-    L_ans, La  answer length with its EOS padding (SFT); the answer length (likelihood)
+    L_ans      the answer's length (with its EOS padding in SFT)
     generator  an explicit torch.Generator on the model's device for fixed-seed draws (validation, noise
                curves): the global random stream is never reseeded
 
@@ -167,25 +167,25 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
 @torch.no_grad()
 def log_likelihood(model, prompt, answer, mc_num=128, batch_size=16, cfg_scale=0., generator=None):
     """LLaDA Eq. (6), the lower bound on log p(answer | prompt) used for multiple choice: each of
-    mc_num/batch_size rounds draws k in 1..La and masks exactly m_i answer positions in row i, with
-    stratified counts m_i = ((round(linspace(k, k + (b-1)·La/b, b)) - 1) mod La) + 1; the loss is
-    Σ_masked CE · La/m_i averaged over the batch; λ = m_i / La. Returns minus the mean loss."""
+    mc_num/batch_size rounds draws k in 1..L_ans and masks exactly m_i answer positions in row i, with
+    stratified counts m_i = ((round(linspace(k, k + (b-1)·L_ans/b, b)) - 1) mod L_ans) + 1; the loss is
+    Σ_masked CE · L_ans/m_i averaged over the batch; λ = m_i / L_ans. Returns minus the mean loss."""
     if mc_num < batch_size or mc_num % batch_size:
         raise ValueError(f"mc_num={mc_num} must be a positive multiple of batch_size={batch_size}")
     prompt, answer = torch.as_tensor(prompt).flatten(), torch.as_tensor(answer).flatten()
-    P, La, b = len(prompt), len(answer), batch_size
+    P, L_ans, b = len(prompt), len(answer), batch_size
     dev = next(model.parameters()).device
-    seq = torch.cat([prompt, answer]).to(dev)[None].repeat(b, 1)             # (b, P + La)
+    seq = torch.cat([prompt, answer]).to(dev)[None].repeat(b, 1)             # (b, P + L_ans)
     mask_id = model.config.mask_token_id
     losses = []
     for _ in range(mc_num // batch_size):
-        k = int(torch.randint(1, La + 1, (), device=dev, generator=generator))
-        m = torch.round(torch.linspace(float(k), k + (b - 1) * La / b, b)).long()
-        m = ((m - 1) % La + 1).to(dev)                                        # (b,) in 1..La
-        chosen = torch.rand(b, La, device=dev, generator=generator).argsort(1) < m[:, None]   # m_i positions
+        k = int(torch.randint(1, L_ans + 1, (), device=dev, generator=generator))
+        m = torch.round(torch.linspace(float(k), k + (b - 1) * L_ans / b, b)).long()
+        m = ((m - 1) % L_ans + 1).to(dev)                                        # (b,) in 1..L_ans
+        chosen = torch.rand(b, L_ans, device=dev, generator=generator).argsort(1) < m[:, None]   # m_i of them
         masked = torch.cat([torch.zeros(b, P, dtype=torch.bool, device=dev), chosen], dim=1)
         noisy = torch.where(masked, mask_id, seq)
-        lam = m.float() / La
+        lam = m.float() / L_ans
         logits = model(noisy, noise_level=lam, positions=masked)             # (N, V): masked answer positions
         if cfg_scale > 0:
             un = noisy.clone()
@@ -193,6 +193,6 @@ def log_likelihood(model, prompt, answer, mc_num=128, batch_size=16, cfg_scale=0
             uncond = model(un, noise_level=lam, positions=masked)
             logits = uncond + (cfg_scale + 1) * (logits - uncond)
         ce = F.cross_entropy(logits.double(), seq[masked], reduction="none")
-        weight = (La / m.double())[:, None].expand(b, P + La)[masked]
+        weight = (L_ans / m.double())[:, None].expand(b, P + L_ans)[masked]
         losses.append(float((ce * weight).sum()) / b)
     return -math.fsum(losses) / len(losses)

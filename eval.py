@@ -29,12 +29,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import interop
-from figures import noise_report, write_noise
+from extras import interop
+from extras.figures import noise_report, write_noise
+from extras.sandbox import SandboxUnavailable, run_untrusted, why_unavailable
+from extras.tasks import (LABELS, TASKS, answer_all, choose_by_likelihood, completion_code, extract,
+                          gen_defaults, is_correct, load_items, load_tokenizer)
 from model import LLaDA
-from sandbox import SandboxUnavailable, run_untrusted, why_unavailable
-from tasks import (LABELS, TASKS, answer_all, choose_by_likelihood, completion_code, extract, gen_defaults,
-                   is_correct, load_items, load_tokenizer)
 
 HERE = Path(__file__).resolve().parent
 

@@ -9,10 +9,12 @@ Glossary (code -> paper / checkpoint)
     attn_norm, ff_norm, ln_f  RMSNorm before attention, before the MLP, and at the end
     q_proj k_proj v_proj      attention projections, attn_out = W_o (the four layers NaRA adapts)
     ff_proj, up_proj, ff_out  SwiGLU MLP: ff_out(silu(ff_proj(h)) * up_proj(h)); ff_proj is the gate
+    B, L, d                   batch, sequence length, d_model in shape comments
     noise_level (λ), cond     the noise level of each sequence (B,); cond = what every linear layer
                               receives: {"lam": λ, name: output of each net in `noise_nets`}
 Two hooks, empty in the bare model: `noise_nets` (networks run once per forward on λ; nara.py adds
-NaRA's hypernetwork) and `prompt` (a module that adds input positions; prompts.py).
+NaRA's hypernetwork) and `prompt` (a module that adds input positions; extras/baselines.py). The
+released files (config.json, the index, safetensors shards) are read at the end of this file.
 
 Departures from the official `modeling_llada.py`, on purpose: one block type (llama: RoPE, RMSNorm,
 SiLU, no biases), every other config switch refused; no KV cache, ALiBi, flash-attn path or dropout;
@@ -20,6 +22,8 @@ SiLU, no biases), every other config switch refused; no KV cache, ALiBi, flash-a
 `positions=` computes the LM head only where it is read; training on CUDA recomputes norms and SiLU
 in backward (`recompute`: the same gradients, half the activations).
 """
+import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -28,7 +32,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import checkpoint as files
+# config.json switches this architecture implements, with the only value it implements
+SUPPORTED = {"block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms", "rope": True,
+             "alibi": False, "weight_tying": False, "include_bias": False, "include_qkv_bias": False,
+             "attention_layer_norm": False, "scale_logits": False, "input_emb_norm": False,
+             "block_group_size": 1, "rope_full_precision": True, "layer_norm_with_affine": True,
+             "bias_for_layer_norm": (None, False),
+             "multi_query_attention": (None, False), "embedding_dropout": 0.0, "attention_dropout": 0.0,
+             "residual_dropout": 0.0, "flash_attention": (False, None)}
+BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 @dataclass
@@ -58,10 +70,33 @@ class LLaDAConfig:
 
     @classmethod
     def from_json(cls, path):
-        """Read a real LLaDA `config.json`: a switch this architecture does not implement, a missing key or
-        an impossible value is a one-line error naming the file (checkpoint.read_config)."""
-        raw = files.read_config(path, [f.name for f in fields(cls)])
-        return cls(**{f.name: raw[f.name] for f in fields(cls)})
+        """Read a real LLaDA `config.json`. A switch this architecture does not implement (SUPPORTED), a
+        missing key or an impossible value is a one-line error naming the file."""
+        path, names = Path(path), [f.name for f in fields(cls)]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: config file not found")
+        raw = dict(read_json(path))
+        raw["n_kv_heads"] = raw.get("n_kv_heads") or raw.get("n_heads")            # null means MHA
+        raw["embedding_size"] = raw.get("embedding_size") or raw.get("vocab_size")
+        bad = [f"{k}={raw[k]!r} is not supported by this LLaDA implementation (only {ok!r})"
+               for k, ok in SUPPORTED.items()
+               if k in raw and raw[k] not in (ok if isinstance(ok, tuple) else (ok,))]
+        bad += [f"required key {n!r} is missing" for n in names if n not in raw]
+        sizes = ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "vocab_size")
+        bad = bad or [f"{n} must be a positive integer, got {raw[n]!r}" for n in sizes
+                      if not isinstance(raw[n], int) or raw[n] <= 0]
+        if bad:
+            raise ValueError(f"{path}: {bad[0]}")
+        d, h, kv, emb = raw["d_model"], raw["n_heads"], raw["n_kv_heads"], raw["embedding_size"]
+        bad = [why for ok, why in (
+            (d % h == 0, f"d_model={d} is not divisible by n_heads={h}"),
+            (h % kv == 0, f"n_heads={h} is not divisible by n_kv_heads={kv}"),
+            (emb >= raw["vocab_size"], f"embedding_size={emb} < vocab_size={raw['vocab_size']}"),
+            *((isinstance(raw[n], int) and 0 <= raw[n] < emb, f"{n}={raw[n]} is outside the embedding table")
+              for n in ("mask_token_id", "eos_token_id", "pad_token_id"))) if not ok]
+        if bad:
+            raise ValueError(f"{path}: {bad[0]}")
+        return cls(**{n: raw[n] for n in names})
 
 
 class Linear(nn.Linear):
@@ -102,11 +137,11 @@ def apply_rope(x, sin, cos):
     return (h * cos + torch.cat((-h2, h1), dim=-1) * sin).to(x.dtype)
 
 
-def checkpointed(cond, fn, *args):
-    """fn(*args), keeping for backward only its inputs when cond["recompute_now"]: norms, SiLU and the
-    adapters' dropout are recomputed in backward (same values and RNG: bit-identical gradients) instead
-    of keeping their fp32 or per-layer copies, half the activations (BENCHMARKS.md)."""
-    if cond.get("recompute_now") and torch.is_grad_enabled():
+def checkpointed(module, fn, *args):
+    """fn(*args), keeping for backward only its inputs while `module.recomputing` (LLaDA.forward sets it):
+    norms, SiLU and the adapters' dropout are recomputed in backward (same values and RNG: bit-identical
+    gradients) instead of keeping their fp32 or per-layer copies, half the activations (BENCHMARKS.md)."""
+    if module.recomputing and torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 
@@ -117,6 +152,8 @@ def swiglu(gate, up):
 
 class Block(nn.Module):
     """x + Attn(attn_norm(x)), then + MLP(ff_norm(.)): one LLaDA 'llama' block."""
+    recomputing = False
+
     def __init__(self, cfg):
         super().__init__()
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
@@ -128,8 +165,8 @@ class Block(nn.Module):
         self.ff_proj, self.up_proj, self.ff_out = Linear(d, mlp), Linear(d, mlp), Linear(mlp, d)
 
     def forward(self, x, sin, cos, key_pad, cond):
-        B, L, C = x.shape
-        h = checkpointed(cond, self.attn_norm, x)                              # keeps x, not its fp32 copy
+        B, L, d = x.shape
+        h = checkpointed(self, self.attn_norm, x)                              # keeps x, not its fp32 copy
         q = self.q_proj(h, cond).view(B, L, self.n_heads, -1).transpose(1, 2)  # (B, nh, L, hs)
         k = self.k_proj(h, cond).view(B, L, self.n_kv_heads, -1).transpose(1, 2)   # (B, nkv, L, hs)
         v = self.v_proj(h, cond).view(B, L, self.n_kv_heads, -1).transpose(1, 2)   # (B, nkv, L, hs)
@@ -141,9 +178,9 @@ class Block(nn.Module):
             bias = torch.zeros(key_pad.shape, dtype=q.dtype, device=q.device)
             bias = bias.masked_fill(key_pad, torch.finfo(q.dtype).min)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=False)   # (B, nh, L, hs)
-        x = x + self.attn_out(att.transpose(1, 2).contiguous().view(B, L, C), cond)
-        h = checkpointed(cond, self.ff_norm, x)
-        return x + self.ff_out(checkpointed(cond, swiglu, self.ff_proj(h, cond), self.up_proj(h, cond)), cond)
+        x = x + self.attn_out(att.transpose(1, 2).contiguous().view(B, L, d), cond)
+        h = checkpointed(self, self.ff_norm, x)
+        return x + self.ff_out(checkpointed(self, swiglu, self.ff_proj(h, cond), self.up_proj(h, cond)), cond)
 
 
 class LLaDA(nn.Module):
@@ -162,13 +199,10 @@ class LLaDA(nn.Module):
         self.gradient_checkpointing = False      # whole blocks recomputed in backward (--grad-checkpointing)
         self.recompute = None                    # norms, SiLU, dropout redone in backward; None: CUDA only
 
-    def conditioning(self, noise_level, input_ids=None, attention_mask=None):
+    def conditioning(self, noise_level):
         """What every linear layer receives, computed once per forward: the noise level and each noise
-        network's output (NaRA's C(λ), (B, r, r)); a network may also read which inputs are masked."""
-        masked = None if input_ids is None else input_ids == self.config.mask_token_id
-        on = self.transformer.wte.weight.is_cuda if self.recompute is None else self.recompute
-        return {"lam": noise_level, "recompute_now": on and self.training,
-                **{name: net(noise_level, masked, attention_mask) for name, net in self.noise_nets.items()}}
+        network's output on it (NaRA's C(λ), (B, r, r))."""
+        return {"lam": noise_level, **{name: net(noise_level) for name, net in self.noise_nets.items()}}
 
     def forward(self, input_ids, attention_mask=None, noise_level=None, positions=None):
         """input_ids (B, L) long; attention_mask (B, L) of 1 = token, 0 = padding (keys only);
@@ -186,7 +220,11 @@ class LLaDA(nn.Module):
                                  f"got {t.dtype} {tuple(t.shape)}")
         pad = None if attention_mask is None or attention_mask.all() else attention_mask == 0   # 1s: none
         x = self.transformer.wte(input_ids)                                     # (B, L, d)
-        cond = self.conditioning(noise_level, input_ids, attention_mask)
+        cond = self.conditioning(noise_level)
+        on = self.training and (x.is_cuda if self.recompute is None else self.recompute)
+        for m in self.modules():                                                # blocks and adapters
+            if hasattr(m, "recomputing"):
+                m.recomputing = on                                              # read by `checkpointed`
         if self.prompt is not None:                                             # extra input positions
             x, pad, real = self.prompt(x, pad)                                  # (B, n + L, d)
         key_pad = None if pad is None else pad.view(B, 1, 1, -1)
@@ -224,16 +262,71 @@ class LLaDA(nn.Module):
         print(f"loading {path} onto {device} as {str(dtype).replace('torch.', '')} ({why})")
         with torch.device("meta"):
             model = cls(config)
-        state = files.read_weights(path, model.base_shapes(), device, dtype)      # {"model.<key>": tensor}
+        state = read_weights(path, model.base_shapes(), device, dtype)            # {"model.<key>": tensor}
         model.load_state_dict({k[6:]: v for k, v in state.items()}, strict=True, assign=True)
-        model.source = str(path.resolve())               # save_pretrained copies code and tokenizer from here
+        model.source = str(path.resolve())     # files.save_pretrained copies the code and tokenizer from here
         return model.eval()
 
-    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
-        """Write the backbone in the layout from_pretrained reads and transformers' AutoModel loads (with
-        trust_remote_code=True), atomically, one shard in host memory at a time (checkpoint.py).
-        Adapters are not saved here: adapters.merge folds them in first."""
-        sd = self.state_dict()
-        tensors = {k: sd[k[6:]].detach() for k in self.base_shapes()}        # "model.<key>": the backbone
-        files.write_pretrained(path, self.config, tensors, getattr(self, "source", None), max_shard_bytes)
 
+# ---------------------------------------------------------------- the released checkpoint's files
+def read_weights(path, expected, device, dtype):
+    """{key: tensor} of a checkpoint directory: model.safetensors.index.json and its shards (the released
+    ones group tensors by kind, not by layer, so the index is the only map) or one model.safetensors.
+    Every key and shape (against `expected`, {key: shape}) and the index's total_size are checked in
+    the file headers before any tensor loads; then shard by shard, straight onto device in dtype."""
+    index, single = path / "model.safetensors.index.json", path / "model.safetensors"
+    if not index.is_file() and not single.is_file():
+        raise FileNotFoundError(f"{path}: neither {index.name} nor {single.name} found")
+    body = read_json(index) if index.is_file() else {"weight_map": dict.fromkeys(expected, single.name)}
+    if not isinstance(body.get("weight_map"), dict):
+        raise ValueError(f"{index}: no 'weight_map' object")
+    check_keys(index, body["weight_map"], expected)
+    shards, total = {}, 0
+    for key, name in body["weight_map"].items():
+        shards.setdefault(path / name, []).append(key)
+    for file, keys in shards.items():
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: shard listed in {index.name} not found")
+        with open_safetensors(file) as f:
+            check_keys(file, f.keys(), keys)
+            for key in keys:
+                part = f.get_slice(key)
+                shape = tuple(part.get_shape())
+                if shape != expected[key]:
+                    raise ValueError(f"{file}: {key} has shape {shape}, expected {expected[key]}")
+                total += math.prod(shape) * BYTES[part.get_dtype()]
+    declared = body.get("metadata", {}).get("total_size")
+    if declared is not None and declared != total:
+        raise ValueError(f"{index}: metadata.total_size={declared} but the shards hold {total} bytes of "
+                         "tensors")
+    state = {}
+    for file, keys in shards.items():
+        with open_safetensors(file) as f:
+            state.update({key: f.get_tensor(key).to(device=device, dtype=dtype) for key in keys})
+    return state
+
+
+def read_json(file):
+    """A JSON file's content, or a one-line error naming the file."""
+    try:
+        return json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: invalid JSON ({e})") from None
+
+
+def open_safetensors(file):
+    """safe_open on the host, or a one-line error naming the file: truncated, empty or not safetensors."""
+    from safetensors import safe_open
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:   # SafetensorError, OSError: the file, not the caller, is at fault
+        raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def check_keys(file, keys, expected):
+    """A one-line error naming `file` and its first missing or unexpected key."""
+    missing, unexpected = sorted(set(expected) - set(keys)), sorted(set(keys) - set(expected))
+    for found, what in ((missing, "key {!r} is missing"), (unexpected, "unexpected key {!r}")):
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise ValueError(f"{file}: {what.format(found[0])}{more}")

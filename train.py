@@ -4,13 +4,20 @@
     python train.py --model ~/LLaDA-8B-Instruct --data math_14k.json --epochs 10        # the recipe, one GPU
     torchrun --nproc_per_node=4 train.py --model ... --data ...                         # several GPUs (DDP)
 
-One update = grad_accum micro-batches of batch_size sequences (per process). Each sequence gets its own
-t, and λ = t reaches every adapter (diffusion.sft_loss). With --model the defaults are RECIPE, the NaRA
-authors' released recipe (docs/recipe.md); without it, DEFAULT. On CUDA the base is bf16 and the loss
-runs under bf16 autocast with fp32 adapters. runs.py keeps the run directory (run.json, metrics.jsonl,
-checkpoint.pt for --resume, best/ and adapter/); adapters.py turns the method flags into adapters.
+With --model the defaults are RECIPE, the NaRA authors' released recipe (docs/recipe.md); without it,
+DEFAULT. On CUDA the base is bf16 and the loss runs under bf16 autocast with fp32 adapters. The adapters
+come from nara.add_adapters (lora, nara, multi-lora) through extras/adapters.py, which turns the method
+flags into adapters and builds the other methods; extras/runs.py keeps the run directory (run.json,
+metrics.jsonl, checkpoint.pt for --resume, best/ and adapter/); extras/ablations.py the switches.
+
+Glossary (code -> paper / recipe)
+    t = λ            each sequence's diffusion time, handed to every adapter as its noise level (sft_loss)
+    update, step     one AdamW step over batch_size x grad_accum sequences per process; `step` counts them
+    total, warmup    updates in the run (--epochs or --max-updates); the first 5 % raise the rate linearly
+    ids, answer      the training rows (N, L): prompt + answer + EOS padding, and the answer's mask
+    rank, world      this process and the number of processes (DDP); rank 0 writes the run directory
+    best             the lowest validation loss so far; its adapter is kept in best/
 """
-import argparse
 import contextlib
 import math
 import time
@@ -20,13 +27,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import ablations
-import adapters
-import interop
-import runs
 from diffusion import sft_loss
+from extras import ablations, adapters, interop, runs
+from extras.tasks import gen_defaults, load_tokenizer
 from model import LLaDA, LLaDAConfig
-from tasks import gen_defaults, load_tokenizer
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,25 +56,6 @@ DEFAULT = Config(max_length=64, val_size=30, eval_every=20, lr=2e-3, epochs=60, 
                  test=str(HERE / "data" / "arith" / "test.json"))
 
 
-def parse_args(argv=None):
-    """The flags (runs.py and adapters.py define them); RECIPE's values with --model, else DEFAULT's."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    runs.add_flags(ap, RECIPE, DEFAULT)
-    adapters.add_flags(ap)
-    args = ap.parse_args(argv)
-    preset = DEFAULT if args.model is None else RECIPE
-    bundled = args.data is None or Path(args.data).resolve() == Path(DEFAULT.data).resolve()
-    for k, v in vars(preset).items():
-        if getattr(args, k) is None and not (k == "test" and not bundled):   # the test follows the data
-            setattr(args, k, v)
-    if args.data is None:
-        ap.error("--data is required with --model")
-    adapters.check_flags(args)
-    name = "default" if preset is DEFAULT and bundled else f"{Path(args.data).stem}-{args.method}"
-    runs.check_flags(args, name)                                          # and --out's default: runs/<name>
-    return args
-
-
 @torch.no_grad()
 def validation_loss(model, ids, answer, batch_size, seed):
     """Mean SFT loss over the held-out rows with fixed masks: t and the masks come from a generator of
@@ -82,7 +67,7 @@ def validation_loss(model, ids, answer, batch_size, seed):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = runs.parse_args(argv, __doc__, RECIPE, DEFAULT)   # RECIPE's defaults with --model, else DEFAULT's
     rank, world, device = runs.start(args)
     say = print if rank == 0 else (lambda *a, **k: None)
     out, model_dir = Path(args.out), runs.resolve_model(args.model)
@@ -95,14 +80,15 @@ def main(argv=None):
     options = adapters.check_on_meta(config, args.method, adapters.from_flags(args, tok))   # before loading
     ids, answer, val_ids, val_answer = runs.split(tok, args, config.eos_token_id, out, rank)   # host memory
 
+    per_update = args.batch_size * args.grad_accum * world
+    total = args.max_updates or max(1, math.ceil(args.epochs * len(ids) / per_update))
+
     model = LLaDA.from_pretrained(model_dir, device=device, dtype=dtype)
-    adapters.add_adapters(model, args.method, verbose=rank == 0, **options)
-    ablations.apply(model, args)                          # --freeze, --warm-start
+    adapters.attach(model, args.method, verbose=rank == 0, **options)   # lora, nara, multi-lora: nara.py
+    stages = ablations.apply(model, args, total)          # --freeze, --warm-start; stages(step): --stage1
     model.gradient_checkpointing = args.grad_checkpointing
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05, eps=1e-8)
-    per_update = args.batch_size * args.grad_accum * world
-    total = args.max_updates or max(1, math.ceil(args.epochs * len(ids) / per_update))
     warmup = max(1, round(0.05 * total))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else
                                               max(0.0, (total - s) / max(1, total - warmup)))
@@ -110,21 +96,18 @@ def main(argv=None):
     epochs = math.ceil(total * per_update / len(ids)) + 1
     order = torch.cat([torch.randperm(len(ids), generator=g) for _ in range(epochs)])
     step, best, saved_at, before = 0, math.inf, None, 0.0
-    stage1 = round(args.stage1 * total)                   # updates trained with C = I (two-stage training)
     if resume:
         step, best, before = runs.restore(out, model, opt, sched, device, rank, args.method)
         saved_at = step
         say(f"resumed {out} at update {step}/{total}")
     ddp = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, find_unused_parameters=args.stage1 > 0)                 # stage 1 leaves F_φ without gradients
+        model, find_unused_parameters=True)     # a parameter may sit out an update; the check costs ms
     ddp.config = model.config
     bf16 = model.transformer.wte.weight.dtype == torch.bfloat16           # the recipe's mixed precision
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     runs.begin(out, settings, resume, rank)
     if world > 1:                                         # decorrelate the ranks' masks and noise levels
         torch.manual_seed(args.seed + 7919 * rank + step)
-    def stage():                                          # two-stage training: C = I for the first updates
-        return ablations.identity_cores(model) if step < stage1 else contextlib.nullcontext()
 
     model.train()
     bar = tqdm(total=total, initial=step, desc="training", disable=rank != 0 or None)
@@ -136,7 +119,7 @@ def main(argv=None):
                 start = ((step * args.grad_accum + micro) * world + rank) * args.batch_size
                 idx = order[start:start + args.batch_size]
                 sync = world == 1 or micro == args.grad_accum - 1     # all-reduce once per update
-                with autocast, stage(), (contextlib.nullcontext() if sync else ddp.no_sync()):
+                with autocast, stages(step), (contextlib.nullcontext() if sync else ddp.no_sync()):
                     loss, _ = sft_loss(ddp, ids[idx].to(device), answer[idx].to(device))
                     (loss / args.grad_accum).backward()
                 loss_sum += loss.item() / args.grad_accum
@@ -153,7 +136,7 @@ def main(argv=None):
             validate = step % args.eval_every == 0 or step == total
             if validate:
                 model.eval()
-                with autocast, stage():
+                with autocast, stages(step):
                     record["val_loss"] = validation_loss(ddp, val_ids.to(device), val_answer.to(device),
                                                          args.batch_size, args.seed)
                 model.train()

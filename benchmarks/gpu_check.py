@@ -31,11 +31,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import adapters  # noqa: E402
-import nara  # noqa: E402
 from variants import AuthorsPathNaRA, Fp32PathNaRA, use  # noqa: E402  (the reference paths)
-from checkpoint import config_json, released_shard  # noqa: E402
+
+import nara  # noqa: E402
 from diffusion import sft_loss  # noqa: E402
+from extras import adapters  # noqa: E402
+from extras.files import config_json, released_shard  # noqa: E402
 from model import LLaDA, LLaDAConfig  # noqa: E402
 
 
@@ -201,7 +202,7 @@ def shapes(report, args, device, tiny):
     del logits
     lam = torch.tensor([0.5], device=device)
     for method in ("lora", "nara"):
-        adapters.add_adapters(model, method, r=4 if tiny else 32)
+        adapters.attach(model, method, r=4 if tiny else 32)
         with torch.no_grad():
             dt = timed(lambda: model(ids, noise_level=lam), device)
             report.add(f"sampling step (forward), {method}", f"{dt * 1e3:.1f} ms")

@@ -21,9 +21,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-import adapters  # noqa: E402
-import interop  # noqa: E402
-from checkpoint import CODE_FILES  # noqa: E402
+from extras import adapters  # noqa: E402
+from extras import interop  # noqa: E402
+from extras.files import CODE_FILES, save_pretrained  # noqa: E402
 from model import LLaDA, LLaDAConfig  # noqa: E402
 
 IDS = torch.tensor([[5, 9, 33, 8, 71, 2, 126, 126], [1, 4, 100, 3, 3, 60, 126, 7]])
@@ -40,7 +40,7 @@ def tiny(directory, code, seed=0):
     for f in CODE_FILES:
         shutil.copy(Path(code) / f, directory / f)
     model.source = str(directory)
-    model.save_pretrained(directory)
+    save_pretrained(model, directory)
     return LLaDA.from_pretrained(directory, device="cpu", dtype=torch.float32)
 
 
@@ -123,7 +123,7 @@ def main():
 
     def ours_to_peft(method, lam=0.5, auto=None):
         model = LLaDA.from_pretrained(work / "base", device="cpu", dtype=torch.float32)
-        adapters.add_adapters(model, method, r=4, dropout=0.0, verbose=False)
+        adapters.attach(model, method, r=4, dropout=0.0, verbose=False)
         with torch.no_grad():
             for p in model.parameters():
                 if p.requires_grad:
@@ -144,13 +144,13 @@ def main():
 
     def merged(lam=0.3):
         model = LLaDA.from_pretrained(work / "base", device="cpu", dtype=torch.float32)
-        adapters.add_adapters(model, "nara", r=4, dropout=0.0, verbose=False)
+        adapters.attach(model, "nara", r=4, dropout=0.0, verbose=False)
         with torch.no_grad():
             for p in model.parameters():
                 if p.requires_grad:
                     p.add_(torch.randn_like(p) * 0.1)
         expect = logits(model.eval(), noise_level=torch.full((2,), lam))
-        adapters.merge(model, lam).save_pretrained(work / "merged")
+        save_pretrained(adapters.merge(model, lam), work / "merged")
         return diff(expect, logits(theirs(work / "merged")))
     check("save_pretrained -> AutoModel", lambda: diff(logits(ours), logits(theirs(work / "base"))))
     check("adapters.merge(λ) + save_pretrained -> AutoModel", merged)

@@ -23,6 +23,8 @@ def main():
     ap.add_argument("--child", nargs=2, metavar=("DEVICE", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     import torch
+
+    from extras.files import save_pretrained
     from model import LLaDA, LLaDAConfig
     if args.child:
         t0 = time.time()
@@ -42,7 +44,7 @@ def main():
         with torch.device("meta"):
             n = sum(p.numel() for p in LLaDA(cfg).parameters())
         model = LLaDA(cfg).to(torch.bfloat16)
-        model.save_pretrained(path, max_shard_bytes=n * 2 // 6 + 1)
+        save_pretrained(model, path, max_shard_bytes=n * 2 // 6 + 1)
         del model
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     print(f"checkpoint {path}: {size / 2**30:.2f} GiB on disk")

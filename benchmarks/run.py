@@ -19,11 +19,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import adapters  # noqa: E402
-import interop  # noqa: E402
 from variants import AuthorsPathNaRA, Fp32PathNaRA, use  # noqa: E402  (the reference paths)
+
 from diffusion import generate, sft_loss  # noqa: E402
-from model import LLaDA, LLaDAConfig, Linear  # noqa: E402
+from extras import adapters  # noqa: E402
+from extras import interop  # noqa: E402
+from model import Linear, LLaDA, LLaDAConfig  # noqa: E402
 
 LAYER_METHODS = ("lora", "nara", "nara-c", "multi-lora", "hira", "dora", "nara-dora")
 FP32, AUTHORS = "nara, fp32 rank-r path (before)", "nara, rank-r path in activation dtype (authors')"
@@ -43,7 +44,7 @@ def interleaved(fns, repeats):
 
 
 class Holder(torch.nn.Module):
-    """One linear layer in the shape of a LLaDA block, so add_adapters and LLaDA.conditioning apply."""
+    """One linear layer in the shape of a LLaDA block, so adapters.attach and LLaDA.conditioning apply."""
     def __init__(self, d, dtype):
         super().__init__()
         self.config = LLaDAConfig.tiny(d_model=d, n_heads=1, n_kv_heads=1, n_layers=1, mlp_hidden_size=8)
@@ -69,16 +70,16 @@ def layer_table(d, tokens, batch, repeats, dtype):
     for m in LAYER_METHODS:
         h = Holder(d, dtype)
         h.transformer.blocks[0].q_proj.weight = torch.nn.Parameter(W, requires_grad=False)
-        adapters.add_adapters(h, m, r=32, targets=("q_proj",), verbose=False)
+        adapters.attach(h, m, r=32, targets=("q_proj",), verbose=False)
         fns[m] = (lambda h=h: h(x, lam).float().square().mean().backward())
     h = Holder(d, dtype)
     h.transformer.blocks[0].q_proj.weight = torch.nn.Parameter(W, requires_grad=False)
-    adapters.add_adapters(h, "nara", r=32, targets=("q_proj",), dropout=0.0, verbose=False)
+    adapters.attach(h, "nara", r=32, targets=("q_proj",), dropout=0.0, verbose=False)
     fns["nara, dropout 0"] = lambda: h(x, lam).float().square().mean().backward()
     for name, cls in ((FP32, Fp32PathNaRA), (AUTHORS, AuthorsPathNaRA)):
         other = Holder(d, dtype)
         other.transformer.blocks[0].q_proj.weight = torch.nn.Parameter(W, requires_grad=False)
-        adapters.add_adapters(other, "nara", r=32, targets=("q_proj",), verbose=False)
+        adapters.attach(other, "nara", r=32, targets=("q_proj",), verbose=False)
         use(other, cls)
         fns[name] = lambda other=other: other(x, lam).float().square().mean().backward()
     try:
@@ -117,7 +118,7 @@ def step_table(batch, length, repeats, dtype):
     def make(method, cls=None, recompute=False):
         torch.manual_seed(0)
         model = LLaDA(small_config()).to(dtype)
-        adapters.add_adapters(model, method, r=32, verbose=False)
+        adapters.attach(model, method, r=32, verbose=False)
         model.recompute = recompute
         return use(model, cls) if cls else model
 
@@ -163,7 +164,8 @@ def sampling_table(models, batch, length, repeats, dtype):
 @torch.no_grad()
 def early_stop_table(n_prompts):
     import json
-    from tasks import chat_ids, load_tokenizer
+
+    from extras.tasks import chat_ids, load_tokenizer
     model, tok = LLaDA.from_pretrained(ROOT / "data" / "base"), load_tokenizer(ROOT / "data" / "base")
     runs = sorted((ROOT / "runs").glob("default*/adapter"))
     if runs:
@@ -230,7 +232,7 @@ def account_table(tokens):
                       pad_token_id=510)
     torch.manual_seed(0)
     model = LLaDA(cfg).to(torch.bfloat16)
-    adapters.add_adapters(model, "nara", r=32, verbose=False)
+    adapters.attach(model, "nara", r=32, verbose=False)
     model.train()
     ids = torch.randint(0, 500, (1, tokens))
     answer = torch.arange(tokens)[None] >= tokens // 4
@@ -265,7 +267,7 @@ def head_table(repeats, quick):
                       eos_token_id=V - 2, pad_token_id=V - 2)
     torch.manual_seed(0)
     model = LLaDA(cfg)
-    adapters.add_adapters(model, "nara", r=8, verbose=False)
+    adapters.attach(model, "nara", r=8, verbose=False)
     ids = torch.randint(0, V - 2, (4, 64 if quick else 128))
     answer = torch.arange(ids.shape[1]).expand_as(ids) >= ids.shape[1] // 4
     t = torch.full((4,), 0.5)
@@ -305,7 +307,7 @@ def size_table():
     for m in ("lora", "nara", "nara-c", "multi-lora", "hira", "dora", "nara-dora"):
         with torch.device("meta"):
             model = LLaDA(LLaDAConfig())
-        adapters.add_adapters(model, m, r=32, verbose=False)
+        adapters.attach(model, m, r=32, verbose=False)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         file_bytes = sum(t.numel() * t.element_size() for t in adapters.adapter_state(model).values())

@@ -18,8 +18,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from diffusion import pretrain_loss, sft_loss  # noqa: E402
+from extras.files import save_pretrained  # noqa: E402
+from extras.tasks import load_tokenizer, pad_sft, sft_pair  # noqa: E402
 from model import LLaDA, LLaDAConfig  # noqa: E402
-from tasks import load_tokenizer, pad_sft, sft_pair  # noqa: E402
 
 
 def run(model, loss_fn, steps, lr, what, t0):
@@ -87,7 +88,7 @@ def main():
             idx = torch.randint(0, len(ids), (args.batch_size,))
             return sft_loss(model, ids[idx], answer[idx])[0]
         run(model, chats, args.sft_steps, args.lr / 3, "instruction tuning", t0)
-    model.to(torch.bfloat16).save_pretrained(out)
+    save_pretrained(model.to(torch.bfloat16), out)
     print(f"wrote {out}")
 
 

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 torch.set_num_threads(1)
 
-from checkpoint import config_json, released_shard  # noqa: E402
+from extras.files import config_json, released_shard  # noqa: E402
 from model import LLaDA, LLaDAConfig  # noqa: E402
 
 REFERENCE = Path(__file__).parent / "reference"      # the real LLaDA-8B-Instruct config.json and index

@@ -6,15 +6,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
-import ablations
-import adapters
-import authors
-import interop
-import nara
-import prompts
 from conftest import random_model
+
+import nara
 from diffusion import generate, sft_loss
+from extras import ablations, adapters, baselines, interop
 from model import LLaDA, LLaDAConfig
 
 IDS = torch.tensor([[5, 9, 33, 8, 71, 2], [1, 4, 100, 3, 3, 60]])
@@ -25,7 +21,7 @@ MASK = LLaDAConfig.tiny().mask_token_id
 def adapted(method, seed=0, **kw):
     model = random_model(seed=seed)
     torch.manual_seed(seed + 1)
-    adapters.add_adapters(model, method, r=4, verbose=False, **kw)
+    adapters.attach(model, method, r=4, verbose=False, **kw)
     return model.eval()
 
 
@@ -80,7 +76,14 @@ def test_density_conditioning_reads_the_input_the_model_sees(condition, width):
     a, b = model(spread, noise_level=lam), model(clumped, noise_level=lam)
     assert not torch.allclose(a, b, atol=1e-4)
     density = ablations.mask_density(spread == MASK, radius=2)
-    assert torch.allclose(model.conditioning(lam, spread)["nara"], net(lam, density=density))
+    seen = []
+    hook = net.register_forward_hook(lambda module, args, out: seen.append(out))
+    model(spread, noise_level=lam)
+    hook.remove()
+    assert torch.allclose(seen[0], net(lam, density=density))            # the input's own density
+    assert net.density is None                                            # nothing outlives the forward
+    with pytest.raises(ValueError, match="needs the input ids"):
+        model.conditioning(lam)                                           # no input, no density
     both = torch.cat([spread[:1], clumped[1:]])
     assert torch.allclose(model(both, noise_level=lam)[1], b[1], atol=1e-5)   # one density per sequence
     if condition == "density":
@@ -140,7 +143,7 @@ def test_freeze_parts_and_warm_start_from_a_lora(tmp_path):
 
 def _rank(r):
     model = random_model()
-    adapters.add_adapters(model, "nara", r=r, verbose=False)
+    adapters.attach(model, "nara", r=r, verbose=False)
     return model
 
 
@@ -167,7 +170,7 @@ def test_virtual_tokens_parameter_counts_at_8b():
     for method, count in (("prompt-tuning", 20 * 4096), ("p-tuning", 20 * 4096 + 3 * 4096 * 4096 + 3 * 4096)):
         with torch.device("meta"):
             model = LLaDA(LLaDAConfig())
-        adapters.add_adapters(model, method, virtual_tokens=20, verbose=False)
+        adapters.attach(model, method, virtual_tokens=20, verbose=False)
         assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count
     assert count == 50_425_856
 
@@ -189,14 +192,14 @@ def test_virtual_tokens_change_the_output_only_through_attention(method, monkeyp
     nothing, since RoPE only sees relative positions."""
     base, model = random_model(), adapted(method, virtual_tokens=3)
     assert not torch.allclose(model(IDS), base(IDS), atol=1e-3)
-    insert = prompts.VirtualTokens.forward
+    insert = baselines.VirtualTokens.forward
 
     def hidden(self, x, pad):
         x, pad, real = insert(self, x, pad)
         keys = torch.ones(x.shape[:2], dtype=torch.bool)
         keys.scatter_(1, real, False)                                     # True at the virtual positions
         return x, keys, real
-    monkeypatch.setattr(prompts.VirtualTokens, "forward", hidden)
+    monkeypatch.setattr(baselines.VirtualTokens, "forward", hidden)
     assert torch.allclose(model(IDS), base(IDS), atol=1e-5)
 
 
@@ -284,7 +287,7 @@ def test_the_authors_checkpoint_gives_the_authors_layer_outputs(tmp_path, mode, 
     ids[0, 2:5] = MASK
     lam = 0.3
     density = float(ablations.mask_density(ids == MASK, radius=3)[0])
-    cond = model.conditioning(torch.tensor([lam]), ids)
+    cond = adapters.cond_at(model, lam, density)
     x = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(5))
     emb = {"nl": [(lam, t.get("base_model.embedding_layers.NL_emb.W"))],
            "nd": [(density, t.get("base_model.embedding_layers.ND_emb.W"))], "constant": None}
@@ -305,7 +308,7 @@ def test_authors_checkpoints_with_unsupported_settings_are_refused(tmp_path):
                               ("target_modules", ".*proj", "only a list")):
         (tmp_path / "adapter_config.json").write_text(json.dumps({**body, key: value}))
         with pytest.raises(ValueError, match=words):
-            authors.load_authors(random_model(), tmp_path, verbose=False)
+            interop.load_authors(random_model(), tmp_path, verbose=False)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**body, "r_ab": 3}))
     with pytest.raises(ValueError, match="has shape"):
-        authors.load_authors(random_model(), tmp_path, verbose=False)
+        interop.load_authors(random_model(), tmp_path, verbose=False)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import interop
 import train
+from extras import interop
 from model import LLaDA
 
 ROOT = Path(__file__).resolve().parents[1]

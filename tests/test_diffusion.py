@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import adapters
 from conftest import random_model
+
 from diffusion import generate, log_likelihood, pretrain_loss, sft_loss, sft_mask, transfer_counts
+from extras import adapters
+from extras.tasks import pad_sft
 from model import LLaDAConfig
-from tasks import pad_sft
 
 MASK, EOS = 126, 125          # LLaDAConfig.tiny()'s ids
 
@@ -178,7 +178,7 @@ def test_batched_left_padded_prompts_equal_each_alone():
 
 def test_sampling_feeds_lambda_to_noise_aware_adapters():
     model = random_model()
-    adapters.add_adapters(model, "nara", r=2, verbose=False)
+    adapters.attach(model, "nara", r=2, verbose=False)
     out = generate(NoMask(model.eval()), torch.tensor([[1, 2, 3]]), steps=4, gen_length=4, block_length=4)
     assert not (out == MASK).any()
 
@@ -269,7 +269,7 @@ def test_the_head_at_selected_positions_changes_no_loss_or_likelihood():
     """sft_loss, pretrain_loss and log_likelihood ask the model only for the positions they read;
     the same numbers come out of the full-logits formulas they replaced (same masks, same draws)."""
     model = random_model().eval()
-    adapters.add_adapters(model, "nara", r=4, verbose=False)
+    adapters.attach(model, "nara", r=4, verbose=False)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

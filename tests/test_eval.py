@@ -3,15 +3,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import adapters
-import eval as ev
-import figures
-import interop
-import tasks
 from conftest import random_model, train_tokenizer
+
+import eval as ev
+from extras import adapters, figures, interop, tasks
+from extras.files import save_pretrained
+from extras.tasks import load_tokenizer
 from model import LLaDAConfig
-from tasks import load_tokenizer
 
 GOOD = "def add(a, b):\n    return a + b\n"
 
@@ -84,7 +82,7 @@ def test_batched_generation_equals_one_by_one(tiny):
 
 def test_noise_curve_and_update_size_of_a_hand_set_nara(tiny):
     model, tok = tiny
-    adapters.add_adapters(model, "nara", r=2, verbose=False).eval()            # eval: no adapter dropout
+    adapters.attach(model, "nara", r=2, verbose=False).eval()            # eval: no adapter dropout
     with torch.no_grad():
         # C = I + 0.1·diag(1, 2)
         model.noise_nets["nara"].net[-1].bias.copy_(torch.tensor([1.0, 0.0, 0.0, 2.0]))
@@ -109,9 +107,9 @@ def test_noise_curve_and_update_size_of_a_hand_set_nara(tiny):
 
 def test_cli_writes_complete_results(tiny, tmp_path, monkeypatch):
     model, tok = tiny
-    model.save_pretrained(tmp_path / "m")
+    save_pretrained(model, tmp_path / "m")
     tok.save(str(tmp_path / "m" / "tokenizer.json"))
-    adapters.add_adapters(model, "nara", r=2, verbose=False)
+    adapters.attach(model, "nara", r=2, verbose=False)
     interop.save_adapter(model, tmp_path / "a")
     data = [{"instruction": "What is 1 plus 2?", "input": "", "output": "3", "answer": "3"}] * 3
     (tmp_path / "t.json").write_text(json.dumps(data))
@@ -178,9 +176,9 @@ def test_bad_test_files_are_named_before_any_model_loads(tmp_path, rows, words):
 
 def test_two_adapters_of_one_run_keep_their_own_results(tiny, tmp_path, monkeypatch):
     model, tok = tiny
-    model.save_pretrained(tmp_path / "m")
+    save_pretrained(model, tmp_path / "m")
     tok.save(str(tmp_path / "m" / "tokenizer.json"))
-    adapters.add_adapters(model, "lora", r=2, verbose=False)
+    adapters.attach(model, "lora", r=2, verbose=False)
     for sub in ("adapter", "best"):
         interop.save_adapter(model, tmp_path / "runs" / "x" / sub)
     (tmp_path / "t.json").write_text(json.dumps([{"instruction": "What is 1 plus 2?",
@@ -202,7 +200,7 @@ def test_two_adapters_of_one_run_keep_their_own_results(tiny, tmp_path, monkeypa
 
 def test_a_whole_table_of_the_paper_is_one_command(tiny, tmp_path, monkeypatch):
     model, tok = tiny
-    model.save_pretrained(tmp_path / "m")
+    save_pretrained(model, tmp_path / "m")
     tok.save(str(tmp_path / "m" / "tokenizer.json"))
     for name in ev.SUITES["math"]:   # the math table's six sets, two items each
         gold = "A" if name == "AQuA" else "3"
@@ -236,7 +234,7 @@ def test_download_says_where_to_put_what_it_cannot_fetch(tmp_path):
 
 def test_update_size_of_a_density_conditioned_nara_uses_density_lambda(tiny):
     model, _ = tiny
-    adapters.add_adapters(model, "nara", r=2, signal="density", init="kaiming", verbose=False).eval()
+    adapters.attach(model, "nara", r=2, signal="density", init="kaiming", verbose=False).eval()
     net = model.noise_nets["nara"]
     sizes = figures.update_magnitude(model, [0.2, 0.8])
     for lam in (0.2, 0.8):
@@ -247,7 +245,7 @@ def test_update_size_of_a_density_conditioned_nara_uses_density_lambda(tiny):
 
 def test_prompt_tuning_has_no_core_and_no_weight_update_in_the_noise_table(tiny, tmp_path, capsys):
     model, tok = tiny
-    adapters.add_adapters(model, "prompt-tuning", virtual_tokens=2, verbose=False)
+    adapters.attach(model, "prompt-tuning", virtual_tokens=2, verbose=False)
     sizes = figures.update_magnitude(model, figures.LAMS)
     assert sizes[0.5] == (None, None)                                    # printed "-", never 0.0000
     curve = {lam: 1.0 for lam in figures.LAMS}

@@ -7,16 +7,15 @@ import math
 
 import pytest
 import torch
+from conftest import REFERENCE, random_model, write_real_layout
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import adapters
-import interop
 import nara
 from benchmarks.interop_check import wrap
-from checkpoint import config_json, read_json
-from conftest import REFERENCE, random_model, write_real_layout
-from model import LLaDA, LLaDAConfig
+from extras import adapters, interop
+from extras.files import config_json, save_pretrained
+from model import LLaDA, LLaDAConfig, read_json
 
 IDS = torch.tensor([[5, 9, 33, 8, 71, 2], [1, 4, 100, 3, 3, 60]])
 # The fields of LoraConfig and PeftConfig in PEFT 0.13.2 (read from its dataclasses): the oldest
@@ -52,8 +51,8 @@ def test_save_pretrained_brings_the_code_and_tokenizer_along(tmp_path):
     for name in ("configuration_llada.py", "modeling_llada.py", "tokenizer.json", "tokenizer_config.json"):
         (source / name).write_text(f"# {name}\n")
     model = LLaDA.from_pretrained(source)
-    merged = adapters.merge(adapters.add_adapters(model, "lora", r=2, verbose=False), 0.5)
-    merged.save_pretrained(tmp_path / "merged")
+    merged = adapters.merge(adapters.attach(model, "lora", r=2, verbose=False), 0.5)
+    save_pretrained(merged, tmp_path / "merged")
     for name in ("configuration_llada.py", "modeling_llada.py", "tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "merged" / name).read_text() == f"# {name}\n"
     auto_map = read_json(tmp_path / "merged" / "config.json")["auto_map"]
@@ -61,7 +60,7 @@ def test_save_pretrained_brings_the_code_and_tokenizer_along(tmp_path):
     again = LLaDA.from_pretrained(tmp_path / "merged")                     # and it loads here as well
     assert torch.equal(again(IDS), model(IDS))
     bare = random_model()
-    bare.save_pretrained(tmp_path / "bare")   # no source: the hub's code by reference
+    save_pretrained(bare, tmp_path / "bare")   # no source: the hub's code by reference
     auto_map = read_json(tmp_path / "bare" / "config.json")["auto_map"]
     assert auto_map["AutoConfig"].startswith("GSAI-ML/LLaDA-8B-Instruct--")
 
@@ -70,7 +69,7 @@ def test_save_pretrained_brings_the_code_and_tokenizer_along(tmp_path):
 @pytest.mark.parametrize("method", ["lora", "nara", "multi-lora", "dora", "nara-dora"])
 def test_export_writes_only_what_every_peft_knows(tmp_path, method):
     source = write_real_layout(random_model(), tmp_path / "src")
-    model = noisy(adapters.add_adapters(LLaDA.from_pretrained(source), method, r=4, alpha=8, verbose=False))
+    model = noisy(adapters.attach(LLaDA.from_pretrained(source), method, r=4, alpha=8, verbose=False))
     interop.export_peft(model, tmp_path / "out", lam=0.25)
     body = read_json(tmp_path / "out" / "adapter_config.json")
     assert set(body) <= PEFT_0_13_FIELDS and body["peft_type"] == "LORA" and body["task_type"] == "CAUSAL_LM"
@@ -81,7 +80,7 @@ def test_export_writes_only_what_every_peft_knows(tmp_path, method):
     assert torch.allclose(back(IDS), model(IDS, noise_level=torch.full((2,), 0.25)), rtol=1e-4, atol=1e-4)
     for refused in ("hira", "prompt-tuning"):
         with pytest.raises(ValueError, match="cannot hold it"):
-            model = adapters.add_adapters(random_model(), refused, r=2, verbose=False)
+            model = adapters.attach(random_model(), refused, r=2, verbose=False)
             interop.export_peft(model, tmp_path / "x")
 
 
@@ -197,7 +196,7 @@ def test_peft_adapters_load_here_unchanged(tmp_path, options):
 @pytest.mark.parametrize("method", ["lora", "nara", "dora"])
 def test_exported_adapters_load_into_peft_unchanged(tmp_path, method):
     peft = pytest.importorskip("peft")
-    model = noisy(adapters.add_adapters(random_model(), method, r=4, dropout=0.0, verbose=False), 0.1)
+    model = noisy(adapters.attach(random_model(), method, r=4, dropout=0.0, verbose=False), 0.1)
     interop.export_peft(model, tmp_path, lam=0.5)
     config = peft.LoraConfig.from_pretrained(tmp_path)
     config.task_type = None   # a bare PeftModel: ours is no transformers model (interop_check.py is)

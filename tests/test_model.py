@@ -5,12 +5,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import REFERENCE, random_model, train_tokenizer
 from safetensors.torch import load_file, save_file
 
-import adapters
-from conftest import REFERENCE, random_model, train_tokenizer
+from extras import adapters
+from extras.files import save_pretrained
+from extras.tasks import chat_ids, chat_text, load_tokenizer, sft_pair
 from model import LLaDA, LLaDAConfig, apply_rope, rope_table
-from tasks import chat_ids, chat_text, load_tokenizer, sft_pair
 
 
 # ------------------------------------------------------------------ the real checkpoint's metadata
@@ -157,14 +158,14 @@ def test_load_real_layout_in_fp32_and_bf16(tiny_checkpoint):
 @pytest.mark.parametrize("max_shard_bytes", [2**30, 20_000])
 def test_save_then_load_is_exact(tmp_path, max_shard_bytes):
     model = random_model()
-    model.save_pretrained(tmp_path, max_shard_bytes=max_shard_bytes)
+    save_pretrained(model, tmp_path, max_shard_bytes=max_shard_bytes)
     sharded = (tmp_path / "model.safetensors.index.json").exists()
     assert sharded == (max_shard_bytes < 2**30)
     assert not list(tmp_path.glob(".*tmp*"))
     again = LLaDA.from_pretrained(tmp_path)
     for k, v in model.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
-    model.save_pretrained(tmp_path)                      # re-save as one file: the stale index goes
+    save_pretrained(model, tmp_path)                      # re-save as one file: the stale index goes
     assert not (tmp_path / "model.safetensors.index.json").exists()
     LLaDA.from_pretrained(tmp_path)
 
@@ -274,7 +275,7 @@ def test_recomputing_cheap_ops_changes_no_bit_of_the_loss_or_gradients(method, d
     results = []
     for recompute in (True, False):
         model = random_model()
-        adapters.add_adapters(model, method, r=4, verbose=False)
+        adapters.attach(model, method, r=4, verbose=False)
         model.to(dtype).train()
         model.recompute = recompute
         torch.manual_seed(3)

@@ -2,12 +2,10 @@ import json
 
 import pytest
 import torch
-
-import ablations
-import adapters
-import interop
-import nara
 from conftest import random_model
+
+import nara
+from extras import ablations, adapters, interop
 from model import LLaDA, LLaDAConfig
 
 IDS = torch.tensor([[5, 9, 33, 8, 71, 2], [1, 4, 100, 3, 3, 60]])
@@ -17,7 +15,7 @@ LAM = torch.tensor([0.15, 0.85])
 def adapted(method, seed=0, **kw):
     model = random_model(seed=seed)
     torch.manual_seed(seed + 1)
-    adapters.add_adapters(model, method, r=4, verbose=False, **kw)
+    adapters.attach(model, method, r=4, verbose=False, **kw)
     return model.eval()
 
 
@@ -36,7 +34,7 @@ def randomise_adapters(model, seed=3):
 def test_parameter_counts_on_the_8b_config(r, hyper):
     with torch.device("meta"):
         model = LLaDA(LLaDAConfig())
-    adapters.add_adapters(model, "nara", r=r, verbose=False)
+    adapters.attach(model, "nara", r=r, verbose=False)
     assert next(model.parameters()).device.type == "meta"                 # nothing allocated
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(p.numel() for p in model.noise_nets.parameters()) == hyper
@@ -134,8 +132,10 @@ def test_hypernetwork_is_the_authors():
     assert h.W.shape == (1, 32) and "W" in h.state_dict() and not h.W.requires_grad
     assert 10 < h.W.std() < 24                                             # N(0, 16²)
     lam = torch.tensor([0.3])
-    e = h.features(lam, None, None)
-    assert torch.allclose(e, torch.cat([torch.sin(0.3 * h.W), torch.cos(0.3 * h.W)], -1))   # no 2π
+    seen = []
+    h.net[0].register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    h(lam)
+    assert torch.allclose(seen[0], torch.cat([torch.sin(0.3 * h.W), torch.cos(0.3 * h.W)], -1))   # no 2π
     assert torch.equal(h(lam), torch.eye(4)[None])                        # C = I at init
     with torch.no_grad():
         h.net[-1].bias.copy_(torch.arange(16.0))
@@ -166,15 +166,15 @@ def test_dora_is_magnitude_times_normalised_direction():
 def test_add_adapters_errors_and_printout(capsys):
     model = random_model()
     with pytest.raises(ValueError, match="matches no linear layer; available: attn_out, ff_out, ff_proj"):
-        adapters.add_adapters(model, "lora", targets=("o_proj",))
+        adapters.attach(model, "lora", targets=("o_proj",))
     with pytest.raises(ValueError, match="method='qlora'"):
-        adapters.add_adapters(model, "qlora")
-    adapters.add_adapters(model, "lora", r=2, targets=("ff_out",))
+        adapters.attach(model, "qlora")
+    adapters.attach(model, "lora", r=2, targets=("ff_out",))
     out = capsys.readouterr().out
     assert "adapted 2 layers" in out and "trainable 768 of" in out       # block MLPs only, not the LM head
     assert type(model.transformer.ff_out).__name__ == "Linear"
     with pytest.raises(ValueError, match="already has lora adapters"):
-        adapters.add_adapters(model, "nara")
+        adapters.attach(model, "nara")
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -321,7 +321,7 @@ def test_theorem_4_1_by_training():
 
 def test_adapters_follow_the_mode_of_the_model_they_join(tmp_path):
     model = random_model().eval()
-    adapters.add_adapters(model, "nara", r=4, verbose=False)
+    adapters.attach(model, "nara", r=4, verbose=False)
     assert not any(m.training for m in model.modules())                 # no dropout in an evaluated model
     interop.save_adapter(randomise_adapters(model), tmp_path)
     loaded = interop.load_adapter(random_model().eval(), tmp_path, verbose=False)

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 import eval as ev
-import runs
-import tasks
 import train
+from extras import runs, tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["--max-updates", "2", "--eval-every", "2", "--batch-size", "4", "--val-size", "4"]

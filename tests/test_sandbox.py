@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 import eval as ev
-import sandbox
-import tasks
+from extras import sandbox, tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = "def add(a, b):\n    return a + b\n"
@@ -123,7 +122,7 @@ def run_battery(uid=None):
     listener, marker = Listener(), f"nara-escaped-{os.getpid()}"
     code = place / "code"
     code.mkdir()
-    shutil.copy(ROOT / "sandbox.py", code / "sandbox.py")
+    shutil.copy(ROOT / "extras" / "sandbox.py", code / "sandbox.py")
     code.chmod(0o755)
     (code / "sandbox.py").chmod(0o644)
     job = {"forgers": FORGERS, "escapes": ESCAPES, "resources": RESOURCES, "good": GOOD, "tests": TESTS,
@@ -222,5 +221,5 @@ def test_sandbox_needs_nothing_beyond_the_standard_library():
             elif isinstance(n, ast.ImportFrom) and n.module:
                 names.add(n.module.split(".")[0])
         return names
-    for source in ((ROOT / "sandbox.py").read_text(), sandbox.CHILD, sandbox.JUDGE):
+    for source in ((ROOT / "extras" / "sandbox.py").read_text(), sandbox.CHILD, sandbox.JUDGE):
         assert imports(source) <= sys.stdlib_module_names, imports(source) - sys.stdlib_module_names

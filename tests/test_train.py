@@ -7,13 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_args
 from safetensors.torch import load_file
 
-import adapters
-import interop
-import tasks
 import train
-from conftest import train_args
+from extras import adapters, interop, tasks
 from model import LLaDA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def train_loss(model, tiny_task):
     """The SFT loss over every example with fixed masks: comparable before and after training."""
-    from tasks import load_tokenizer, pad_sft, sft_pair
+    from extras.tasks import load_tokenizer, pad_sft, sft_pair
     tok, eos = load_tokenizer(tiny_task / "model"), model.config.eos_token_id
     examples = tasks.load_examples(tiny_task / "data.json")
     rows = [pad_sft(*sft_pair(tok, p, a, eos), 40, eos) for p, a in examples]
@@ -227,7 +225,7 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_cleanly(tiny_task, tm
     steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4] and (out / "adapter").exists()
     with pytest.raises(ValueError, match="--resume needs --out"):
-        train.parse_args(["--resume"])
+        train.main(["--resume"])
 
 
 @pytest.mark.parametrize("how", ["empty", "truncated", "header"])
@@ -276,7 +274,7 @@ def test_the_ablation_switches_reach_the_run(tiny_task, tmp_path):
                                   "1.0", "--freeze", "A",
                             "--warm-start", str(tmp_path / "lora" / "adapter")))
     torch.manual_seed(0)                                                  # the run's own init (--seed 0)
-    init = adapters.add_adapters(LLaDA.from_pretrained(tiny_task / "model"), "nara", r=4,
+    init = adapters.attach(LLaDA.from_pretrained(tiny_task / "model"), "nara", r=4,
                                  dropout=0.0, verbose=False)
     for k, v in adapters.adapter_state(model).items():
         if k.startswith("noise_nets."):

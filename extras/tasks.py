@@ -4,8 +4,8 @@ facts are in docs/evaluation.md): commonsense takes the FIRST match of the task'
 LAST number (within 0.001 of `answer`, never the test file's model-written `output`), AQuA a letter,
 GSM8K jsonl the gold after '#### ', code pass@1 of the greedy completion run by sandbox.py.
 """
-import json
 import gzip
+import json
 import re
 from pathlib import Path
 

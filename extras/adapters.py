@@ -1,7 +1,8 @@
 """Every method the paper compares, by name, with every switch: what train.py, eval.py and the adapter
-files (interop.py) build. Skip on a first read: nara.py holds the paper's own objects.
+files (interop.py) build. The paper's three methods with the paper's hypernetwork are nara.add_adapters;
+the rest is built here.
 
-    adapters.add_adapters(model, "dora", r=8)          # any of METHODS, with AdapterConfig's options
+    adapters.attach(model, "dora", r=8)                # any of METHODS, with AdapterConfig's options
     adapters.merge(model, lam=0.5)                     # W0 <- W0 + ΔW(λ): a plain LLaDA again
     with adapters.base_only(model): ...                # the base model, adapters bypassed
 
@@ -15,12 +16,9 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 
-import ablations
-import baselines
 import nara
-import prompts
-from checkpoint import check_keys
-from model import LLaDA, Linear
+from extras import ablations, baselines
+from model import Linear, LLaDA, check_keys
 
 METHODS = ("lora", "nara", "nara-c", "multi-lora", "hira", "dora", "nara-dora", "prompt-tuning", "p-tuning")
 NOISE_AWARE = ("nara", "multi-lora", "nara-dora")      # their update depends on λ
@@ -29,13 +27,13 @@ PROMPT = ("prompt-tuning", "p-tuning")                 # they add input tokens i
 
 @dataclass
 class AdapterConfig:
-    """What add_adapters builds. Low-rank methods: rank r on the target layers, s = alpha / r (None:
+    """What attach builds. Low-rank methods: rank r on the target layers, s = alpha / r (None:
     s = 1, as NaRA's authors), dropout on A's input, core scale eta (NaRA, NaRA-C, NaRA-DoRA), Multi-LoRA's
     noise bins; PEFT's per-layer rank_pattern / alpha_pattern {module name: r / alpha} and rslora (s =
     alpha/√r) for lora, dora and hira. NaRA's ablation switches (ablations.Hypernetwork): embedding
     fourier|mlp|raw, its width, the hidden widths, init zero_last|kaiming|zero_all, signal lambda|density|
     both (what C is conditioned on), the density radius, and groups {name: layers} (one hypernetwork per
-    group). Prompt methods (prompts.py): virtual_tokens, prompt_init (token ids of an initial text),
+    group). Prompt methods (baselines.VirtualTokens): virtual_tokens, prompt_init (token ids of an initial text),
     encoder_hidden (P-Tuning's MLP width, default d_model)."""
     method: str = "nara"
     r: int = 32
@@ -84,21 +82,28 @@ class AdapterConfig:
         return cls(**body)
 
 
-def add_adapters(model, method="nara", verbose=True, **options):
-    """Freeze `model` and add the adapters of `method` (one of METHODS) with AdapterConfig's options.
-    Low-rank methods replace each linear layer of transformer.blocks whose name ends with a target (the
-    LM head never); prompt methods add virtual tokens (model.prompt). Returns the model."""
+def attach(model, method="nara", verbose=True, **options):
+    """Freeze `model` and add the adapters of `method` (one of METHODS) with AdapterConfig's options:
+    lora, nara and multi-lora without a switch by nara.add_adapters; the other low-rank methods replace
+    each linear layer of transformer.blocks whose name ends with a target (the LM head never); prompt
+    methods add virtual tokens (model.prompt). The options are kept in model.adapter_config."""
     try:
         cfg = AdapterConfig(method=method, **options)
     except TypeError as e:
-        raise ValueError(f"add_adapters: {e}") from None
+        raise ValueError(f"attach: {e}") from None
+    plain = not (cfg.rank_pattern or cfg.alpha_pattern or cfg.rslora or cfg.groups)
+    if method in ("lora", "nara", "multi-lora") and plain and ablations.switches(cfg) == ablations.PAPER:
+        nara.add_adapters(model, method, cfg.r, cfg.targets, cfg.alpha, cfg.dropout, cfg.eta, bins=cfg.bins,
+                          verbose=verbose)
+        model.adapter_config = asdict(cfg)
+        return model
     if getattr(model, "adapter_config", None):
         raise ValueError(f"this model already has {model.adapter_config['method']} adapters")
     for p in model.parameters():
         p.requires_grad_(False)
     device = model.transformer.wte.weight.device
     if method in PROMPT:
-        model.prompt = prompts.VirtualTokens(model.transformer.wte, cfg.virtual_tokens,
+        model.prompt = baselines.VirtualTokens(model.transformer.wte, cfg.virtual_tokens,
                                              model.config.vocab_size,
                                              cfg.prompt_init, (cfg.encoder_hidden or model.config.d_model)
                                              if method == "p-tuning" else None)
@@ -112,6 +117,7 @@ def add_adapters(model, method="nara", verbose=True, **options):
         if method in ("nara", "nara-dora"):                             # the hypernetworks first (RNG order)
             for key in sorted(set(group_of.values())):
                 model.noise_nets[key] = ablations.hypernetwork(cfg).to(device)
+            ablations.watch_input(model)                                # density-conditioned ones
         elif method == "nara-c":
             model.noise_nets["nara"] = baselines.StaticCore(cfg.r, cfg.eta).to(device)
 
@@ -272,16 +278,16 @@ def check_flags(args):
 
 
 def check_on_meta(config, method, options):
-    """add_adapters on a weightless copy of the model (the meta device): a bad --targets or adapter option
+    """attach on a weightless copy of the model (the meta device): a bad --targets or adapter option
     fails in a second, before an 8B model loads. The random streams are left as they were. Returns
     `options`."""
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        add_adapters(LLaDA(config), method, verbose=False, **options)
+        attach(LLaDA(config), method, verbose=False, **options)
     return options
 
 
 def from_flags(args, tok):
-    """add_adapters' options from train.py's flags."""
+    """attach's options from train.py's flags."""
     pairs = [item.split("=", 1) for item in args.groups.split(",")] if args.groups else []
     groups = {g: tuple(members.split("+")) for g, members in pairs}
     text = args.prompt_init_text

@@ -8,6 +8,7 @@ bit on a CPU; on CUDA some reductions are not deterministic, so a resumed run is
 bit for bit), best/ (the best validation adapter) and adapter/ (the final one). A finished run is never
 modified; a run killed before its first checkpoint starts again cleanly.
 """
+import argparse
 import hashlib
 import json
 import math
@@ -18,12 +19,33 @@ from pathlib import Path
 
 import torch
 
-import adapters
-from checkpoint import atomic_write, read_json
-from tasks import accuracy, load_items, read_records, sft_rows
+from extras import adapters
+from extras.files import atomic_write
+from extras.tasks import accuracy, load_items, read_records, sft_rows
+from model import read_json
 
 # what may change when a run is resumed
 RESUMABLE = ("out", "resume", "stop_at", "test", "grad_checkpointing")
+
+
+def parse_args(argv, description, recipe, bundled):
+    """train.py's flags (these and adapters.add_flags); the values of `recipe` with --model, else those of
+    `bundled`. The bundled test goes only with the bundled data; the default --out is runs/<name>."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(ap, recipe, bundled)
+    adapters.add_flags(ap)
+    args = ap.parse_args(argv)
+    preset = bundled if args.model is None else recipe
+    default_data = args.data is None or Path(args.data).resolve() == Path(bundled.data).resolve()
+    for k, v in vars(preset).items():
+        if getattr(args, k) is None and not (k == "test" and not default_data):   # the test follows the data
+            setattr(args, k, v)
+    if args.data is None:
+        ap.error("--data is required with --model")
+    adapters.check_flags(args)
+    name = "default" if preset is bundled and default_data else f"{Path(args.data).stem}-{args.method}"
+    check_flags(args, name)
+    return args
 
 
 def add_flags(ap, recipe, bundled):

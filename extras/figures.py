@@ -6,10 +6,10 @@ import csv
 
 import torch
 
-import adapters
 import nara
 from diffusion import sft_mask
-from tasks import pad_sft, sft_pair
+from extras import adapters
+from extras.tasks import pad_sft, sft_pair
 
 LAMS = [round(0.1 * k, 1) for k in range(1, 11)]
 

@@ -5,7 +5,7 @@
     interop.export_peft(model, dir, lam=0.5)   # LoRA (NaRA at a fixed λ) that PEFT's PeftModel loads
     interop.load_peft(model, dir)              # a PEFT LoRA adapter onto a plain LLaDA, as method "lora"
 
-The authors' NaRA checkpoints are read by authors.py (load_adapter recognises them).
+The NaRA authors' checkpoints are read too (load_authors, at the end; load_adapter recognises them).
 """
 import json
 import re
@@ -13,12 +13,10 @@ from pathlib import Path
 
 import torch
 
-import adapters
-import authors
-import baselines
 import nara
-from checkpoint import atomic_write, check_keys, open_safetensors, read_json, read_safetensors
-from model import Linear
+from extras import adapters, baselines
+from extras.files import atomic_write, read_safetensors
+from model import Linear, check_keys, open_safetensors, read_json
 
 PEFT_PREFIX = "base_model.model.model."
 
@@ -81,14 +79,14 @@ def load_adapter(model, directory, verbose=True):
     directory = Path(directory)
     kind = adapter_format(directory)
     if kind != "ours":
-        return (authors.load_authors if kind == "authors" else load_peft)(model, directory, verbose)
+        return (load_authors if kind == "authors" else load_peft)(model, directory, verbose)
     cfg_file, file = directory / "adapter_config.json", directory / "adapter.safetensors"
     config = read_json(cfg_file)
     if config.pop("base_shapes", None) != shape_id(model):
         raise ValueError(f"{cfg_file}: saved for a model with different shapes than this one")
     try:
         cfg = adapters.AdapterConfig.from_dict(config)
-        adapters.add_adapters(model, verbose=verbose, **vars(cfg))
+        adapters.attach(model, verbose=verbose, **vars(cfg))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{cfg_file}: {e}") from None
     return adapters.load_state(model, read_safetensors(file), f"{file} ({config['method']} adapters)")
@@ -205,7 +203,7 @@ def load_peft(model, directory, verbose=True):
         if kr is not None and ka is not None and kr != ka:
             raise ValueError(f"{cfg_file}: rank_pattern key {kr!r} and alpha_pattern key {ka!r} both match "
                              f"{n}: PEFT releases disagree on what that means")
-    adapters.add_adapters(model, "dora" if body.get("use_dora") else "lora", r=r, targets=chosen, alpha=alpha,
+    adapters.attach(model, "dora" if body.get("use_dora") else "lora", r=r, targets=chosen, alpha=alpha,
                           dropout=body.get("lora_dropout", 0.0), rslora=bool(body.get("use_rslora")),
                           rank_pattern={n: pattern_value(rp, "model." + n, r) for n in chosen},
                           alpha_pattern={n: pattern_value(ap, "model." + n, alpha) for n in chosen},
@@ -221,3 +219,96 @@ def load_peft(model, directory, verbose=True):
                 names[key + ".weight" if key + ".weight" in tensors else key] = f"{n}.magnitude"
     check_keys(file, tensors, names)
     return adapters.load_state(model, {names[k]: v for k, v in tensors.items()}, file)
+
+
+# ---------------------------------------------------------------- the NaRA authors' checkpoints
+# The authors' code (github.com/wataeiei/NaRA, commits 7a11f2e-15718ac, `nara/tuners/nara.py` and
+# `nara/utils/save_and_load.py`) saves `adapter_model.bin` (a torch.save'd dict of tensors; read here
+# with weights_only=True, never unpickled) and an `adapter_config.json` with peft_type "NARA". Its keys,
+# after the authors strip the adapter name:
+#     base_model.model.model.transformer.blocks.{i}.{q_proj,...}.lora_A / .lora_B   A (r, d_in), B (d_out, r)
+#     base_model.global_mapper[.{group}].model.{0,2,4}.{weight,bias}         F_φ (one per group)
+#     base_model.embedding_layers.{NL,ND}_emb.W   (or .proj.weight/.bias)   e_λ / e_density
+#     base_model.constant_c                                            NaRA-C's P (input_mode "constant")
+# and its layer computes W0 x + scale_ab · ((dropout(x) Aᵀ) M) Bᵀ with M = I + c_scale · F.view(r, r):
+# with nara.core's column-major reading C = Mᵀ, so the same tensors load unchanged and give the same
+# outputs. Departure: the authors share one embedding between mapper groups; here each group's
+# hypernetwork holds its own copy (identical after loading).
+AUTHORS_MODES = {"nl": "lambda", "nd": "density", "both": "both"}
+AUTHORS_INITS = {"zero_last": "zero_last", "kaiming_uniform_m": "kaiming", "zero_all": "zero_all"}
+
+
+def authors_config(body, where):
+    """attach arguments for the authors' NARAConfig fields; a one-line error for what the
+    project does not implement."""
+    for key, ok in (("bias", "none"), ("fan_in_fan_out", False), ("modules_to_save", None)):
+        if body.get(key, ok) not in (ok, [] if ok is None else ok):
+            raise ValueError(f"{where}: {key}={body[key]!r} is not supported (only {ok!r})")
+    mode = body.get("input_mode", "nl")
+    if mode not in (*AUTHORS_MODES, "constant"):
+        raise ValueError(f"{where}: input_mode={mode!r} is not one of nl, nd, both, constant")
+    targets = body.get("target_modules")
+    if not isinstance(targets, list):
+        raise ValueError(f"{where}: target_modules={targets!r}: only a list of module names is supported")
+    r = int(body.get("r_ab", 8))
+    if mode in ("nd", "both") and not body.get("density_radius"):
+        raise ValueError(f"{where}: input_mode={mode!r} needs density_radius")
+    groups = body.get("mapper_groups")
+    if groups and sorted(t for g in groups.values() for t in g) != sorted(targets):
+        raise ValueError(f"{where}: mapper_groups {groups} must list the target_modules exactly once")
+    return dict(method="nara-c" if mode == "constant" else "nara", r=r, targets=targets,
+                alpha=float(body.get("scale_ab", 1.0)) * r, dropout=float(body.get("lora_dropout", 0.0)),
+                eta=float(body.get("c_scale", 1.0)), embedding=body.get("embedding_type", "fourier"),
+                groups=groups or None, width=int(body.get("embedding_dim", 64)),
+                hidden=(int(body.get("fnn_hidden_size_1", 256)), int(body.get("fnn_hidden_size_2", 512))),
+                init=AUTHORS_INITS.get(body.get("init_c", "zero_last"), "zero_last"),
+                signal=AUTHORS_MODES.get(mode, "lambda"), radius=int(body.get("density_radius") or 5))
+
+
+def authors_keys(model, groups):
+    """{authors' key: our key} for every adapter tensor of `model` (built by authors_config)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nara.LoRALinear):
+            for ab in ("lora_A", "lora_B"):
+                out[f"{PEFT_PREFIX}{name}.{ab}"] = f"{name}.{ab}"
+    for key, net in model.noise_nets.items():
+        if isinstance(net, baselines.StaticCore):
+            out["base_model.constant_c"] = f"noise_nets.{key}.P"
+            continue
+        mapper = "base_model.global_mapper." + (f"{key[len('nara_'):]}." if groups else "")
+        for j in range(0, len(net.net), 2):
+            for wb in ("weight", "bias"):
+                out[f"{mapper}model.{j}.{wb}"] = f"noise_nets.{key}.net.{j}.{wb}"
+    return out
+
+
+def load_authors(model, directory, verbose=True):
+    """Put a NaRA adapter saved by the authors' code onto a plain `model`, checking every key and shape."""
+    directory = Path(directory)
+    cfg_file = directory / "adapter_config.json"
+    body = read_json(cfg_file)
+    adapters.attach(model, **authors_config(body, cfg_file), verbose=verbose)
+    names = ("adapter_model.safetensors", "adapter_model.bin")
+    file = next((directory / f for f in names if (directory / f).is_file()), None)
+    if file is None:
+        raise FileNotFoundError(f"{directory}: neither {' nor '.join(names)} found")
+    if file.suffix == ".bin":
+        try:
+            saved = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{file}: not a readable tensor file ({type(e).__name__}: {e})") from None
+    else:
+        saved = read_safetensors(file)
+    ours = authors_keys(model, body.get("mapper_groups"))
+    emb = {k: v for k, v in saved.items() if k.startswith("base_model.embedding_layers.")}
+    check_keys(file, {k: v for k, v in saved.items() if k not in emb}, ours)
+    state = {ours[k]: v for k, v in saved.items() if k in ours}
+    for key, net in model.noise_nets.items():           # the shared embeddings, into every hypernetwork
+        for short, suffix in (("NL", ""), ("ND", "_density")):
+            for k, v in emb.items():
+                if k.startswith(f"base_model.embedding_layers.{short}_emb."):
+                    rest = k.split(f"{short}_emb.", 1)[1]                # W, or proj.weight / proj.bias
+                    ours = "W" + suffix if rest == "W" else f"embed{suffix}.0.{rest.split('.', 1)[1]}"
+                    state[f"noise_nets.{key}.{ours}"] = v
+    return adapters.load_state(model, state, f"{file} (the authors' NaRA)")

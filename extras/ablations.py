@@ -1,7 +1,8 @@
 """The authors' ablation switches: what C is conditioned on (λ, the input's noise density, or both), the
 λ embedding, the hypernetwork's widths and init, two-stage training, freezing parts, and a warm start
-from a saved LoRA. Skip on a first read: with its defaults, `Hypernetwork` is nara.Hypernetwork.
-train.py's flags reach them through adapters.AdapterConfig (--condition, --embedding, --hyper-init, ...).
+from a saved LoRA. With its defaults, `Hypernetwork` is nara.Hypernetwork. train.py's flags reach the
+hypernetwork's switches through adapters.AdapterConfig (--condition, --embedding, --hyper-init, ...), and
+the training switches through one call, `apply` (--freeze, --warm-start, and --stage1 as a context).
 """
 import contextlib
 import math
@@ -11,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nara
-from checkpoint import check_keys, read_safetensors
+from extras.files import read_safetensors
+from model import check_keys
 
 
 def mask_density(masked, valid=None, radius=5):
@@ -29,11 +31,13 @@ def mask_density(masked, valid=None, radius=5):
 
 
 class Hypernetwork(nara.Hypernetwork):
-    """nara.Hypernetwork with the ablation switches. signal: "lambda" (the paper), "density" (the input's
-    noise density, see mask_density) or "both" (the two embeddings concatenated); embedding: the fixed
-    Gaussian "fourier" [sin(vW), cos(vW)], W ~ N(0, 16²), a learnable "mlp" Linear(1, width) + SiLU, or
-    the "raw" value; init: "zero_last" (the paper: C = I at step 0), "kaiming" (the last layer too) or
-    "zero_all". Key names stay those of the authors' switches: W / embed for λ, W_density / embed_density."""
+    """nara.Hypernetwork with the ablation switches, overriding what they change: the embedding
+    (__init__, encode) and what C is conditioned on (forward). signal: "lambda" (the paper), "density"
+    (the input's noise density, see mask_density and watch_input) or "both" (the two embeddings
+    concatenated); embedding: the fixed Gaussian "fourier" [sin(vW), cos(vW)], W ~ N(0, 16²), a learnable
+    "mlp" Linear(1, width) + SiLU, or the "raw" value; init: "zero_last" (the paper: C = I at step 0),
+    "kaiming" (the last layer too) or "zero_all". Key names stay those of the authors' switches: W / embed
+    for λ, W_density / embed_density."""
     INPUTS = {"lambda": ("lam",), "density": ("density",), "both": ("lam", "density")}
 
     def __init__(self, r, eta=0.1, embedding="fourier", width=64, hidden=(256, 512), init="zero_last",
@@ -44,53 +48,76 @@ class Hypernetwork(nara.Hypernetwork):
                              "fourier|mlp|raw, signal lambda|density|both, init zero_last|kaiming|zero_all")
         if embedding == "fourier" and width % 2:
             raise ValueError(f"width={width}: a Fourier embedding needs an even width (sin and cos halves)")
-        # read by make_embedding
-        self.embedding, self.inputs, self.radius = embedding, self.INPUTS[signal], radius
-        super().__init__(r, eta, width, hidden)
+        nn.Module.__init__(self)                    # not nara's e_λ: this one's, then the same F_φ
+        self.r, self.eta, self.radius = r, eta, radius
+        self.embedding, self.inputs, self.density = embedding, self.INPUTS[signal], None
+        for name in self.inputs:                    # e_v's tensors, in the authors' order
+            suffix = "" if name == "lam" else "_density"
+            if embedding == "fourier":
+                self.register_buffer("W" + suffix, torch.randn(1, width // 2) * 16.0)
+            elif embedding == "mlp":
+                setattr(self, "embed" + suffix, nn.Sequential(nn.Linear(1, width), nn.SiLU()))
+        self.net = nara.mlp([(1 if embedding == "raw" else width) * len(self.inputs), *hidden, r * r])
         if init == "kaiming":
             nn.init.kaiming_uniform_(self.net[-1].weight, a=math.sqrt(5))
         elif init == "zero_all":
             for layer in self.net[::2]:
                 nn.init.zeros_(layer.weight)
 
-    def make_embedding(self, width):
-        for name in self.inputs:                    # e_v's tensors, in the authors' order
-            suffix = "" if name == "lam" else "_density"
-            if self.embedding == "fourier":
-                self.register_buffer("W" + suffix, torch.randn(1, width // 2) * 16.0)
-            elif self.embedding == "mlp":
-                setattr(self, "embed" + suffix, nn.Sequential(nn.Linear(1, width), nn.SiLU()))
-        return (1 if self.embedding == "raw" else width) * len(self.inputs)
-
     def encode(self, v, name="lam"):
-        """e_v for one conditioning value per sequence, in fp32: (B,) -> (B, width)."""
-        v, suffix = v.float()[:, None], "" if name == "lam" else "_density"          # (B, 1)
+        """e_v for one conditioning value per sequence, in fp32: (n,) -> (n, width)."""
+        v, suffix = v.float()[:, None], "" if name == "lam" else "_density"          # (n, 1)
         if self.embedding == "fourier":
-            proj = v @ getattr(self, "W" + suffix).float()                  # (B, width/2)
+            proj = v @ getattr(self, "W" + suffix).float()                  # (n, width/2)
             return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
         return getattr(self, "embed" + suffix)(v) if self.embedding == "mlp" else v
 
-    def forward(self, lam, masked=None, valid=None, density=None):
-        if "density" in self.inputs and density is None and masked is not None:
-            density = mask_density(masked, valid, self.radius)              # (B,) from the input itself
-        values = {"lam": lam, "density": density}
+    def forward(self, lam, density=None):
+        """C from λ and/or the noise density: given, or the input's during a forward (watch_input)."""
+        values = {"lam": lam, "density": self.density if density is None else density}
         for name in self.inputs:
             if values[name] is None:
                 raise ValueError(nara.NEEDS_LAMBDA if name == "lam" else
                                  "density-conditioned NaRA needs the input ids (or density=)")
         with torch.autocast(self.net[0].weight.device.type, enabled=False):
-            e = torch.cat([self.encode(values[n], n) for n in self.inputs], dim=-1)     # (B, inputs x width)
-            return nara.core(self.net(e.to(self.net[0].weight.dtype)), self.r, self.eta)  # (B, r, r)
+            e = torch.cat([self.encode(values[n], n) for n in self.inputs], dim=-1)      # (n, inputs x width)
+            return nara.core(self.net(e.to(self.net[0].weight.dtype)), self.r, self.eta)  # (n, r, r)
+
+
+def watch_input(model):
+    """Density-conditioned hypernetworks read the input: a forward pre-hook on `model` gives each the
+    noise density of the batch's masked tokens (attention_mask's padding left out) for that forward, and
+    a forward hook always clears it, so no value outlives its forward."""
+    nets = [net for net in model.noise_nets.values() if "density" in getattr(net, "inputs", ())]
+
+    def before(module, args, kwargs):
+        ids = args[0] if args else kwargs["input_ids"]
+        valid = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+        for net in nets:
+            net.density = mask_density(ids == module.config.mask_token_id, valid, net.radius)   # (B,)
+
+    def after(module, args, kwargs, output):
+        for net in nets:
+            net.density = None
+    if nets:
+        model.register_forward_pre_hook(before, with_kwargs=True)
+        model.register_forward_hook(after, with_kwargs=True, always_call=True)
+
+
+PAPER = dict(embedding="fourier", width=64, hidden=(256, 512), init="zero_last", signal="lambda", radius=5)
+
+
+def switches(cfg):
+    """The hypernetwork switches of an adapters.AdapterConfig (PAPER: the paper's hypernetwork)."""
+    return dict(embedding=cfg.embedding, width=cfg.width, hidden=tuple(cfg.hidden), init=cfg.init,
+                signal=cfg.signal, radius=cfg.radius)
 
 
 def hypernetwork(cfg):
     """The hypernetwork of an adapters.AdapterConfig: the paper's, or one with the ablation switches."""
-    switches = dict(embedding=cfg.embedding, width=cfg.width, hidden=tuple(cfg.hidden), init=cfg.init,
-                    signal=cfg.signal, radius=cfg.radius)
-    if switches == dict(embedding="fourier", width=64, hidden=(256, 512), init="zero_last",
-                        signal="lambda", radius=5):
+    if switches(cfg) == PAPER:
         return nara.Hypernetwork(cfg.r, cfg.eta)
-    return Hypernetwork(cfg.r, cfg.eta, **switches)
+    return Hypernetwork(cfg.r, cfg.eta, **switches(cfg))
 
 
 @contextlib.contextmanager
@@ -98,10 +125,10 @@ def identity_cores(model):
     """Stage 1 of the authors' two-stage training: inside this block every shared core is C = I and its
     network gets no gradient (NaRA trains as LoRA); leaving the block always restores it."""
     def identity(net):
-        def forward(lam=None, masked=None, valid=None, density=None):
+        def forward(lam=None, density=None):
             if not isinstance(net, nara.Hypernetwork):                      # NaRA-C's one core
                 return torch.eye(net.P.shape[0], device=net.P.device)
-            values = {"lam": lam, "density": masked if density is None else density}
+            values = {"lam": lam, "density": getattr(net, "density", None) if density is None else density}
             needed = [values[n] for n in getattr(net, "inputs", ("lam",))]
             if any(v is None for v in needed):
                 raise ValueError(nara.NEEDS_LAMBDA)
@@ -117,11 +144,15 @@ def identity_cores(model):
             del net.forward
 
 
-def apply(model, args):
-    """train.py's ablation switches on a model with adapters, in one call: --freeze and --warm-start."""
+def apply(model, args, total):
+    """train.py's ablation switches on a model with adapters, in one call: --freeze and --warm-start now;
+    returns stages(step), the context of update `step`: C = I for the first --stage1 x total updates
+    (two-stage training, identity_cores), nothing after them."""
     freeze(model, [p for p in args.freeze.split(",") if p])
     if args.warm_start:
         warm_start(model, args.warm_start)
+    first = round(args.stage1 * total)
+    return lambda step: identity_cores(model) if step < first else contextlib.nullcontext()
 
 
 def freeze(model, parts):
