@@ -115,7 +115,7 @@ def slug(text):
 
 def check_lengths(task):
     """Refuse a protocol under which any item would be skipped or truncated."""
-    from tasks import load_tokenizer, prompt_of, sft_pair
+    from extras.tasks import load_tokenizer, prompt_of, sft_pair
     spec = TASKS[task]
     tok = load_tokenizer(ROOT / spec["model"])
     for split in ("data", "test"):
@@ -166,7 +166,8 @@ def fingerprint(task, argv):
 def validation_rows(task, tok, eos, seed):
     """The rows train.py holds out at this seed (train.main's split), as it pads them."""
     import torch
-    from tasks import sft_rows
+
+    from extras.tasks import sft_rows
     spec = TASKS[task]
     ids, answer, *_ = sft_rows(tok, ROOT / spec["data"], spec["max_length"], eos)
     perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))[:spec["val_size"]]
@@ -176,9 +177,8 @@ def validation_rows(task, tok, eos, seed):
 def score(task, model, tok, seed, limit=None):
     """Test accuracy by generation, the Figure 1 curves (model and base) on the validation rows and (NaRA)
     the Figure 3 sizes of one model."""
-    import adapters
-    import figures
-    from tasks import accuracy, load_items
+    from extras import adapters, figures
+    from extras.tasks import accuracy, load_items
     examples = load_items("auto", ROOT / TASKS[task]["test"])[:limit]
     acc, _ = accuracy(model.eval(), tok, examples, **TASKS[task]["gen"])
     ids, answer = validation_rows(task, tok, model.config.eos_token_id, seed)
@@ -196,10 +196,10 @@ def run_job(job):
     """Train and score one run; write its record."""
     import torch
     torch.set_num_threads(1)
-    import interop
-    from checkpoint import atomic_write
+    from extras import interop
+    from extras.files import atomic_write
+    from extras.tasks import load_tokenizer
     from model import LLaDA
-    from tasks import load_tokenizer
     record_file, work, s = Path(job["record"]), Path(job["work"]), job["settings"]
     shutil.rmtree(work, ignore_errors=True)                           # a partly trained run starts over
     work.mkdir(parents=True)
@@ -229,9 +229,9 @@ def base_job(job):
     """The base model's test accuracy, once per task."""
     import torch
     torch.set_num_threads(1)
-    from checkpoint import atomic_write
+    from extras.files import atomic_write
+    from extras.tasks import accuracy, load_items, load_tokenizer
     from model import LLaDA
-    from tasks import accuracy, load_items, load_tokenizer
     record_file, s = Path(job["record"]), job["settings"]
     model_dir = ROOT / TASKS[s["task"]]["model"]
     with contextlib.redirect_stdout(open(os.devnull, "w")):
@@ -250,13 +250,29 @@ class Missing(Exception):
 
 
 class Slots:
-    """`n` workers handed out by priority: the lowest waiting key gets the next free one."""
-    def __init__(self, n):
-        self.free, self.waiting, self.cv, self.count = n, [], threading.Condition(), itertools.count()
+    """`n` workers handed out by priority: the lowest waiting key gets the next free one. With `settle`,
+    none is handed out before no job has asked for `settle` seconds: at the start every group's jobs
+    (records read, rates decided from them) queue first, so the first workers too go by priority."""
+    def __init__(self, n, settle=0.0):
+        self.free, self.waiting, self.cv, self.count = 0 if settle else n, [], threading.Condition(), \
+            itertools.count()
+        self.asked = 0
+        if settle:
+            threading.Thread(target=self.open, args=(n, settle), daemon=True).start()
+
+    def open(self, n, settle):
+        seen = -1
+        while seen != self.asked:
+            seen = self.asked
+            time.sleep(settle)
+        with self.cv:
+            self.free += n
+            self.cv.notify_all()
 
     @contextlib.contextmanager
     def take(self, key):
         with self.cv:
+            self.asked += 1
             ticket = (key, next(self.count))
             heapq.heappush(self.waiting, ticket)
             self.cv.wait_for(lambda: self.free > 0 and self.waiting[0] == ticket)
@@ -276,7 +292,7 @@ class Experiment:
     takes a worker by priority (group, seed, arm); a record is reused when settings and fingerprint match."""
     def __init__(self, pool, protocol, records, work, report_only=False):
         self.pool, self.p, self.records, self.work = pool, protocol, Path(records), Path(work)
-        self.report_only, self.slots = report_only, Slots(pool._max_workers)
+        self.report_only, self.slots = report_only, Slots(pool._max_workers, settle=5.0)
         self.lock, self.jobs, self.rates, self.prints = threading.Lock(), {}, {}, {}
         self.commit = commit()
 

@@ -97,6 +97,7 @@ def test_methods_comparison_runs_end_to_end_and_reuses_only_matching_records(tmp
 def test_a_free_worker_goes_to_the_first_group_waiting():
     sys.path.insert(0, str(BENCH))
     import threading
+
     import methods
     slots, order, started = methods.Slots(1), [], []
 
@@ -113,6 +114,26 @@ def test_a_free_worker_goes_to_the_first_group_waiting():
     for t in threads:
         t.join()
     assert order == [(2, 0), (5, 0), (5, 1)]
+
+
+def test_at_the_start_the_workers_wait_until_every_job_has_asked():
+    sys.path.insert(0, str(BENCH))
+    import threading
+
+    import methods
+    slots, order = methods.Slots(1, settle=0.3), []
+
+    def job(key):
+        with slots.take(key):
+            order.append(key)
+    threads = [threading.Thread(target=job, args=((5, 0),))]
+    threads[0].start()
+    threading.Event().wait(0.1)                        # a later group asks first, an earlier one after it
+    threads.append(threading.Thread(target=job, args=((2, 0),)))
+    threads[1].start()
+    for t in threads:
+        t.join()
+    assert order == [(2, 0), (5, 0)]
 
 
 def test_methods_refuses_a_protocol_that_would_skip_items(tmp_path, monkeypatch):
