@@ -358,8 +358,9 @@ def main():
         "address to a later tensor, which was then skipped as already counted, and the recomputed block "
         "read 97.1 or 105.1 KiB depending on what the process had run before; weights and the per-batch "
         "bf16 copies of A and B left out). `recomputed` is the default on CUDA (`model.recompute`): the "
-        "norms keep their bf16 input instead of its fp32 copy, SiLU(gate)·up keeps gate and up, and each adapter's "
-        "dropout(x)·Aᵀ keeps only x, shared by q, k and v, and the RNG state; backward recomputes them, and "
+        "norms keep their bf16 input instead of its fp32 copy, SiLU(gate)·up keeps gate and up, and each "
+        "adapter's dropout(x)·Aᵀ keeps only x, shared by q, k and v, and the RNG state; backward recomputes "
+        "them, and "
         "gradients are bit for bit the same (tests/test_model.py). On CPU the dropout masks are kept in "
         "bf16; on CUDA they are bool (half).", "", *account, "",
         "## Goals", "",

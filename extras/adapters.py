@@ -33,8 +33,8 @@ class AdapterConfig:
     alpha/√r) for lora, dora and hira. NaRA's ablation switches (ablations.Hypernetwork): embedding
     fourier|mlp|raw, its width, the hidden widths, init zero_last|kaiming|zero_all, signal lambda|density|
     both (what C is conditioned on), the density radius, and groups {name: layers} (one hypernetwork per
-    group). Prompt methods (baselines.VirtualTokens): virtual_tokens, prompt_init (token ids of an initial text),
-    encoder_hidden (P-Tuning's MLP width, default d_model)."""
+    group). Prompt methods (baselines.VirtualTokens): virtual_tokens, prompt_init (token ids of an initial
+    text), encoder_hidden (P-Tuning's MLP width, default d_model)."""
     method: str = "nara"
     r: int = 32
     targets: list = field(default_factory=lambda: list(nara.TARGETS))

@@ -31,7 +31,8 @@ RESUMABLE = ("out", "resume", "stop_at", "test", "grad_checkpointing")
 def parse_args(argv, description, recipe, bundled):
     """train.py's flags (these and adapters.add_flags); the values of `recipe` with --model, else those of
     `bundled`. The bundled test goes only with the bundled data; the default --out is runs/<name>."""
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(ap, recipe, bundled)
     adapters.add_flags(ap)
     args = ap.parse_args(argv)
