@@ -295,6 +295,10 @@ class Experiment:
         self.report_only, self.slots = report_only, Slots(pool._max_workers, settle=5.0)
         self.lock, self.jobs, self.rates, self.prints = threading.Lock(), {}, {}, {}
         self.commit = commit()
+        self.first = {}             # (task, arm) -> (group, arm index) of the earliest group sweeping it
+        for name, spec in sorted(protocol["groups"].items(), key=lambda g: "abcdefq".index(g[0])):
+            for i, arm in enumerate(spec["arms"] if spec["rate"] == "sweep" else ()):
+                self.first.setdefault((spec["task"], arm), ("abcdefq".index(name), i))
 
     def settings(self, task, arm, lr, seed):
         p, spec, T = self.p, TASKS[task], self.p["updates"][task]
@@ -351,6 +355,7 @@ class Experiment:
                 owner = False
         if not owner:
             return self.rates[task, arm].result()
+        g, i = min((g, i), self.first.get((task, arm), (g, i)))   # whichever group asked first
         try:
             grid = list(self.p["lrs"])
             with ThreadPoolExecutor(len(grid)) as ex:

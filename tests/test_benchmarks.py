@@ -136,6 +136,18 @@ def test_at_the_start_the_workers_wait_until_every_job_has_asked():
     assert order == [(2, 0), (5, 0)]
 
 
+def test_a_sweep_two_groups_need_runs_at_the_earlier_groups_priority(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    import types
+
+    import methods
+    ex = methods.Experiment(types.SimpleNamespace(_max_workers=1), methods.PROTOCOL, tmp_path, tmp_path)
+    asked = []
+    ex.run = lambda task, arm, lr, seed, priority: asked.append(priority) or {"best_val_loss": abs(lr - 3e-3)}
+    lr, _ = ex.rate("instruct", "lora", 5, 0)             # group f asks first; group b (1) also sweeps it
+    assert lr == 3e-3 and {p[:3] for p in asked} == {(1, 0, 0)}
+
+
 def test_methods_refuses_a_protocol_that_would_skip_items(tmp_path, monkeypatch):
     sys.path.insert(0, str(BENCH))
     import methods
