@@ -251,8 +251,9 @@ class Missing(Exception):
 
 class Slots:
     """`n` workers handed out by priority: the lowest waiting key gets the next free one. With `settle`,
-    none is handed out before no job has asked for `settle` seconds: at the start every group's jobs
-    (records read, rates decided from them) queue first, so the first workers too go by priority."""
+    none is handed out before a first job has asked and then none for `settle` seconds: at the start every
+    group's jobs (records read, rates decided from them) queue first, however long the fingerprints
+    take before them, so the first workers too go by priority."""
     def __init__(self, n, settle=0.0):
         self.free, self.waiting, self.cv, self.count = 0 if settle else n, [], threading.Condition(), \
             itertools.count()
@@ -261,8 +262,8 @@ class Slots:
             threading.Thread(target=self.open, args=(n, settle), daemon=True).start()
 
     def open(self, n, settle):
-        seen = -1
-        while seen != self.asked:
+        seen = 0
+        while seen == 0 or seen != self.asked:                            # the first ask, then quiet
             seen = self.asked
             time.sleep(settle)
         with self.cv:

@@ -136,6 +136,28 @@ def test_at_the_start_the_workers_wait_until_every_job_has_asked():
     assert order == [(2, 0), (5, 0)]
 
 
+def test_the_wait_counts_from_the_first_job_not_from_the_start():
+    """The fingerprints take longer than `settle` before any job asks: the workers still wait."""
+    sys.path.insert(0, str(BENCH))
+    import threading
+
+    import methods
+    slots, order = methods.Slots(1, settle=0.2), []
+
+    def job(key):
+        with slots.take(key):
+            order.append(key)
+    threading.Event().wait(0.5)                        # nothing asks for longer than settle
+    threads = [threading.Thread(target=job, args=((5, 0),))]
+    threads[0].start()
+    threading.Event().wait(0.05)
+    threads.append(threading.Thread(target=job, args=((2, 0),)))
+    threads[1].start()
+    for t in threads:
+        t.join()
+    assert order == [(2, 0), (5, 0)]
+
+
 def test_a_sweep_two_groups_need_runs_at_the_earlier_groups_priority(tmp_path):
     sys.path.insert(0, str(BENCH))
     import types
