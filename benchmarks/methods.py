@@ -270,13 +270,25 @@ class Slots:
             self.free += n
             self.cv.notify_all()
 
+    def ticket(self, key):
+        """A place in the queue, [key, arrival]: `promote` can lower its key while it waits."""
+        return [key, next(self.count)]
+
+    def promote(self, ticket, key):
+        """A second asker with a lower key moves the ticket up to it."""
+        with self.cv:
+            if key < ticket[0]:
+                ticket[0] = key
+                heapq.heapify(self.waiting)
+                self.cv.notify_all()
+
     @contextlib.contextmanager
-    def take(self, key):
+    def take(self, key, ticket=None):
         with self.cv:
             self.asked += 1
-            ticket = (key, next(self.count))
+            ticket = ticket or self.ticket(key)
             heapq.heappush(self.waiting, ticket)
-            self.cv.wait_for(lambda: self.free > 0 and self.waiting[0] == ticket)
+            self.cv.wait_for(lambda: self.free > 0 and self.waiting[0] is ticket)
             heapq.heappop(self.waiting)
             self.free -= 1
             self.cv.notify_all()
@@ -319,14 +331,18 @@ class Experiment:
             self.prints[key] = fp
 
     def run(self, task, arm, lr, seed, priority):
-        """The record of one run: reused, shared with a pipeline that asked first, or trained now."""
+        """The record of one run: reused, shared with a pipeline that asked first (at the lower of both
+        priorities: a later group's request never holds back an earlier group's), or trained now."""
         s = self.settings(task, arm, lr, seed)
         name = f"{slug(arm)}/lr{lr:g}-u{s['updates']}-seed{seed}"
         record = self.records / task / f"{name}.json"
         with self.lock:
-            if record in self.jobs:
-                return self.jobs[record].result()
-            self.jobs[record] = future = Future()
+            shared = self.jobs.get(record)
+            if shared is None:
+                future, ticket = self.jobs[record] = Future(), self.slots.ticket(priority)
+        if shared is not None:                                           # waited for outside the lock
+            self.slots.promote(shared[1], priority)
+            return shared[0].result()
         try:
             old = json.loads(record.read_text()) if record.exists() else None
             if old and old["settings"] == s and old.get("fingerprint") == self.prints[task, arm]:
@@ -334,7 +350,7 @@ class Experiment:
             elif self.report_only:
                 raise Missing(f"{task} {arm} lr {lr:g} seed {seed}")
             else:
-                with self.slots.take(priority):
+                with self.slots.take(priority, ticket):
                     job = dict(settings=s, record=str(record), work=str(self.work / task / name),
                                fingerprint=self.prints[task, arm], commit=self.commit)
                     r = self.pool.submit(run_job, job).result()

@@ -170,6 +170,43 @@ def test_a_sweep_two_groups_need_runs_at_the_earlier_groups_priority(tmp_path):
     assert lr == 3e-3 and {p[:3] for p in asked} == {(1, 0, 0)}
 
 
+def test_a_run_two_groups_need_goes_at_the_earlier_groups_priority_and_blocks_no_one(tmp_path):
+    """Group f asks for a run first, group b for the same run after it: b's priority is taken, and
+    while b waits for f's job, a third run (another group's) still reaches the queue."""
+    sys.path.insert(0, str(BENCH))
+    import threading
+    import types
+    from concurrent.futures import Future
+
+    import methods
+    done = []
+
+    def submit(fn, job):
+        done.append(job["settings"]["arm"])
+        f = Future()
+        f.set_result({"train_s": 0, "score_s": 0, "best_val_loss": 1.0, "accuracy": 1.0})
+        return f
+    ex = methods.Experiment(types.SimpleNamespace(_max_workers=1, submit=submit), methods.PROTOCOL,
+                            tmp_path, tmp_path)
+    ex.slots = methods.Slots(1)
+    ex.prints = {("arith", a): "fp" for a in ("lora", "nara", "dora")}
+    run = lambda arm, key: threading.Thread(target=ex.run, args=("arith", arm, 1e-3, 1, key),  # noqa: E731
+                                            daemon=True)
+    with ex.slots.take((0,)):                          # the worker is busy while the three ask
+        threads = [run("nara", (5, 1)), run("nara", (1, 1)), run("dora", (3, 1))]
+        for t in threads:
+            t.start()
+            threading.Event().wait(0.1)
+        for _ in range(300):
+            if len(ex.slots.waiting) == 2:
+                break
+            threading.Event().wait(0.01)
+        assert len(ex.slots.waiting) == 2, "a request waiting for a shared run held back another run"
+    for t in threads:
+        t.join()
+    assert done == ["nara", "dora"]
+
+
 def test_methods_refuses_a_protocol_that_would_skip_items(tmp_path, monkeypatch):
     sys.path.insert(0, str(BENCH))
     import methods
