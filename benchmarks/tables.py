@@ -95,7 +95,7 @@ def report(name, command, task, lr_of, records, base, results, sweeps, T, group)
                                                for i in range(len(sized))) + " |" for row in rows3]
         plot(results / f"{name}_figure3.png", [f"{a}: ‖{k}‖" for a in sized for k in ("C(λ) − I", "ΔW(λ)")],
              [[r[0]] + [v for x in r[1:] for v in (x, 0.0)] for r in rows3], f"{task}: NaRA's update size "
-             "(Figure 3)", "Frobenius norm, mean over layers and seeds")
+             "(Figure 3)", "Frobenius norm, mean over layers and seeds", paired=True)
     (results / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -121,7 +121,9 @@ def write_csv(path, header, rows):
         csv.writer(f).writerows([header] + [[f"{v:.6g}" for v in row] for row in rows])
 
 
-def plot(path, arms, rows, title, ylabel):
+def plot(path, arms, rows, title, ylabel, paired=False):
+    """One line per arm with its ± std band; paired: lines 2i and 2i+1 are one arm's two measures, drawn
+    in one hue (dashed, then solid) so that any number of arms stays legible."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -132,9 +134,10 @@ def plot(path, arms, rows, title, ylabel):
     lams = [row[0] for row in rows]
     for i, a in enumerate(arms):
         mean, std = [row[1 + 2 * i] for row in rows], [row[2 + 2 * i] for row in rows]
-        ax.plot(lams, mean, marker="o", ms=3, label=a)
+        style = dict(color=plt.cm.tab20(i % 20), ls="--" if i % 2 == 0 else "-") if paired else {}
+        line, = ax.plot(lams, mean, marker="o", ms=3, label=a, **style)
         low, high = [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)]
-        ax.fill_between(lams, low, high, alpha=0.15)
+        ax.fill_between(lams, low, high, alpha=0.15, color=line.get_color())
     ax.set_xlabel("noise level λ (masked fraction of the answer)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
