@@ -46,12 +46,16 @@ The protocol (fixed before any run of it; an arm is a method plus train.py flags
      A group's tables are written as soon as its last run is in (f rewrites b's instruct.md).
 
 Each finished run leaves a small record, benchmarks/results/runs/<task>/<arm>/lr<lr>-u<T>-seed<s>.json:
-its settings, the commit it ran on, its results, and the fingerprint of its arm: a hash of the adapter
-and validation losses of a 2-update train.py run of that arm, taken by this script on the code it runs.
-A record is reused only when its settings and its fingerprint equal today's, so the experiment is
-completed in parts, on several machines (commit the records), and a change to the training numerics
-(code or torch) makes every record it touches run again. Run it from a clone pinned to one commit
-(--results may point elsewhere). Training folders go to runs/methods/ (not kept).
+its settings, the commit and machine it ran on (runs.machine: torch, kernel path, CPU), its results, and
+the fingerprint of its arm: a 2-update train.py run of that arm on the code this script runs, as a
+bit-exact hash and as values (its losses and adapter norms). A record is reused when its settings equal
+today's and its numerics do: the same hash on the machine it was made on, values within TOLERANCE on
+another (a kernel path rounds differently; the code did not change). So the experiment is completed in
+parts, on several machines (commit the records), and a change to the training numerics makes every
+record it touches run again. `--second-path` runs LoRA and NaRA of groups a and f again as records of
+this machine's kernel path, in benchmarks/results/paths/<path>/. Run it from a clone pinned to one
+commit (--results may point elsewhere). Training folders go to runs/methods/, where only each run's
+scored adapter is kept (<run>.adapter).
 --smoke runs a tiny protocol in a temporary folder and never touches benchmarks/results/.
 """
 import argparse
@@ -151,16 +155,41 @@ def train(task, argv, out, log):
 
 
 def fingerprint(task, argv):
-    """A hash of a 2-update run's adapter and validation losses under these train.py flags."""
+    """The numbers of a 2-update run of an arm under these train.py flags: `hash`, of its adapter and
+    validation losses (bit-exact: equal only where the machine is, runs.machine()), `values`, the two
+    losses and each adapter tensor's norm (compared within TOLERANCE on another machine), `machine`."""
     import torch
     from safetensors.torch import load_file
+
+    from extras.runs import machine
+    torch.set_num_threads(1)                                          # as train() runs it
     with tempfile.TemporaryDirectory(prefix="methods-fp-") as tmp:
         argv = [*argv, "--max-updates", "2", "--eval-every", "1", "--batch-size", "4"]
         steps = train(task, argv, Path(tmp) / "run", Path(tmp) / "log.txt")
-        h = hashlib.sha256(json.dumps([m["val_loss"] for m in steps]).encode())
-        for k, t in sorted(load_file(Path(tmp) / "run" / "adapter" / "adapter.safetensors").items()):
+        losses = [m["val_loss"] for m in steps]
+        h = hashlib.sha256(json.dumps(losses).encode())
+        tensors = sorted(load_file(Path(tmp) / "run" / "adapter" / "adapter.safetensors").items())
+        for k, t in tensors:
             h.update(k.encode() + t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return {"hash": h.hexdigest()[:16], "values": losses + [float(t.double().norm()) for _, t in tensors],
+            "machine": machine()}
+
+
+# How far a 2-update run's values may move with the machine alone: across the 9 kernel paths of one
+# CPU (ATEN_CPU_CAPABILITY default/avx2/avx512 x MKL_CBWR unset/AVX2/COMPATIBLE) the largest relative
+# difference was 8e-6; any change to the training code seen so far moves them by 1e-3 or more.
+TOLERANCE = 1e-4
+
+
+def same_numerics(record, fp):
+    """Whether `record` was made by today's training numerics (fp = today's fingerprint of its arm): the
+    same hash where the record's machine is today's; within TOLERANCE of its values on another machine,
+    whose rounding differs though the code does not (its runs are another draw, not a change)."""
+    if record.get("machine") == fp["machine"]:
+        return record.get("fingerprint") == fp["hash"]
+    old = record.get("fingerprint_values") or []
+    return len(old) == len(fp["values"]) and all(abs(a - b) <= TOLERANCE * abs(b)
+                                                 for a, b in zip(old, fp["values"]))
 
 
 def validation_rows(task, tok, eos, seed):
@@ -209,7 +238,9 @@ def run_job(job):
     log = (work / "log.txt").read_text()
     curve = [[m["step"], m["val_loss"]] for m in steps if "val_loss" in m]
     trainable = int(re.search(r"trainable ([\d,]+) of", log).group(1).replace(",", ""))
-    record = {"settings": s, "fingerprint": job["fingerprint"], "commit": job["commit"],
+    fp = job["fingerprint"]
+    record = {"settings": s, "fingerprint": fp["hash"], "fingerprint_values": fp["values"],
+              "machine": fp["machine"], "commit": job["commit"],
               "trainable": trainable, "best_val_loss": min(v for _, v in curve), "val_curve": curve,
               "train_s": time.time() - t0}
     t0 = time.time()
@@ -221,6 +252,9 @@ def run_job(job):
                       finished=time.strftime("%Y-%m-%d %H:%M"))
     record_file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(record_file, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    kept = work.parent / f"{work.name}.adapter"                       # the scored adapter, for later use
+    shutil.rmtree(kept, ignore_errors=True)
+    shutil.move(work / "run" / "best", kept)
     shutil.rmtree(work, ignore_errors=True)
     return record
 
@@ -309,9 +343,9 @@ class Experiment:
         self.lock, self.jobs, self.rates, self.prints = threading.Lock(), {}, {}, {}
         self.commit = commit()
         self.first = {}             # (task, arm) -> (group, arm index) of the earliest group sweeping it
-        for name, spec in sorted(protocol["groups"].items(), key=lambda g: "abcdefq".index(g[0])):
+        for name, spec in sorted(protocol["groups"].items(), key=lambda g: "abcdefpqr".index(g[0])):
             for i, arm in enumerate(spec["arms"] if spec["rate"] == "sweep" else ()):
-                self.first.setdefault((spec["task"], arm), ("abcdefq".index(name), i))
+                self.first.setdefault((spec["task"], arm), ("abcdefpqr".index(name), i))
 
     def settings(self, task, arm, lr, seed):
         p, spec, T = self.p, TASKS[task], self.p["updates"][task]
@@ -345,7 +379,7 @@ class Experiment:
             return shared[0].result()
         try:
             old = json.loads(record.read_text()) if record.exists() else None
-            if old and old["settings"] == s and old.get("fingerprint") == self.prints[task, arm]:
+            if old and old["settings"] == s and same_numerics(old, self.prints[task, arm]):
                 future.set_result(old)
             elif self.report_only:
                 raise Missing(f"{task} {arm} lr {lr:g} seed {seed}")
@@ -418,6 +452,10 @@ def main(argv=None):
                     "records are all in, and what the others lack")
     ap.add_argument("--quick", action="store_true", help="LoRA and NaRA on arith at group a's rates, seeds "
                     "0-1, in a temporary folder, compared with the committed records")
+    ap.add_argument("--second-path", action="store_true", help="groups a's and f's LoRA and NaRA again, "
+                    "seeds 0-4 at their committed rates, as records of this machine's kernel path in "
+                    "benchmarks/results/paths/<path>/: run it under another path than the committed "
+                    "records', e.g. ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE")
     ap.add_argument("--smoke", action="store_true", help="a tiny protocol in a temporary folder")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs, one "
                     "thread each")
@@ -432,14 +470,26 @@ def main(argv=None):
     results = scratch / "results" if scratch else committed
     work = Path(args.runs or (scratch / "runs" if scratch else ROOT / "runs" / "methods"))
     groups = args.groups or "".join(protocol["groups"])
+    fixed = {}                                        # (task, arm): the committed rate, not swept again
+    if args.quick or args.second_path:
+        for task in ("arith",) + ("instruct",) * args.second_path:
+            chosen = committed / f"{task}.json"
+            lr = json.loads(chosen.read_text())["lr"] if chosen.exists() else {}
+            if not {"lora", "nara"} <= set(lr):
+                sys.exit(f"error: {chosen} has no rates for lora and nara: run its group first")
+            fixed.update({(task, a): lr[a] for a in ("lora", "nara")})
     if args.quick:
-        chosen = committed / "arith.json"
-        lr = json.loads(chosen.read_text())["lr"] if chosen.exists() else {}
-        if not {"lora", "nara"} <= set(lr):
-            sys.exit(f"error: {chosen} has no rates for lora and nara: run group a first")
         quick = dict(task="arith", report="arith-quick", arms=("lora", "nara"), rate="method", seeds=2)
         protocol = {**protocol, "groups": {"q": quick}}
         groups = "q"
+    if args.second_path:
+        from extras.runs import machine
+        m = machine()
+        results = committed / "paths" / f"{m['cpu_capability']}-{m['mkl_cbwr'] or 'native'}".lower()
+        protocol = {**protocol, "groups": {
+            "p": dict(task="arith", report="arith", arms=("lora", "nara"), rate="method", seeds=5),
+            "r": dict(task="instruct", report="instruct", arms=("lora", "nara"), rate="method", seeds=5)}}
+        groups = "pr"
     unknown = [g for g in groups if g not in protocol["groups"]]
     if unknown:
         sys.exit(f"error: --groups {groups}: no group {unknown[0]!r} (choose from "
@@ -449,10 +499,9 @@ def main(argv=None):
     results.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
         ex = Experiment(pool, protocol, results / "runs", work, report_only=args.report)
-        if args.quick:
-            ex.rates = {("arith", a): Future() for a in ("lora", "nara")}        # group a's, not swept again
-            for (_, a), f in ex.rates.items():
-                f.set_result((lr[a], None))
+        for key, lr in fixed.items():
+            ex.rates[key] = Future()
+            ex.rates[key].set_result((lr, None))
         specs = [protocol["groups"][g] for g in groups]
         needed = {(s["task"], a) for s in specs for a in s["arms"]}    # and the arms they take rates from
         needed |= {(s["task"], a.split()[0]) for s in specs for a in s["arms"] if s["rate"] == "method"}
@@ -465,7 +514,7 @@ def main(argv=None):
                  for t in {protocol["groups"][g]["task"] for g in groups}} if not args.report else {}
 
         def do(g):
-            spec, k = protocol["groups"][g], "abcdefq".index(g)
+            spec, k = protocol["groups"][g], "abcdefpqr".index(g)
             try:
                 lr_of, sweeps, records = ex.group(g, k)
                 if "lora" not in records and spec["rate"] != "method":     # paired with LoRA of group a
@@ -477,7 +526,8 @@ def main(argv=None):
                 return print(f"group {g} ({spec['report']}): not complete, no record for {e}")
             base_file = results / "runs" / spec["task"] / "base.json"
             base = bases[spec["task"]].result() if bases else json.loads(base_file.read_text())
-            command = "python benchmarks/methods.py " + ("--quick" if args.quick else f"--groups {g}")
+            command = "python benchmarks/methods.py " + ("--quick" if args.quick else "--second-path"
+                                                         if args.second_path else f"--groups {g}")
             tables.report(spec["report"], command, spec["task"], lr_of, records, base, results, sweeps,
                           protocol["updates"][spec["task"]], g)
         with ThreadPoolExecutor(len(groups)) as threads:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import shutil
 import sys
 from pathlib import Path
@@ -136,6 +137,19 @@ def resolve_model(name):
     except Exception as e:   # noqa: BLE001 (any network failure)
         raise ValueError(f"--model {name}: could not download it ({type(e).__name__}); download it on a "
                          "machine with a network and pass the directory") from None
+
+
+def machine():
+    """What decides how a run's floats round, beside the code: the torch build, the vector kernels torch
+    picked (ATEN_CPU_CAPABILITY can lower them), MKL's code path (MKL_CBWR), the CPU and the threads. Two
+    runs agree bit for bit only where all of these are equal."""
+    cpu = ""
+    if Path("/proc/cpuinfo").is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), "")
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "mkl_cbwr": os.environ.get("MKL_CBWR", ""), "cpu": cpu or platform.processor(),
+            "threads": torch.get_num_threads()}
 
 
 def start(args):
