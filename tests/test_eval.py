@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_model, train_tokenizer
+from conftest import random_model, tolerance, train_tokenizer
 
 import eval as ev
 from extras import adapters, figures, interop, tasks
@@ -72,7 +72,10 @@ def tiny(tmp_path):
 
 
 def test_batched_generation_equals_one_by_one(tiny):
+    # Each prompt is padded to another length in the batch than alone: in float64 the logits agree to
+    # ~1e-15, so the greedy tokens do on any kernel path (in fp32 a near-tie between two could flip).
     model, tok = tiny
+    model = model.double()
     prompts = ["What is 1 plus 2?", "Hi", "What is 3 plus 4 plus 7?"]
     both = tasks.answer_all(model, tok, prompts, gen_length=8, steps=8, block_length=8, batch_size=3)
     for prompt, got in zip(prompts, both):
@@ -102,7 +105,8 @@ def test_noise_curve_and_update_size_of_a_hand_set_nara(tiny):
     masked, _ = __import__("diffusion").sft_mask(answer, torch.ones(5))
     logits = model(torch.where(masked, model.config.mask_token_id, ids), noise_level=torch.ones(5))
     full = torch.nn.functional.cross_entropy(logits[masked].double(), ids[masked]).item()
-    assert a[1.0] == pytest.approx(full, rel=1e-9)                         # λ = 1 masks the whole answer
+    # λ = 1 masks the whole answer; the curve's head runs on the masked rows only, another matmul shape
+    assert a[1.0] == pytest.approx(full, abs=tolerance(logits))
 
 
 def test_cli_writes_complete_results(tiny, tmp_path, monkeypatch):
@@ -124,7 +128,7 @@ def test_cli_writes_complete_results(tiny, tmp_path, monkeypatch):
     rows = [json.loads(l) for l in (tmp_path / "res" / "t-base.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and set(rows[0]) == {"prompt", "generation", "extracted", "gold", "correct"}
     assert len((tmp_path / "res" / "results.csv").read_text().splitlines()) == 3   # header + base + adapter
-    assert len((tmp_path / "res" / "t-noise_curve.csv").read_text().splitlines()) == 11
+    assert len(next((tmp_path / "res").glob("t-*-noise_curve.csv")).read_text().splitlines()) == 11
 
 
 def test_multiple_choice_by_likelihood_picks_the_most_likely_label(tiny, monkeypatch):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_model
+from conftest import random_model, tolerance
 
 import nara
 from extras import ablations, adapters, interop
@@ -96,7 +96,7 @@ def test_batched_lambda_equals_per_row_forwards(method):
     both = model(IDS, noise_level=LAM)
     for i in range(2):
         one = model(IDS[i:i + 1], noise_level=LAM[i:i + 1])
-        assert torch.allclose(both[i], one[0], atol=1e-4)   # same math, other batch size
+        assert torch.allclose(both[i], one[0], atol=tolerance(both))   # same math, another batch size
     if method in adapters.NOISE_AWARE:                                        # λ really changes the output
         swapped = model(IDS, noise_level=LAM.flip(0))
         assert not torch.allclose(both, swapped, atol=1e-4)
@@ -124,7 +124,8 @@ def test_merge_at_lambda_equals_the_unmerged_forward(method):
     assert len(deltas) == 8 and all(d.abs().max() > 0 for d in deltas.values())
     adapters.merge(model, lam)
     assert not any(p.requires_grad for p in model.parameters()) and len(model.noise_nets) == 0
-    assert torch.allclose(model(IDS), expect, atol=1e-3)                 # fp32 rounding only
+    # (W0 + ΔW) x against W0 x + ΔW x: the same sums in another order, fp32 rounding only
+    assert torch.allclose(model(IDS), expect, atol=tolerance(expect))
 
 
 def test_hypernetwork_is_the_authors():
@@ -211,7 +212,8 @@ def test_peft_export_loads_back_to_the_same_output(tmp_path, method):
     keys = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert "base_model.model.model.transformer.blocks.0.q_proj.lora_A.weight" in keys and len(keys) == 16
     lora = interop.load_peft(random_model(), tmp_path, verbose=False).eval()
-    assert torch.allclose(lora(IDS), model(IDS, noise_level=torch.full((2,), lam)), rtol=1e-4, atol=1e-4)
+    expect = model(IDS, noise_level=torch.full((2,), lam))                # B C A as (B C) A: another order
+    assert torch.allclose(lora(IDS), expect, rtol=0, atol=tolerance(expect))
     if method != "lora":
         with pytest.raises(ValueError, match="pass lam="):
             interop.export_peft(model, tmp_path)
@@ -287,7 +289,8 @@ def test_five_bin_multi_lora_is_a_rank_5r_nara_layer():
     for k, lam in enumerate([0.1, 0.3, 0.5, 0.7, 0.9]):
         multi = layer(x, {"lam": torch.tensor([lam])})
         ours = single(x, {"core": C[k].float()})
-        assert torch.allclose(multi, ours, atol=1e-4)
+        # the float64 construction stored in fp32 (one rounding of B, A and C) and another order of sums
+        assert torch.allclose(multi, ours, atol=tolerance(multi))
 
 
 def test_activation_checkpointing_keeps_the_hypernetwork_gradient():

@@ -64,7 +64,7 @@ def test_every_path_builds_the_same_prompt_from_a_record(mine, monkeypatch):
     for task in ("auto", "arith"):
         items = tasks.load_items(task, mine / "mine_test.json")
         ev.score("x", "a", None, None, task, "d", items, ev.parse_args(["--adapter", "none", "--data",
-                 str(mine / "mine_test.json"), "--out", str(mine / "spy")]), mine / "spy")
+                 str(mine / "mine_test.json"), "--out", str(mine / "spy")]), mine / "spy", "mine_test")
     report = [tasks.prompt_of(r) for r in json.loads((mine / "mine_test.json").read_text())]
     assert seen["report"] == report * 2 and seen["eval"] == report * 2        # base and tuned; auto and arith
     assert report[0] == "Answer the question.\n\nWhat is 7 times 2?"
@@ -97,7 +97,7 @@ def test_own_data_trains_scores_and_evaluates_without_a_wrong_number(mine):
     res = cli(mine, "eval.py", "--adapter", "runs/mine-nara/adapter", "--noise-curve", "--data",
               "runs/mine-nara/val.json")                                    # the documented command
     assert res.returncode == 0, res.stderr[-2000:]
-    assert (mine / "runs/eval/val-noise_curve.csv").exists()
+    assert (mine / "runs/eval/val-mine-nara-adapter-noise_curve.csv").exists()     # the data, the adapter
     assert not list((mine / "runs/eval").glob("arith*")) and not (mine / "runs/eval/noise_curve.csv").exists()
 
 

@@ -175,8 +175,8 @@ def test_bad_flags_fail_before_any_work(tiny_task, tmp_path, extra, words):
 
 def test_a_bad_test_file_fails_before_training(tiny_task, tmp_path):
     (tmp_path / "t.json").write_text(json.dumps([{"instruction": "q", "answer": "7"},
-                                                 {"instruction": "q", "output": "seven"}]))
-    with pytest.raises(ValueError, match="t.json: item 1 has no field 'answer'"):
+                                                 {"instruction": "q", "input": "seven"}]))
+    with pytest.raises(ValueError, match="t.json: item 1 has neither an 'answer' nor an 'output'"):
         train.main(train_args(tiny_task, tmp_path / "run", "--test", str(tmp_path / "t.json")))
     assert not (tmp_path / "run").exists()
 
