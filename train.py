@@ -42,18 +42,21 @@ class Config:
     val_size: int          # examples held out for the validation loss
     eval_every: int        # validate, keep the best adapter and checkpoint every N updates
     lr: float              # peak learning rate: 5 % linear warm-up, then linear decay to 0
-    epochs: float          # passes over the training data (--max-updates overrides)
+    epochs: float          # passes over the training data (max_updates overrides)
     batch_size: int        # sequences per micro-batch and process
     r: int                 # adapter rank
+    max_updates: int = None    # the run's length in updates, when not set by epochs
     model: str = None
     data: str = None
     test: str = None
 
 
 RECIPE = Config(max_length=512, val_size=128, eval_every=64, lr=1e-4, epochs=1, batch_size=32, r=32)
-DEFAULT = Config(max_length=64, val_size=30, eval_every=20, lr=2e-3, epochs=60, batch_size=16, r=8,
-                 model=str(HERE / "data" / "base"), data=str(HERE / "data" / "arith" / "train.json"),
-                 test=str(HERE / "data" / "arith" / "test.json"))
+# The bundled run: group a's NaRA arm of docs/miniature.md (1,200 updates of 16 at 1e-2, rank 8), where
+# NaRA answered 99-100 % of the test at every seed.
+DEFAULT = Config(max_length=48, val_size=30, eval_every=60, lr=1e-2, epochs=60, batch_size=16, r=8,
+                 max_updates=1200, model=str(HERE / "data" / "base"),
+                 data=str(HERE / "data" / "arith" / "train.json"), test=str(HERE / "data" / "arith" / "test.json"))
 
 
 @torch.no_grad()

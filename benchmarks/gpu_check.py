@@ -37,6 +37,7 @@ import nara  # noqa: E402
 from diffusion import sft_loss  # noqa: E402
 from extras import adapters  # noqa: E402
 from extras.files import config_json, released_shard  # noqa: E402
+from extras.runs import machine  # noqa: E402
 from model import LLaDA, LLaDAConfig  # noqa: E402
 
 
@@ -291,8 +292,9 @@ def main():
         return
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    report = Report(args.out, [f"device: {name}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; "
-                               f"code of commit {commit()}"])
+    m = machine()
+    report = Report(args.out, [f"device: {name}; host CPU {m['cpu']} ({m['cpu_capability']} kernels); torch "
+                               f"{torch.__version__}; {time.strftime('%Y-%m-%d')}; code of commit {commit()}"])
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if not args.skip_commands:

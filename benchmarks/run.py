@@ -24,6 +24,7 @@ from variants import AuthorsPathNaRA, Fp32PathNaRA, use  # noqa: E402  (the refe
 from diffusion import generate, sft_loss  # noqa: E402
 from extras import adapters  # noqa: E402
 from extras import interop  # noqa: E402
+from extras.runs import machine  # noqa: E402
 from model import Linear, LLaDA, LLaDAConfig  # noqa: E402
 
 LAYER_METHODS = ("lora", "nara", "nara-c", "multi-lora", "hira", "dora", "nara-dora")
@@ -333,11 +334,12 @@ def main():
     account, totals = account_table(20 if q else 80)   # a token count no width of the model has
     per_token_8b = [t * 32 / 2**10 for t in totals]              # MiB per token over LLaDA-8B's 32 blocks
     gib = [t * 16384 / 1024 for t in per_token_8b]               # the recipe's update: 32 x 512 tokens
-    machine = platform.processor() or platform.machine()
+    m = machine()
     lines = [
         "# Benchmarks", "",
-        f"`python benchmarks/run.py` on {machine}, {torch.get_num_threads()} thread, torch "
-        f"{torch.__version__}, Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}. "
+        f"`python benchmarks/run.py` on {m['cpu']} ({platform.machine()}; torch's {m['cpu_capability']} "
+        f"kernels, MKL_CBWR {m['mkl_cbwr'] or 'unset'}), {m['threads']} thread, torch {m['torch']}, Python "
+        f"{platform.python_version()}, {time.strftime('%Y-%m-%d')}. "
         "Ratios of medians, variants interleaved; absolute times are this machine's and noisy.", "",
         "## Adapted layer: forward + backward, 4096 x 4096, 512 tokens in 4 sequences (one λ each), r = 32, "
         f"{str(dtype)[6:]}", "", *layer, "",

@@ -2,7 +2,7 @@
 Skip on a first read: train.py's loop calls these at its edges.
 
 A run directory holds run.json (the settings and the data file's sha256: --resume refuses any other
-value and names the flag), metrics.jsonl (one line per update), checkpoint.pt (adapter, optimizer,
+value and names the flag; and the machine, `machine()`: a resume on another one goes on with a note), metrics.jsonl (one line per update), checkpoint.pt (adapter, optimizer,
 schedule, step, RNG states, written atomically at each validation: --resume continues from it bit for
 bit on a CPU; on CUDA some reductions are not deterministic, so a resumed run is the same run but not
 bit for bit), best/ (the best validation adapter) and adapter/ (the final one). A finished run is never
@@ -39,8 +39,13 @@ def parse_args(argv, description, recipe, bundled):
     args = ap.parse_args(argv)
     preset = bundled if args.model is None else recipe
     default_data = args.data is None or Path(args.data).resolve() == Path(bundled.data).resolve()
+    given = {k for k, v in vars(args).items() if v is not None}
     for k, v in vars(preset).items():
-        if getattr(args, k) is None and not (k == "test" and not default_data):   # the test follows the data
+        if k == "test" and not default_data:                              # the test follows the data
+            continue
+        if k == "max_updates" and "epochs" in given:                      # --epochs sets the length
+            continue
+        if getattr(args, k) is None:
             setattr(args, k, v)
     if args.data is None:
         ap.error("--data is required with --model")
@@ -66,7 +71,8 @@ def add_flags(ap, recipe, bundled):
     ap.add_argument("--eval-every", type=int, help=f"validate every N updates {both('eval_every')}")
     ap.add_argument("--lr", type=float, help=f"peak learning rate {both('lr')}")
     ap.add_argument("--epochs", type=float, help=f"passes over the data {both('epochs')}")
-    ap.add_argument("--max-updates", type=int, help="stop after this many updates (overrides --epochs)")
+    ap.add_argument("--max-updates", type=int, help="the run's length in updates, overriding --epochs "
+                    f"{both('max_updates')}")
     ap.add_argument("--batch-size", type=int, help=f"sequences per micro-batch {both('batch_size')}")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (authors: 1 x 32)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (data split, order, masks, init)")
@@ -195,6 +201,9 @@ def prepare(out, args, settings, rank):
     if not record.is_file():
         raise ValueError(f"--resume: {record} not found, so the settings cannot be checked: start a new run")
     saved = read_json(record)
+    if saved.pop("machine", machine()) != machine():
+        print(f"--resume: {out} was started on another machine or kernel path than this one "
+              "(run.json's machine): the run goes on, rounding as this one does")
     for key in sorted(set(saved) | set(settings)):
         if saved.get(key) != settings.get(key):
             what = {"data_sha256": "--data (the file changed since the run started)", "device": "--device",
@@ -213,7 +222,8 @@ def begin(out, settings, resume, rank):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
-            atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=1)))
+            body = json.dumps({**settings, "machine": machine()}, indent=1)   # what decides the rounding
+            atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(body))
 
 
 def save_checkpoint(file, model, opt, sched, step, best, device):
