@@ -32,7 +32,7 @@ def pretrain_loss(model, x, eps=1e-3, t=None, generator=None):
     p_mask = ((1 - eps) * t + eps)[:, None].expand(B, L)                    # (B, L)
     masked = torch.rand(B, L, device=x.device, generator=generator) < p_mask
     noisy = torch.where(masked, model.config.mask_token_id, x)
-    logits = model(noisy, noise_level=t, positions=masked)                  # (N, V): masked positions only
+    logits = model(noisy, noise_level=t, logits_at=masked)                  # (N, V): masked positions only
     ce = F.cross_entropy(logits.float(), x[masked], reduction="none") / p_mask[masked]
     return ce.sum() / (B * L), t
 
@@ -58,7 +58,7 @@ def sft_loss(model, x, answer, exact=True, t=None, attention_mask=None, generato
     t = 1 - torch.rand(x.shape[0], device=x.device, generator=generator) if t is None else t
     masked, p = sft_mask(answer, t, exact, generator=generator)
     noisy = torch.where(masked, model.config.mask_token_id, x)
-    logits = model(noisy, attention_mask, noise_level=t, positions=masked)  # (N, V): masked positions only
+    logits = model(noisy, attention_mask, noise_level=t, logits_at=masked)  # (N, V): masked positions only
     ce = F.cross_entropy(logits.float(), x[masked], reduction="none")       # (N,), row-major like masked
     per_seq = torch.zeros(x.shape[0], device=x.device).index_add(0, masked.nonzero()[:, 0], ce)   # (B,)
     return (per_seq / p / answer.sum(1)).mean(), t
@@ -109,14 +109,16 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
         attention_mask = torch.cat([attention_mask, torch.ones_like(x[:, P:])], dim=1)
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
-    full = lambda v: torch.full((B,), float(v), device=x.device)  # noqa: E731
-    real = full(P) if attention_mask is None else attention_mask[:, :P].sum(1).float()   # prompt tokens (B,)
-    lam_den = full(gen_length) if lam_over == "answer" else real + gen_length
-    eos_block = full(num_blocks)                                          # first block holding EOS
+    if lam_over == "answer":
+        lam_den = torch.full((B,), float(gen_length), device=x.device)
+    else:                                                                     # prompt tokens + gen_length
+        prompt_len = P if attention_mask is None else attention_mask[:, :P].sum(1).float()
+        lam_den = torch.full((B,), float(gen_length), device=x.device) + prompt_len
+    eos_block = torch.full((B,), float(num_blocks), device=x.device)      # first block holding EOS
     calls = 0
     for nb in range(num_blocks):
         lo, hi = P + nb * block_length, P + (nb + 1) * block_length
-        block = slice(lo, hi)                                                 # only this block can commit
+        current = slice(lo, hi)                                               # only this block can commit
         counts = transfer_counts(x[:, lo:hi] == mask_id, steps_per_block)   # (B, steps)
         for i in range(steps_per_block):
             if not counts[:, i].any():
@@ -127,12 +129,12 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
                 un_x = x.clone()
                 un_x[:, :P] = mask_id
                 am = None if attention_mask is None else attention_mask.repeat(2, 1)
-                both = model(torch.cat([x, un_x]), am, noise_level=lam.repeat(2), positions=block)
+                both = model(torch.cat([x, un_x]), am, noise_level=lam.repeat(2), logits_at=current)
                 with_prompt, without = both.chunk(2)                          # (B, block, V) each
                 logits = without + (cfg_scale + 1) * (with_prompt - without)
                 calls += 2
             else:
-                logits = model(x, attention_mask, noise_level=lam, positions=block)   # (B, block, V)
+                logits = model(x, attention_mask, noise_level=lam, logits_at=current)   # (B, block, V)
                 calls += 1
             logits[:, :, mask_id] = -torch.inf                              # [MASK] is never an answer
             if logits_eos_inf:
@@ -186,11 +188,11 @@ def log_likelihood(model, prompt, answer, mc_num=128, batch_size=16, cfg_scale=0
         masked = torch.cat([torch.zeros(b, P, dtype=torch.bool, device=dev), chosen], dim=1)
         noisy = torch.where(masked, mask_id, seq)
         lam = m.float() / L_ans
-        logits = model(noisy, noise_level=lam, positions=masked)             # (N, V): masked answer positions
+        logits = model(noisy, noise_level=lam, logits_at=masked)             # (N, V): masked answer positions
         if cfg_scale > 0:
             un = noisy.clone()
             un[:, :P] = mask_id
-            uncond = model(un, noise_level=lam, positions=masked)
+            uncond = model(un, noise_level=lam, logits_at=masked)
             logits = uncond + (cfg_scale + 1) * (logits - uncond)
         ce = F.cross_entropy(logits.double(), seq[masked], reduction="none")
         weight = (L_ans / m.double())[:, None].expand(b, P + L_ans)[masked]

@@ -49,9 +49,11 @@ FIELDS = ["task", "data", "model", "adapter", "accuracy", "correct", "items", "m
           "temperature", "remasking", "till_eos", "lam_over", "batch_size", "wall_s"]
 
 
-def parse_args(argv):
+def parser():
+    """Every flag of eval.py; --help shows what each is when not given."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(HERE / "data" / "base"), help="LLaDA model directory")
+    ap.add_argument("--model", default=str(HERE / "data" / "base"), help="LLaDA model directory (default: "
+                    "the bundled data/base)")
     ap.add_argument("--adapter", action="append",
                     help="adapter directory: ours, PEFT's or the authors' (repeatable; `none`: the base "
                          "alone; default: the newest runs/default*/adapter)")
@@ -62,29 +64,36 @@ def parse_args(argv):
     ap.add_argument("--data", default=None, help="test file, e.g. a run's held-out RUN/val.json; for a "
                     "table, the folder holding <set>/test.json (default: data/arith/test.json for arith; "
                     "data/llm-adapters/dataset for a table; code: data/code)")
-    ap.add_argument("--limit", type=int, default=None, help="score only the first N items of each set")
+    ap.add_argument("--limit", type=int, default=None, help="score only the first N items of each set "
+                    "(default: all)")
     ap.add_argument("--gen-length", type=int, help="answer tokens (default 256; 16 for arith or the "
                     "bundled model)")
     ap.add_argument("--steps", type=int, help="sampling steps (default 256; 16 for arith or the bundled "
                     "model)")
     ap.add_argument("--block-length", type=int, help="semi-autoregressive block (default 8; 16 for arith or "
                     "the bundled model)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the paper)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0, the paper)")
     ap.add_argument("--remasking", default="low_confidence", choices=("low_confidence", "random"),
-                    help="remasking rule")
+                    help="remasking rule (default: low_confidence)")
     ap.add_argument("--no-early-stop", action="store_true", help="decode every block even after EOS")
     ap.add_argument("--sampling-lambda", default="answer", choices=("answer", "sequence"),
-                    help="λ fed to noise-aware adapters: masked fraction of the answer (default) or of "
-                         "prompt + answer")
-    ap.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
+                    help="λ fed to noise-aware adapters: masked fraction of the answer (default: answer) or "
+                         "of prompt + answer")
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default: 16)")
     ap.add_argument("--mc", action="store_true", help="commonsense: score labels by Monte-Carlo likelihood")
-    ap.add_argument("--mc-num", type=int, default=32, help="Monte-Carlo samples per label with --mc")
+    ap.add_argument("--mc-num", type=int, default=32, help="Monte-Carlo samples per label with --mc "
+                    "(default: 32)")
     ap.add_argument("--noise-curve", action="store_true", help="only the per-λ loss and update-size tables")
     ap.add_argument("--allow-unsandboxed-code", action="store_true",
                     help="code tasks where no sandbox can be made (no user namespaces): run generated code "
                          "with resource limits only, at your own risk")
-    ap.add_argument("--out", default="runs/eval", help="folder for the item JSONL, summaries and results.csv")
-    args = ap.parse_args(argv)
+    ap.add_argument("--out", default="runs/eval", help="folder for the item JSONL, summaries and results.csv "
+                    "(default: runs/eval)")
+    return ap
+
+
+def parse_args(argv):
+    args = parser().parse_args(argv)
     args.task = args.task or ("auto" if args.data else "arith")
     small = args.task == "arith" or Path(args.model).resolve() == (HERE / "data" / "base").resolve()
     for k, v in gen_defaults(small).items():

@@ -5,23 +5,26 @@ Read with LLaDA (arXiv 2502.09992) §2 and Appendix B. It reproduces the release
 `LLaDA.from_pretrained(dir)` loads the downloaded files unchanged (docs/architecture.md: the facts).
 
 Glossary (code -> paper / checkpoint)
-    wte, ff_out (top level)   token embedding and the *untied* LM head (126464 x 4096)
+    wte, lm_head              token embedding and the *untied* LM head (126464 x 4096), whose checkpoint
+                              name transformer.ff_out each block's down projection has too
     attn_norm, ff_norm, ln_f  RMSNorm before attention, before the MLP, and at the end
     q_proj k_proj v_proj      attention projections, attn_out = W_o (the four layers NaRA adapts)
     ff_proj, up_proj, ff_out  SwiGLU MLP: ff_out(silu(ff_proj(h)) * up_proj(h)); ff_proj is the gate
     B, L, d                   batch, sequence length, d_model in shape comments
     noise_level (λ), cond     the noise level of each sequence (B,); cond = what every linear layer
                               receives: {"lam": λ, name: output of each net in `noise_nets`}
-Two hooks, empty in the bare model: `noise_nets` (networks run once per forward on λ; nara.py adds
-NaRA's hypernetwork) and `prompt` (a module that adds input positions; extras/baselines.py). The
-released files (config.json, the index, safetensors shards) are read at the end of this file.
+Two hooks, empty in the bare model: `noise_nets` (networks run once per forward on λ and the signals they
+read, `conditioning`; nara.py adds NaRA's hypernetwork) and `prompt` (a module that adds input positions;
+extras/baselines.py). The released files (config.json, the index, safetensors shards) are read at the
+end of this file.
 
 Departures from the official `modeling_llada.py`, on purpose: one block type (llama: RoPE, RMSNorm,
 SiLU, no biases), every other config switch refused; no KV cache, ALiBi, flash-attn path or dropout;
 `attention_mask` masks keys only (the official code also adds a causal bias when a mask has zeros);
-`positions=` computes the LM head only where it is read; training on CUDA recomputes norms and SiLU
+`logits_at=` computes the LM head only where it is read; training on CUDA recomputes norms and SiLU
 in backward (`recompute`: the same gradients, half the activations).
 """
+import contextvars
 import json
 import math
 from dataclasses import dataclass, fields
@@ -144,13 +147,27 @@ def apply_rope(x, sin, cos):
     return (h * cos + torch.cat((-h2, h1), dim=-1) * sin).to(x.dtype)
 
 
-def checkpointed(module, fn, *args):
-    """fn(*args), keeping for backward only its inputs while `module.recomputing` (LLaDA.forward sets it):
-    norms, SiLU and the adapters' dropout are recomputed in backward (same values and RNG: bit-identical
-    gradients) instead of keeping their fp32 or per-layer copies, half the activations (BENCHMARKS.md)."""
-    if module.recomputing and torch.is_grad_enabled():
+RECOMPUTING = contextvars.ContextVar("recomputing", default=False)       # set by run_block alone
+
+
+def recomputable(fn, *args):
+    """fn(*args), keeping for backward only its inputs while the model's forward recomputes (LLaDA's
+    `recompute`): norms, SiLU and the adapters' dropout are then redone in backward (same values and
+    RNG: bit-identical gradients) instead of keeping their fp32 or per-layer copies, half the
+    activations (BENCHMARKS.md)."""
+    if RECOMPUTING.get() and torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
+
+
+def run_block(block, recompute, *args):
+    """block(*args) with `recomputable` recomputing (or not) inside it; the flag goes with the call, so a
+    whole block recomputed in backward (gradient checkpointing) recomputes the same way."""
+    token = RECOMPUTING.set(recompute)
+    try:
+        return block(*args)
+    finally:
+        RECOMPUTING.reset(token)
 
 
 def swiglu(gate, up):
@@ -159,21 +176,20 @@ def swiglu(gate, up):
 
 class Block(nn.Module):
     """x + Attn(attn_norm(x)), then + MLP(ff_norm(.)): one LLaDA 'llama' block."""
-    recomputing = False
-
-    def __init__(self, cfg):
+    def __init__(self, config):
         super().__init__()
-        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
-        hs = cfg.d_model // cfg.n_heads
-        d, kv, mlp = cfg.d_model, cfg.n_kv_heads * hs, cfg.mlp_hidden_size
-        self.attn_norm, self.ff_norm = RMSNorm(d, cfg.rms_norm_eps), RMSNorm(d, cfg.rms_norm_eps)
+        self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
+        hs = config.d_model // config.n_heads
+        d, kv, mlp = config.d_model, config.n_kv_heads * hs, config.mlp_hidden_size
+        self.attn_norm, self.ff_norm = RMSNorm(d, config.rms_norm_eps), RMSNorm(d, config.rms_norm_eps)
         self.q_proj, self.k_proj, self.v_proj = Linear(d, d), Linear(d, kv), Linear(d, kv)
         self.attn_out = Linear(d, d)
-        self.ff_proj, self.up_proj, self.ff_out = Linear(d, mlp), Linear(d, mlp), Linear(mlp, d)
+        self.ff_proj, self.up_proj = Linear(d, mlp), Linear(d, mlp)          # gate and up
+        self.ff_out = Linear(mlp, d)                                          # the MLP's down projection
 
     def forward(self, x, sin, cos, key_pad, cond):
         B, L, d = x.shape
-        h = checkpointed(self, self.attn_norm, x)                              # keeps x, not its fp32 copy
+        h = recomputable(self.attn_norm, x)                                   # keeps x, not its fp32 copy
         q = self.q_proj(h, cond).view(B, L, self.n_heads, -1).transpose(1, 2)  # (B, nh, L, hs)
         k = self.k_proj(h, cond).view(B, L, self.n_kv_heads, -1).transpose(1, 2)   # (B, nkv, L, hs)
         v = self.v_proj(h, cond).view(B, L, self.n_kv_heads, -1).transpose(1, 2)   # (B, nkv, L, hs)
@@ -186,12 +202,20 @@ class Block(nn.Module):
             bias = bias.masked_fill(key_pad, torch.finfo(q.dtype).min)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=False)   # (B, nh, L, hs)
         x = x + self.attn_out(att.transpose(1, 2).contiguous().view(B, L, d), cond)
-        h = checkpointed(self, self.ff_norm, x)
-        return x + self.ff_out(checkpointed(self, swiglu, self.ff_proj(h, cond), self.up_proj(h, cond)), cond)
+        h = recomputable(self.ff_norm, x)
+        gated = recomputable(swiglu, self.ff_proj(h, cond), self.up_proj(h, cond))   # (B, L, mlp)
+        return x + self.ff_out(gated, cond)
+
+
+def check_shape(name, t, shape, dtype=None):
+    """A one-line error when an argument of the forward has another shape (or dtype) than it must."""
+    if t is not None and (tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype)):
+        want = f"shape {shape}" + (f" and dtype {dtype}" if dtype is not None else "")
+        raise ValueError(f"{name} must have {want}, got {t.dtype} {tuple(t.shape)}")
 
 
 class LLaDA(nn.Module):
-    """logits = ff_out(ln_f(blocks(wte(ids)))) with bidirectional attention."""
+    """logits = lm_head(ln_f(blocks(wte(ids)))) with bidirectional attention."""
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -199,55 +223,61 @@ class LLaDA(nn.Module):
             wte=nn.Embedding(config.embedding_size, config.d_model),
             blocks=nn.ModuleList(Block(config) for _ in range(config.n_layers)),
             ln_f=RMSNorm(config.d_model, config.rms_norm_eps),
-            ff_out=nn.Linear(config.d_model, config.embedding_size, bias=False),
+            ff_out=nn.Linear(config.d_model, config.embedding_size, bias=False),   # the LM head
         ))
         self.noise_nets = nn.ModuleDict()        # conditioning hook: run once per forward (`conditioning`)
         self.prompt = None                       # input hook: (x, pad) -> (x', pad', where the L tokens went)
         self.gradient_checkpointing = False      # whole blocks recomputed in backward (--grad-checkpointing)
         self.recompute = None                    # norms, SiLU, dropout redone in backward; None: CUDA only
 
-    def conditioning(self, noise_level):
-        """What every linear layer receives, computed once per forward: the noise level and each noise
-        network's output on it (NaRA's C(λ), (B, r, r))."""
-        return {"lam": noise_level, **{name: net(noise_level) for name, net in self.noise_nets.items()}}
+    @property
+    def lm_head(self):
+        """The untied LM head: transformer.ff_out in the checkpoint, a name each block's down projection has
+        too."""
+        return self.transformer.ff_out
 
-    def forward(self, input_ids, attention_mask=None, noise_level=None, positions=None):
+    def conditioning(self, noise_level, input_ids=None, attention_mask=None, **signals):
+        """What every linear layer receives, computed once per forward: the noise level and each noise
+        network's output (NaRA's C(λ), (B, r, r)). A network gets, as keyword arguments, the signals its
+        `reads` names: lam, the noise level (B,); masked, where the input holds the mask token (B, L);
+        attention_mask; or any other signal given here by name (e.g. one to evaluate a core at)."""
+        masked = None if input_ids is None else input_ids == self.config.mask_token_id
+        signals = {"lam": noise_level, "masked": masked, "attention_mask": attention_mask, **signals}
+        return {"lam": noise_level, **{name: net(**{k: signals.get(k) for k in net.reads})
+                                       for name, net in self.noise_nets.items()}}
+
+    def forward(self, input_ids, attention_mask=None, noise_level=None, logits_at=None):
         """input_ids (B, L) long; attention_mask (B, L) of 1 = token, 0 = padding (keys only);
-        noise_level (B,) float, one λ per sequence. positions: where to compute the LM head, which costs
+        noise_level (B,) float, one λ per sequence. logits_at: where to compute the LM head, which costs
         d_model x vocab per position: None = everywhere, logits (B, L, V); a bool (B, L) mask = only
         there, (N, V) in the order of logits[mask]; a slice of the L positions = (B, len, V)."""
         B, L = input_ids.shape
         if noise_level is not None:
             noise_level = torch.as_tensor(noise_level, dtype=torch.float, device=input_ids.device)
-        mask = positions if isinstance(positions, torch.Tensor) else None
-        for name, t, ok in (("noise_level", noise_level, (B,)), ("attention_mask", attention_mask, (B, L)),
-                            ("positions", mask, (B, L))):
-            if t is not None and (t.shape != ok or (name == "positions" and t.dtype != torch.bool)):
-                raise ValueError(f"{name} must have shape {ok}{' and dtype bool' * (name == 'positions')}, "
-                                 f"got {t.dtype} {tuple(t.shape)}")
+        check_shape("noise_level", noise_level, (B,))
+        check_shape("attention_mask", attention_mask, (B, L))
+        if isinstance(logits_at, torch.Tensor):
+            check_shape("logits_at", logits_at, (B, L), torch.bool)
         pad = None if attention_mask is None or attention_mask.all() else attention_mask == 0   # 1s: none
         x = self.transformer.wte(input_ids)                                     # (B, L, d)
-        cond = self.conditioning(noise_level)
-        on = self.training and (x.is_cuda if self.recompute is None else self.recompute)
-        for m in self.modules():                                                # blocks and adapters
-            if hasattr(m, "recomputing"):
-                m.recomputing = on                                              # read by `checkpointed`
+        cond = self.conditioning(noise_level, input_ids, attention_mask)       # once for every layer
         if self.prompt is not None:                                             # extra input positions
-            x, pad, real = self.prompt(x, pad)                                  # (B, n + L, d)
+            x, pad, where = self.prompt(x, pad)                                 # (B, n + L, d)
         key_pad = None if pad is None else pad.view(B, 1, 1, -1)
-        cfg = self.config
-        sin, cos = rope_table(x.shape[1], cfg.d_model // cfg.n_heads, cfg.rope_theta, x.device,
+        c = self.config
+        sin, cos = rope_table(x.shape[1], c.d_model // c.n_heads, c.rope_theta, x.device,
                               torch.promote_types(x.dtype, torch.float32))
+        recompute = self.training and (x.is_cuda if self.recompute is None else self.recompute)
         for block in self.transformer.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, sin, cos, key_pad, cond, use_reentrant=False)
+                x = checkpoint(run_block, block, recompute, x, sin, cos, key_pad, cond, use_reentrant=False)
             else:
-                x = block(x, sin, cos, key_pad, cond)
+                x = run_block(block, recompute, x, sin, cos, key_pad, cond)
         if self.prompt is not None:                                             # back to the L real positions
-            x = x.gather(1, real[..., None].expand(-1, -1, x.shape[-1]))           # (B, L, d)
-        if positions is not None:
-            x = x[positions] if isinstance(positions, torch.Tensor) else x[:, positions]
-        return self.transformer.ff_out(self.transformer.ln_f(x))                 # (B, L, V) or (N, V)
+            x = x.gather(1, where[..., None].expand(-1, -1, x.shape[-1]))       # (B, L, d)
+        if logits_at is not None:
+            x = x[logits_at] if isinstance(logits_at, torch.Tensor) else x[:, logits_at]
+        return self.lm_head(self.transformer.ln_f(x))                          # (B, L, V) or (N, V)
 
     def base_shapes(self):
         """{checkpoint key: shape} of the backbone, the table the loader checks every file against."""

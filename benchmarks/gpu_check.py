@@ -203,7 +203,7 @@ def shapes(report, args, device, tiny):
     del logits
     lam = torch.tensor([0.5], device=device)
     for method in ("lora", "nara"):
-        adapters.attach(model, method, r=4 if tiny else 32)
+        nara.add_adapters(model, method, r=4 if tiny else 32)
         with torch.no_grad():
             dt = timed(lambda: model(ids, noise_level=lam), device)
             report.add(f"sampling step (forward), {method}", f"{dt * 1e3:.1f} ms")
@@ -269,9 +269,9 @@ def shapes(report, args, device, tiny):
     prompts = torch.randint(0, cfg.eos_token_id, (16, 100 + 256 if not tiny else 24), device=device)
     block, lam16 = slice(prompts.shape[1] - 8, prompts.shape[1]), torch.full((16,), 0.5, device=device)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-        t_nara = timed(lambda: model(prompts, noise_level=lam16, positions=block), device)
+        t_nara = timed(lambda: model(prompts, noise_level=lam16, logits_at=block), device)
         with adapters.base_only(model):   # the same model, adapters bypassed
-            t_base = timed(lambda: model(prompts, noise_level=lam16, positions=block), device)
+            t_base = timed(lambda: model(prompts, noise_level=lam16, logits_at=block), device)
     report.add("GSM8K sampling step (16 x 356 tokens, head at the 8-token block): base / nara",
                f"{t_base * 1e3:.1f} / {t_nara * 1e3:.1f} ms (ratio {t_nara / t_base:.3f})")
 

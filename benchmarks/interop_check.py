@@ -21,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+import nara  # noqa: E402
 from extras import adapters  # noqa: E402
 from extras import interop  # noqa: E402
 from extras.files import CODE_FILES, save_pretrained  # noqa: E402
@@ -123,7 +124,7 @@ def main():
 
     def ours_to_peft(method, lam=0.5, auto=None):
         model = LLaDA.from_pretrained(work / "base", device="cpu", dtype=torch.float32)
-        adapters.attach(model, method, r=4, dropout=0.0, verbose=False)
+        nara.add_adapters(model, method, r=4, dropout=0.0, verbose=False)
         with torch.no_grad():
             for p in model.parameters():
                 if p.requires_grad:
@@ -144,7 +145,7 @@ def main():
 
     def merged(lam=0.3):
         model = LLaDA.from_pretrained(work / "base", device="cpu", dtype=torch.float32)
-        adapters.attach(model, "nara", r=4, dropout=0.0, verbose=False)
+        nara.add_adapters(model, "nara", r=4, dropout=0.0, verbose=False)
         with torch.no_grad():
             for p in model.parameters():
                 if p.requires_grad:

@@ -35,8 +35,8 @@ The protocol (fixed before any run of it; an arm is a method plus train.py flags
      termination, last-number scoring), and gives the cross-entropy per masked answer token on the
      validation rows at λ = 0.1 ... 1.0 (Figure 1; the base's on the same rows and masks is kept beside
      it); NaRA arms also give ‖C(λ) − I‖ and ‖ΔW(λ)‖ averaged over layers (Figure 3).
-  5. The groups, run in this order of priority (two runs at a time; a free worker takes the first job
-     of the first group that has one ready, so a later group never holds back an earlier one):
+  5. The groups, in this order of priority (two runs at a time, `plan`: every group's sweep first, in
+     group order, then the widened rates, then every group's seeds, group by group):
        a  arith     LoRA, NaRA, NaRA-C, Multi-LoRA: sweep, then seeds 1-4 at the chosen rate
        b  instruct  LoRA and NaRA: sweep, then seeds 1-2
        c  arith     rank 2 instead of 8, LoRA and NaRA at their group-a rates, seeds 0-2
@@ -61,8 +61,6 @@ scored adapter is kept (<run>.adapter).
 import argparse
 import contextlib
 import hashlib
-import heapq
-import itertools
 import json
 import os
 import re
@@ -71,9 +69,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -283,69 +280,14 @@ class Missing(Exception):
     """--report: a run the group needs has no valid record."""
 
 
-class Slots:
-    """`n` workers handed out by priority: the lowest waiting key gets the next free one. With `settle`,
-    none is handed out before a first job has asked and then none for `settle` seconds: at the start every
-    group's jobs (records read, rates decided from them) queue first, however long the fingerprints
-    take before them, so the first workers too go by priority."""
-    def __init__(self, n, settle=0.0):
-        self.free, self.waiting, self.cv, self.count = 0 if settle else n, [], threading.Condition(), \
-            itertools.count()
-        self.asked = 0
-        if settle:
-            threading.Thread(target=self.open, args=(n, settle), daemon=True).start()
-
-    def open(self, n, settle):
-        seen = 0
-        while seen == 0 or seen != self.asked:                            # the first ask, then quiet
-            seen = self.asked
-            time.sleep(settle)
-        with self.cv:
-            self.free += n
-            self.cv.notify_all()
-
-    def ticket(self, key):
-        """A place in the queue, [key, arrival]: `promote` can lower its key while it waits."""
-        return [key, next(self.count)]
-
-    def promote(self, ticket, key):
-        """A second asker with a lower key moves the ticket up to it."""
-        with self.cv:
-            if key < ticket[0]:
-                ticket[0] = key
-                heapq.heapify(self.waiting)
-                self.cv.notify_all()
-
-    @contextlib.contextmanager
-    def take(self, key, ticket=None):
-        with self.cv:
-            self.asked += 1
-            ticket = ticket or self.ticket(key)
-            heapq.heappush(self.waiting, ticket)
-            self.cv.wait_for(lambda: self.free > 0 and self.waiting[0] is ticket)
-            heapq.heappop(self.waiting)
-            self.free -= 1
-            self.cv.notify_all()
-        try:
-            yield
-        finally:
-            with self.cv:
-                self.free += 1
-                self.cv.notify_all()
-
-
-class Experiment:
-    """The groups' jobs: each arm a pipeline (sweep, then seeds) in a thread of its own; each training run
-    takes a worker by priority (group, seed, arm); a record is reused when settings and fingerprint match."""
-    def __init__(self, pool, protocol, records, work, report_only=False):
-        self.pool, self.p, self.records, self.work = pool, protocol, Path(records), Path(work)
-        self.report_only, self.slots = report_only, Slots(pool._max_workers, settle=5.0)
-        self.lock, self.jobs, self.rates, self.prints = threading.Lock(), {}, {}, {}
-        self.commit = commit()
-        self.first = {}             # (task, arm) -> (group, arm index) of the earliest group sweeping it
-        for name, spec in sorted(protocol["groups"].items(), key=lambda g: "abcdefpqr".index(g[0])):
-            for i, arm in enumerate(spec["arms"] if spec["rate"] == "sweep" else ()):
-                self.first.setdefault((spec["task"], arm), ("abcdefpqr".index(name), i))
+class Runs:
+    """The protocol's training runs by their settings: a record whose settings and numerics are today's
+    is reused; the others are trained on the pool, two at a time, in the order they are asked for
+    (report_only: never trained, Missing instead)."""
+    def __init__(self, pool, protocol, results, work, report_only=False, fixed=None):
+        self.pool, self.p, self.results, self.work = pool, protocol, Path(results), Path(work)
+        self.report_only, self.fixed = report_only, fixed or {}        # fixed: {(task, arm): lr}, not swept
+        self.done, self.prints, self.commit = {}, {}, commit()
 
     def settings(self, task, arm, lr, seed):
         p, spec, T = self.p, TASKS[task], self.p["updates"][task]
@@ -356,93 +298,112 @@ class Experiment:
         return dict(task=task, arm=arm, lr=lr, seed=seed, updates=T, train=train, test_items=p["test_items"],
                     gen=spec["gen"], figure1="validation rows")
 
+    def file(self, s):
+        return self.results / "runs" / s["task"] / slug(s["arm"]) / f"lr{s['lr']:g}-u{s['updates']}-seed{s['seed']}.json"
+
     def fingerprints(self, pairs):
-        """Every (task, arm)'s fingerprint, two at a time on the pool, before any run."""
+        """Every (task, arm)'s fingerprint, on the pool, before any run."""
         pairs = sorted(set(pairs) - set(self.prints))
         argv = [[*self.settings(t, a, 1e-2, 0)["train"][4:-4], "--lr", "0.01", "--method", *shlex.split(a)]
                 for t, a in pairs]
-        for key, fp in zip(pairs, self.pool.map(fingerprint, [t for t, _ in pairs], argv)):
-            self.prints[key] = fp
+        self.prints.update(zip(pairs, self.pool.map(fingerprint, [t for t, _ in pairs], argv)))
 
-    def run(self, task, arm, lr, seed, priority):
-        """The record of one run: reused, shared with a pipeline that asked first (at the lower of both
-        priorities: a later group's request never holds back an earlier group's), or trained now."""
+    def get(self, jobs):
+        """Reuse or train the runs of these settings, in their order; their records land in self.done."""
+        futures = {}
+        for s in jobs:
+            file = self.file(s)
+            if file in self.done or file in futures:
+                continue
+            old = json.loads(file.read_text()) if file.exists() else None
+            if old and old["settings"] == s and same_numerics(old, self.prints[s["task"], s["arm"]]):
+                self.done[file] = old
+            elif not self.report_only:
+                name = file.relative_to(self.results / "runs").with_suffix("")
+                futures[file] = self.pool.submit(run_job, dict(
+                    settings=s, record=str(file), work=str(self.work / name),
+                    fingerprint=self.prints[s["task"], s["arm"]], commit=self.commit))
+        for file, future in futures.items():                             # in the order they were asked for
+            r = self.done[file] = future.result()
+            s, minutes = r["settings"], (r["train_s"] + r["score_s"]) / 60
+            print(f"{s['task']} {s['arm']} lr {s['lr']:g} seed {s['seed']}: best val {r['best_val_loss']:.4f}, "
+                  f"accuracy {100 * r['accuracy']:.1f} %, {minutes:.1f} min", flush=True)
+
+    def record(self, task, arm, lr, seed):
         s = self.settings(task, arm, lr, seed)
-        name = f"{slug(arm)}/lr{lr:g}-u{s['updates']}-seed{seed}"
-        record = self.records / task / f"{name}.json"
-        with self.lock:
-            shared = self.jobs.get(record)
-            if shared is None:
-                future, ticket = self.jobs[record] = Future(), self.slots.ticket(priority)
-        if shared is not None:                                           # waited for outside the lock
-            self.slots.promote(shared[1], priority)
-            return shared[0].result()
+        if self.file(s) not in self.done:
+            raise Missing(f"{task} {arm} lr {lr:g} seed {seed}")
+        return self.done[self.file(s)]
+
+    def widening(self, task, arm):
+        """The rate that widens the sweep once past its best edge, or None."""
+        grid = list(self.p["lrs"])
+        best = min(grid, key=lambda lr: self.record(task, arm, lr, 0)["best_val_loss"])
+        side = ([w for w in self.p["wider"] if w < min(grid)] if best == min(grid) else
+                [w for w in self.p["wider"] if w > max(grid)] if best == max(grid) else [])
+        return side[0] if side else None
+
+    def rate(self, task, arm):
+        """(the chosen rate, {lr: seed-0 record}) of an arm: the swept rate with the lowest best validation
+        loss (the committed one for --quick and --second-path, with no sweep)."""
+        if (task, arm) in self.fixed:
+            return self.fixed[task, arm], None
+        lrs = [*self.p["lrs"], *[w for w in [self.widening(task, arm)] if w]]
+        sweep = {lr: self.record(task, arm, lr, 0) for lr in sorted(lrs)}
+        return min(sweep, key=lambda lr: sweep[lr]["best_val_loss"]), sweep
+
+
+def rate_source(spec, arm):
+    """The arm whose swept rate an arm of this group takes: its own, its method's, or NaRA's (the LoRA
+    added to pair with, its own)."""
+    if spec["rate"] == "sweep" or arm not in spec["arms"]:
+        return arm
+    return arm.split()[0] if spec["rate"] == "method" else spec["rate"]
+
+
+def arms_of(spec):
+    """The group's arms, with group a's LoRA first where it is there to pair with (rate "sweep"/"nara")."""
+    arms = list(spec["arms"])
+    return arms if "lora" in arms or spec["rate"] == "method" else ["lora", *arms]
+
+
+def plan(runs, groups):
+    """The order of the protocol's runs: every sweep first (group by group), the widened rates, then every
+    group's seeds, group by group, seed by seed. Runs two groups share are asked for once, first by the
+    earlier group."""
+    p = runs.p
+    swept = list(dict.fromkeys((p["groups"][g]["task"], rate_source(p["groups"][g], a)) for g in groups
+                               for a in arms_of(p["groups"][g])))
+    swept = [(t, a) for t, a in swept if (t, a) not in runs.fixed]
+    runs.get([runs.settings(t, a, lr, 0) for t, a in swept for lr in p["lrs"]])
+    widened = []
+    for t, a in swept:
         try:
-            old = json.loads(record.read_text()) if record.exists() else None
-            if old and old["settings"] == s and same_numerics(old, self.prints[task, arm]):
-                future.set_result(old)
-            elif self.report_only:
-                raise Missing(f"{task} {arm} lr {lr:g} seed {seed}")
-            else:
-                with self.slots.take(priority, ticket):
-                    job = dict(settings=s, record=str(record), work=str(self.work / task / name),
-                               fingerprint=self.prints[task, arm], commit=self.commit)
-                    r = self.pool.submit(run_job, job).result()
-                minutes = (r["train_s"] + r["score_s"]) / 60
-                print(f"{task} {arm} lr {lr:g} seed {seed}: best val {r['best_val_loss']:.4f}, accuracy "
-                      f"{100 * r['accuracy']:.1f} %, {minutes:.1f} min", flush=True)
-                future.set_result(r)
-        except BaseException as e:
-            future.set_exception(e)
-        return future.result()
-
-    def rate(self, task, arm, g, i):
-        """The swept rate of an arm at seed 0: {1e-3, 3e-3, 1e-2}, widened once at an edge."""
-        with self.lock:
-            if (task, arm) not in self.rates:
-                self.rates[task, arm] = Future()
-                owner = True
-            else:
-                owner = False
-        if not owner:
-            return self.rates[task, arm].result()
-        g, i = min((g, i), self.first.get((task, arm), (g, i)))   # whichever group asked first
+            widened += [runs.settings(t, a, w, 0) for w in [runs.widening(t, a)] if w]
+        except Missing:
+            pass
+    runs.get(widened)
+    seeds = []
+    for g in groups:
+        spec = p["groups"][g]
         try:
-            grid = list(self.p["lrs"])
-            with ThreadPoolExecutor(len(grid)) as ex:
-                done = dict(zip(grid, ex.map(lambda lr: self.run(task, arm, lr, 0, (g, 0, i, lr)), grid)))
-            best = min(done, key=lambda lr: done[lr]["best_val_loss"])
-            wider = ([w for w in self.p["wider"] if w < min(grid)] if best == min(grid) else
-                     [w for w in self.p["wider"] if w > max(grid)] if best == max(grid) else [])
-            for lr in wider[:1]:
-                done[lr] = self.run(task, arm, lr, 0, (g, 0, i, lr))
-            sweep = {lr: done[lr] for lr in sorted(done)}
-            self.rates[task, arm].set_result((min(sweep, key=lambda lr: sweep[lr]["best_val_loss"]), sweep))
-        except BaseException as e:
-            self.rates[task, arm].set_exception(e)
-        return self.rates[task, arm].result()
+            rates = {a: runs.rate(spec["task"], rate_source(spec, a))[0] for a in arms_of(spec)}
+        except Missing:
+            continue
+        seeds += [runs.settings(spec["task"], a, rates[a], s) for s in range(spec["seeds"]) for a in arms_of(spec)]
+    runs.get(seeds)
 
-    def group(self, name, g):
-        """The records of one group: {arm: [records by seed]}, the rates and the sweeps."""
-        spec = self.p["groups"][name]
-        task, arms = spec["task"], spec["arms"]
 
-        def arm_runs(i, arm):
-            if spec["rate"] == "sweep":
-                lr, sweep = self.rate(task, arm, g, i)
-            else:
-                source = arm.split()[0] if spec["rate"] == "method" else spec["rate"]
-                lr, sweep = self.rate(task, source, 0, i)[0], None       # group a's sweep, at a's priority
-            late = name == "f" and arm not in ("lora", "nara")          # f: their seeds 3-4 come last
-            with ThreadPoolExecutor(spec["seeds"]) as ex:                 # all waiting at once, so that a
-                seeds = list(ex.map(lambda s: self.run(task, arm, lr, s,   # freed worker goes to them first
-                                                       (g, s + 2 * (late and s >= 3), i, lr)),
-                                    range(spec["seeds"])))
-            return lr, sweep, seeds
-        with ThreadPoolExecutor(len(arms)) as ex:
-            out = list(ex.map(lambda ia: arm_runs(*ia), enumerate(arms)))
-        return {a: o[0] for a, o in zip(arms, out)}, {a: o[1] for a, o in zip(arms, out) if o[1]}, \
-            {a: o[2] for a, o in zip(arms, out)}
+def group(runs, name):
+    """({arm: rate}, {arm: sweep}, {arm: [records by seed]}) of a group, or Missing."""
+    spec = runs.p["groups"][name]
+    lr_of, sweeps, records = {}, {}, {}
+    for a in arms_of(spec):
+        lr_of[a], sweep = runs.rate(spec["task"], rate_source(spec, a))
+        if sweep and spec["rate"] == "sweep" and a in spec["arms"]:
+            sweeps[a] = sweep
+        records[a] = [runs.record(spec["task"], a, lr_of[a], s) for s in range(spec["seeds"])]
+    return lr_of, sweeps, records
 
 
 def main(argv=None):
@@ -458,7 +419,7 @@ def main(argv=None):
                     "records', e.g. ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE")
     ap.add_argument("--smoke", action="store_true", help="a tiny protocol in a temporary folder")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="parallel runs, one "
-                    "thread each")
+                    "thread each (default: 2)")
     ap.add_argument("--runs", default=None, help="training folders (default runs/methods; smoke: temporary)")
     ap.add_argument("--results", default=None, help="tables, figures and run records (default "
                     "benchmarks/results; smoke and quick: temporary)")
@@ -480,67 +441,47 @@ def main(argv=None):
             fixed.update({(task, a): lr[a] for a in ("lora", "nara")})
     if args.quick:
         quick = dict(task="arith", report="arith-quick", arms=("lora", "nara"), rate="method", seeds=2)
-        protocol = {**protocol, "groups": {"q": quick}}
-        groups = "q"
+        protocol, groups = {**protocol, "groups": {"q": quick}}, "q"
     if args.second_path:
         from extras.runs import machine
         m = machine()
         results = committed / "paths" / f"{m['cpu_capability']}-{m['mkl_cbwr'] or 'native'}".lower()
-        protocol = {**protocol, "groups": {
+        protocol, groups = {**protocol, "groups": {
             "p": dict(task="arith", report="arith", arms=("lora", "nara"), rate="method", seeds=5),
-            "r": dict(task="instruct", report="instruct", arms=("lora", "nara"), rate="method", seeds=5)}}
-        groups = "pr"
+            "r": dict(task="instruct", report="instruct", arms=("lora", "nara"), rate="method", seeds=5)}}, "pr"
     unknown = [g for g in groups if g not in protocol["groups"]]
     if unknown:
         sys.exit(f"error: --groups {groups}: no group {unknown[0]!r} (choose from "
                  f"{''.join(protocol['groups'])})")
-    for task in {protocol["groups"][g]["task"] for g in groups}:
+    tasks = sorted({protocol["groups"][g]["task"] for g in groups})
+    for task in tasks:
         check_lengths(task)
     results.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-        ex = Experiment(pool, protocol, results / "runs", work, report_only=args.report)
-        for key, lr in fixed.items():
-            ex.rates[key] = Future()
-            ex.rates[key].set_result((lr, None))
+        runs = Runs(pool, protocol, results, work, args.report, fixed)
         specs = [protocol["groups"][g] for g in groups]
-        needed = {(s["task"], a) for s in specs for a in s["arms"]}    # and the arms they take rates from
-        needed |= {(s["task"], a.split()[0]) for s in specs for a in s["arms"] if s["rate"] == "method"}
-        needed |= {(s["task"], "nara") for s in specs if s["rate"] == "nara"}
-        needed |= {(s["task"], "lora") for s in specs if s["rate"] != "method"}
-        ex.fingerprints(needed)
-        bases = {t: pool.submit(base_job, dict(record=str(results / "runs" / t / "base.json"),
-                                               settings=dict(task=t, test_items=protocol["test_items"],
-                                                             gen=TASKS[t]["gen"])))
-                 for t in {protocol["groups"][g]["task"] for g in groups}} if not args.report else {}
-
-        def do(g):
-            spec, k = protocol["groups"][g], "abcdefpqr".index(g)
+        runs.fingerprints({(s["task"], a) for s in specs for a in arms_of(s)}
+                          | {(s["task"], rate_source(s, a)) for s in specs for a in arms_of(s)})
+        bases = {} if args.report else {t: pool.submit(base_job, dict(
+            record=str(results / "runs" / t / "base.json"),
+            settings=dict(task=t, test_items=protocol["test_items"], gen=TASKS[t]["gen"]))) for t in tasks}
+        plan(runs, groups)
+        for g, spec in zip(groups, specs):
             try:
-                lr_of, sweeps, records = ex.group(g, k)
-                if "lora" not in records and spec["rate"] != "method":     # paired with LoRA of group a
-                    lora = ex.rate(spec["task"], "lora", 0, 0)[0]
-                    records = {"lora": [ex.run(spec["task"], "lora", lora, s, (k, s, 0, lora))
-                                        for s in range(spec["seeds"])], **records}
-                    lr_of = {"lora": lora, **lr_of}
+                lr_of, sweeps, records = group(runs, g)
             except Missing as e:
-                return print(f"group {g} ({spec['report']}): not complete, no record for {e}")
+                print(f"group {g} ({spec['report']}): not complete, no record for {e}")
+                continue
             base_file = results / "runs" / spec["task"] / "base.json"
             base = bases[spec["task"]].result() if bases else json.loads(base_file.read_text())
             command = "python benchmarks/methods.py " + ("--quick" if args.quick else "--second-path"
                                                          if args.second_path else f"--groups {g}")
             tables.report(spec["report"], command, spec["task"], lr_of, records, base, results, sweeps,
                           protocol["updates"][spec["task"]], g)
-        with ThreadPoolExecutor(len(groups)) as threads:
-            futures = {g: threads.submit(do, g) for g in groups}
-        failed = [g for g, f in futures.items() if f.exception()]
-        for g in failed:
-            print(f"group {g} failed: {futures[g].exception()!r}", file=sys.stderr)
     if args.quick:
         tables.compare(results / "runs", committed / "runs")
     if scratch:
         print(f"results in {scratch} ({committed} untouched)")
-    if failed:
-        sys.exit(f"error: group(s) {''.join(failed)} failed (above); every finished run's record is kept")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from variants import AuthorsPathNaRA, Fp32PathNaRA, use  # noqa: E402  (the reference paths)
 
+import nara  # noqa: E402
 from diffusion import generate, sft_loss  # noqa: E402
 from extras import adapters  # noqa: E402
 from extras import interop  # noqa: E402
@@ -71,16 +72,16 @@ def layer_table(d, tokens, batch, repeats, dtype):
     for m in LAYER_METHODS:
         h = Holder(d, dtype)
         h.transformer.blocks[0].q_proj.weight = torch.nn.Parameter(W, requires_grad=False)
-        adapters.attach(h, m, r=32, targets=("q_proj",), verbose=False)
+        nara.add_adapters(h, m, r=32, targets=("q_proj",), verbose=False)
         fns[m] = (lambda h=h: h(x, lam).float().square().mean().backward())
     h = Holder(d, dtype)
     h.transformer.blocks[0].q_proj.weight = torch.nn.Parameter(W, requires_grad=False)
-    adapters.attach(h, "nara", r=32, targets=("q_proj",), dropout=0.0, verbose=False)
+    nara.add_adapters(h, "nara", r=32, targets=("q_proj",), dropout=0.0, verbose=False)
     fns["nara, dropout 0"] = lambda: h(x, lam).float().square().mean().backward()
     for name, cls in ((FP32, Fp32PathNaRA), (AUTHORS, AuthorsPathNaRA)):
         other = Holder(d, dtype)
         other.transformer.blocks[0].q_proj.weight = torch.nn.Parameter(W, requires_grad=False)
-        adapters.attach(other, "nara", r=32, targets=("q_proj",), verbose=False)
+        nara.add_adapters(other, "nara", r=32, targets=("q_proj",), verbose=False)
         use(other, cls)
         fns[name] = lambda other=other: other(x, lam).float().square().mean().backward()
     try:
@@ -119,7 +120,7 @@ def step_table(batch, length, repeats, dtype):
     def make(method, cls=None, recompute=False):
         torch.manual_seed(0)
         model = LLaDA(small_config()).to(dtype)
-        adapters.attach(model, method, r=32, verbose=False)
+        nara.add_adapters(model, method, r=32, verbose=False)
         model.recompute = recompute
         return use(model, cls) if cls else model
 
@@ -233,7 +234,7 @@ def account_table(tokens):
                       pad_token_id=510)
     torch.manual_seed(0)
     model = LLaDA(cfg).to(torch.bfloat16)
-    adapters.attach(model, "nara", r=32, verbose=False)
+    nara.add_adapters(model, "nara", r=32, verbose=False)
     model.train()
     ids = torch.randint(0, 500, (1, tokens))
     answer = torch.arange(tokens)[None] >= tokens // 4
@@ -268,7 +269,7 @@ def head_table(repeats, quick):
                       eos_token_id=V - 2, pad_token_id=V - 2)
     torch.manual_seed(0)
     model = LLaDA(cfg)
-    adapters.attach(model, "nara", r=8, verbose=False)
+    nara.add_adapters(model, "nara", r=8, verbose=False)
     ids = torch.randint(0, V - 2, (4, 64 if quick else 128))
     answer = torch.arange(ids.shape[1]).expand_as(ids) >= ids.shape[1] // 4
     t = torch.full((4,), 0.5)
@@ -281,7 +282,7 @@ def head_table(repeats, quick):
         return ce.sum() / masked.sum()
 
     def selected():
-        logits = model(noisy, noise_level=t, positions=masked)
+        logits = model(noisy, noise_level=t, logits_at=masked)
         return torch.nn.functional.cross_entropy(logits.float(), ids[masked])
     model.train()
     step = {"full head": lambda: full().backward(), "selected positions": lambda: selected().backward()}
@@ -293,7 +294,7 @@ def head_table(repeats, quick):
     with torch.no_grad():
         samp = interleaved({"full head": lambda: model(noisy, noise_level=t)[:, block],
                             "selected positions": lambda: model(noisy, noise_level=t,
-                                                                positions=block)}, repeats)
+                                                                logits_at=block)}, repeats)
     rows = ["| head computed at | training step ms | kept for backward | sampling step ms (block of 8) |",
             "|---|---|---|---|"]
     for k in step:
@@ -308,7 +309,7 @@ def size_table():
     for m in ("lora", "nara", "nara-c", "multi-lora", "hira", "dora", "nara-dora"):
         with torch.device("meta"):
             model = LLaDA(LLaDAConfig())
-        adapters.attach(model, m, r=32, verbose=False)
+        nara.add_adapters(model, m, r=32, verbose=False)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         file_bytes = sum(t.numel() * t.element_size() for t in adapters.adapter_state(model).values())

@@ -5,7 +5,7 @@ rank-r rest in fp32 with an fp32 (B, L, d_out) output rounded once (C − I surv
 import torch
 
 import nara
-from model import checkpointed
+from model import recomputable
 
 
 class AuthorsPathNaRA(nara.NaRALinear):
@@ -20,7 +20,7 @@ class Fp32PathNaRA(nara.NaRALinear):
     """A x in the activations' dtype, then C and B in fp32 with autocast off: an fp32 (B, L, d_out)."""
     def update(self, x, cond):
         A, C, B = self.factors(cond)
-        a = checkpointed(self, self.down, x, A.to(x.dtype))               # (B, L, r)
+        a = recomputable(self.down, x, A.to(x.dtype))             # (B, L, r)
         with torch.autocast(x.device.type, enabled=False):
             a = a.float() @ C.float().transpose(-1, -2)                   # (B, L, r)
             return (self.s * a) @ B.float().transpose(-1, -2)             # (B, L, d_out) in fp32

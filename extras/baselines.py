@@ -1,26 +1,30 @@
 """The paper's other baselines. Low-rank, each a drop-in with the LoRA skeleton of nara.py changed in one
 place: NaRA-C (a learned constant core), HiRA (a high-rank Hadamard update), DoRA, and NaRA on DoRA
-(Appendix M). Prompt-based: Prompt Tuning and P-Tuning (virtual input tokens). adapters.py builds them
-by name.
+(Appendix M). Prompt-based: Prompt Tuning and P-Tuning (virtual input tokens). Each is registered in
+nara.METHODS at the end of this file, so nara.add_adapters builds it by name.
 """
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import nara
 from nara import LoRALinear, NaRALinear, core
 
 
 class StaticCore(nn.Module):
     """NaRA-C: C = I + η·unvec(P) with one learnable r x r P (zero at init), shared by all layers, blind
     to λ; P is read column-major like F_φ's output, so the authors' `constant_c` loads as it is."""
+    reads = ()                                                            # no signal: the same C always
+
     def __init__(self, r, eta=0.1):
         super().__init__()
         self.eta = eta
         self.P = nn.Parameter(torch.zeros(r, r))
 
-    def forward(self, lam=None):
+    def forward(self):
         return core(self.P.flatten(), self.P.shape[0], self.eta)         # (r, r), the same for every sequence
 
 
@@ -36,24 +40,20 @@ class HiRALinear(LoRALinear):
         return self.weight.float() + self.delta()
 
 
-class DoRALinear(NaRALinear):
-    """DoRA: W' = m ⊙ (W0 + s·B A) / ‖W0 + s·B A‖_row, the norm a constant in backward (the DoRA paper).
-    With key set (NaRA-DoRA, the paper's Appendix M) the direction update is B C(λ) A, per sequence."""
-    def __init__(self, base, r, s=1.0, dropout=0.05, key=None):
-        super().__init__(base, r, s, dropout, key)
+class DoRALinear(LoRALinear):
+    """DoRA: W' = m ⊙ (W0 + s·B A) / ‖W0 + s·B A‖_row, the norm a constant in backward (the DoRA paper)."""
+    def __init__(self, base, r, s=1.0, dropout=0.05, **key):            # NaRA-DoRA: the key of its core
+        super().__init__(base, r, s, dropout, **key)
         self.register_buffer("w0_sq", self.weight.float().square().sum(1), persistent=False)   # ‖W0‖² per row
         self.magnitude = nn.Parameter(self.w0_sq.sqrt())                  # m = ‖W0‖_row at init
 
-    def factors(self, cond):
-        return LoRALinear.factors(self, cond) if self.key is None else super().factors(cond)
-
     def scale(self, cond):
-        """m / ‖W0 + s·B C A‖ per row, (B or 1, d_out), without building W0 + s·B C A per sequence:
+        """m / ‖W0 + s·B C A‖ per row, (n or 1, d_out), without building W0 + s·B C A per sequence:
         ‖w + s u‖² = ‖w‖² + 2s w·u + s²‖u‖², with u_i = (BC)_i A, so w·u = (BC)_i·(W0 Aᵀ)_i and
         ‖u_i‖² = (BC)_i (A Aᵀ) (BC)_iᵀ."""
-        A, C, B = (None if t is None else t.float() for t in self.factors(cond))
+        A, C, Bm = (None if t is None else t.float() for t in self.factors(cond))
         W0 = self.weight.float()
-        BC = B if C is None else B @ C                                    # (d_out, r) or (B, d_out, r)
+        BC = Bm if C is None else Bm @ C                                  # (d_out, r) or (n, d_out, r)
         sq = (self.w0_sq + 2 * self.s * (BC * (W0 @ A.T)).sum(-1)
               + self.s ** 2 * ((BC @ (A @ A.T)) * BC).sum(-1))                 # ‖W0 + s·B C A‖² per row
         return (self.magnitude / sq.sqrt().detach()).reshape(-1, W0.shape[0])
@@ -61,13 +61,15 @@ class DoRALinear(NaRALinear):
     def forward(self, x, cond=None):
         cond = cond or {}
         h = F.linear(x, self.weight)
-        if not self.active:
-            return h
-        scale = self.scale(cond)[:, None, :]                              # (B or 1, 1, d_out)
+        scale = self.scale(cond)[:, None, :]                              # (n or 1, 1, d_out)
         return (scale * (h.to(scale.dtype) + self.update(x, cond))).to(h.dtype)
 
     def merged_weight(self, cond):
         return self.scale(cond)[0][:, None] * super().merged_weight(cond)
+
+
+class NaRADoRALinear(DoRALinear, NaRALinear):
+    """NaRA on DoRA (the paper's Appendix M): DoRA whose direction update is B C(λ) A, per sequence."""
 
 
 # ---------------------------------------------------------------- prompt methods
@@ -116,3 +118,21 @@ class VirtualTokens(nn.Module):
             pad = torch.cat([torch.zeros_like(pad[:, :1]).expand(B, n), pad], dim=1).gather(1, order)
         j = torch.arange(L, device=x.device)
         return x, pad, j + n * (j >= lead)
+
+
+def virtual_tokens(model, virtual_tokens, prompt_init, encoder_hidden, p_tuning):
+    """The prompt methods' inputs module for `model` (nara.Method.inputs)."""
+    return VirtualTokens(model.transformer.wte, virtual_tokens, model.config.vocab_size, prompt_init,
+                         (encoder_hidden or model.config.d_model) if p_tuning else None)
+
+
+# ---------------------------------------------------------------- their entries in nara.METHODS
+PROMPT = dict(virtual_tokens=20, prompt_init=None, encoder_hidden=None)   # init: token ids of a text
+nara.METHODS.update({
+    "nara-c": nara.Method(NaRALinear, StaticCore, core_options=dict(eta=0.1)),
+    "hira": nara.Method(HiRALinear, per_layer=True),
+    "dora": nara.Method(DoRALinear, per_layer=True),
+    "nara-dora": nara.Method(NaRADoRALinear, nara.Hypernetwork, core_options=dict(eta=0.1)),
+    "prompt-tuning": nara.Method(inputs=partial(virtual_tokens, p_tuning=False), options=PROMPT),
+    "p-tuning": nara.Method(inputs=partial(virtual_tokens, p_tuning=True), options=PROMPT),
+})

@@ -30,7 +30,7 @@ def noise_curve(model, ids, answer, lams, batch_size=16, seed=0):
             g_x = torch.Generator(dev).manual_seed(int(torch.randint(0, 2**31, (), generator=g)))
             masked, _ = sft_mask(a, lam_x, generator=g_x)
             logits = model(torch.where(masked, model.config.mask_token_id, x), noise_level=lam_x,
-                           positions=masked)   # (N, V): the masked positions only
+                           logits_at=masked)   # (N, V): the masked positions only
             total += float(torch.nn.functional.cross_entropy(logits.double(), x[masked], reduction="sum"))
             count += int(masked.sum())
         curve[lam] = total / count
@@ -43,12 +43,11 @@ def update_magnitude(model, lams):
     3, with C as the layers apply it (fp32) and one ΔW in memory at a time. A density-conditioned NaRA
     gets noise density λ too: what masking a fraction λ at random gives on average."""
     out = {}
-    dense = any("density" in getattr(net, "inputs", ()) for net in model.noise_nets.values())
     layers = [m for m in model.modules() if isinstance(m, nara.LoRALinear)]
     for lam in lams:
-        cond = adapters.cond_at(model, lam, lam if dense else None)
+        cond = adapters.cond_at(model, lam, density=lam)                 # density: read only where a core does
         cores = [(C - torch.eye(C.shape[-1], device=C.device)).norm().item()
-                 for C in (nara.first_sequence(cond[k]) for k in model.noise_nets)]
+                 for C in (cond[k].reshape(-1, *cond[k].shape[-2:])[0] for k in model.noise_nets)]
         deltas = [(m.merged_weight(cond) - m.weight.float()).norm().item() for m in layers]
         out[lam] = (sum(cores) / len(cores) if cores else None, sum(deltas) / len(deltas) if deltas else None)
     return out

@@ -85,11 +85,24 @@ def load_adapter(model, directory, verbose=True):
     if config.pop("base_shapes", None) != shape_id(model):
         raise ValueError(f"{cfg_file}: saved for a model with different shapes than this one")
     try:
-        cfg = adapters.AdapterConfig.from_dict(config)
-        adapters.attach(model, verbose=verbose, **vars(cfg))
+        nara.add_adapters(model, verbose=verbose, **saved_options(config))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{cfg_file}: {e}") from None
     return adapters.load_state(model, read_safetensors(file), f"{file} ({config['method']} adapters)")
+
+
+def saved_options(body):
+    """add_adapters' arguments from an adapter_config.json. Earlier releases also wrote every other
+    method's options, at their defaults (left out here), and called `signal` "condition"."""
+    body = dict(body)
+    if "condition" in body:
+        body["signal"] = body.pop("condition")
+    spec = nara.METHODS.get(body.get("method"))
+    if spec is None:
+        return body                                                       # add_adapters names the method
+    mine = nara.options_of(spec)
+    others = {k: json.loads(json.dumps(v)) for m in nara.METHODS.values() for k, v in nara.options_of(m).items()}
+    return {k: v for k, v in body.items() if k == "method" or k in mine or others.get(k, v) != v}
 
 
 def shape_id(model):
@@ -118,7 +131,7 @@ def export_peft(model, directory, lam=None):
     fixed λ" (B' = B C(λ), the bin's LoRA), DoRA and NaRA-DoRA as PEFT's DoRA. The method and λ go
     into the safetensors metadata (PEFT ignores it)."""
     cfg = model.adapter_config
-    if cfg["method"] in ("hira", *adapters.PROMPT):
+    if cfg["method"] == "hira" or nara.METHODS[cfg["method"]].inputs:
         raise ValueError(f"{cfg['method']} is not a low-rank additive update: PEFT's LoRA layout cannot "
                          "hold it")
     if cfg["method"] in adapters.NOISE_AWARE and lam is None:
@@ -126,7 +139,7 @@ def export_peft(model, directory, lam=None):
     cond, tensors, ranks, alphas = adapters.cond_at(model, 0.0 if lam is None else lam), {}, {}, {}
     for name, m in model.named_modules():
         if isinstance(m, nara.LoRALinear):
-            A, C, B = (None if t is None else nara.first_sequence(t) for t in m.factors(cond))
+            A, C, B = (None if t is None else t.reshape(-1, *t.shape[-2:])[0] for t in m.factors(cond))
             tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A
             tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B if C is None else B @ C
             if isinstance(m, baselines.DoRALinear):
@@ -153,7 +166,7 @@ def peft_targets(body, names, where):
     def matches(spec, name):
         if isinstance(spec, str):
             return re.fullmatch(spec, name) is not None
-        return name in spec or any(name.endswith("." + t) for t in spec)
+        return nara.target_of(name, spec) is not None
     targets = body.get("target_modules")
     if not targets:
         raise ValueError(f"{where}: no target_modules")
@@ -203,11 +216,11 @@ def load_peft(model, directory, verbose=True):
         if kr is not None and ka is not None and kr != ka:
             raise ValueError(f"{cfg_file}: rank_pattern key {kr!r} and alpha_pattern key {ka!r} both match "
                              f"{n}: PEFT releases disagree on what that means")
-    adapters.attach(model, "dora" if body.get("use_dora") else "lora", r=r, targets=chosen, alpha=alpha,
-                          dropout=body.get("lora_dropout", 0.0), rslora=bool(body.get("use_rslora")),
-                          rank_pattern={n: pattern_value(rp, "model." + n, r) for n in chosen},
-                          alpha_pattern={n: pattern_value(ap, "model." + n, alpha) for n in chosen},
-                          verbose=verbose)
+    nara.add_adapters(model, "dora" if body.get("use_dora") else "lora", r=r, targets=chosen, alpha=alpha,
+                      dropout=body.get("lora_dropout", 0.0), rslora=bool(body.get("use_rslora")),
+                      rank_pattern={n: pattern_value(rp, "model." + n, r) for n in chosen},
+                      alpha_pattern={n: pattern_value(ap, "model." + n, alpha) for n in chosen},
+                      verbose=verbose)
     tensors = read_safetensors(file)
     names = {}
     for n, m in model.named_modules():
@@ -256,11 +269,13 @@ def authors_config(body, where):
     groups = body.get("mapper_groups")
     if groups and sorted(t for g in groups.values() for t in g) != sorted(targets):
         raise ValueError(f"{where}: mapper_groups {groups} must list the target_modules exactly once")
-    return dict(method="nara-c" if mode == "constant" else "nara", r=r, targets=targets,
-                alpha=float(body.get("scale_ab", 1.0)) * r, dropout=float(body.get("lora_dropout", 0.0)),
-                eta=float(body.get("c_scale", 1.0)), embedding=body.get("embedding_type", "fourier"),
-                groups=groups or None, width=int(body.get("embedding_dim", 64)),
-                hidden=(int(body.get("fnn_hidden_size_1", 256)), int(body.get("fnn_hidden_size_2", 512))),
+    shared = dict(r=r, targets=targets, alpha=float(body.get("scale_ab", 1.0)) * r,
+                  dropout=float(body.get("lora_dropout", 0.0)), eta=float(body.get("c_scale", 1.0)))
+    if mode == "constant":
+        return dict(method="nara-c", **shared)
+    return dict(method="nara", **shared, embedding=body.get("embedding_type", "fourier"), groups=groups or None,
+                width=int(body.get("embedding_dim", 64)),
+                hidden=[int(body.get("fnn_hidden_size_1", 256)), int(body.get("fnn_hidden_size_2", 512))],
                 init=AUTHORS_INITS.get(body.get("init_c", "zero_last"), "zero_last"),
                 signal=AUTHORS_MODES.get(mode, "lambda"), radius=int(body.get("density_radius") or 5))
 
@@ -288,7 +303,7 @@ def load_authors(model, directory, verbose=True):
     directory = Path(directory)
     cfg_file = directory / "adapter_config.json"
     body = read_json(cfg_file)
-    adapters.attach(model, **authors_config(body, cfg_file), verbose=verbose)
+    nara.add_adapters(model, **authors_config(body, cfg_file), verbose=verbose)
     names = ("adapter_model.safetensors", "adapter_model.bin")
     file = next((directory / f for f in names if (directory / f).is_file()), None)
     if file is None:

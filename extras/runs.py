@@ -2,13 +2,13 @@
 Skip on a first read: train.py's loop calls these at its edges.
 
 A run directory holds run.json (the settings and the data file's sha256: --resume refuses any other
-value and names the flag; and the machine, `machine()`: a resume on another one goes on with a note), metrics.jsonl (one line per update), checkpoint.pt (adapter, optimizer,
-schedule, step, RNG states, written atomically at each validation: --resume continues from it bit for
-bit on a CPU; on CUDA some reductions are not deterministic, so a resumed run is the same run but not
-bit for bit), best/ (the best validation adapter) and adapter/ (the final one). A finished run is never
+value and names the flag; and the machine, `machine()`: a resume on another one goes on with a note),
+metrics.jsonl (one line per update), checkpoint.pt (adapter, optimizer, schedule, step, RNG states,
+written atomically at each validation: --resume continues from it bit for bit on the same machine, kernel
+path and thread count, on a CPU; on CUDA some reductions are not deterministic, so a resumed run is the
+same run but not bit for bit), best/ (the best validation adapter) and adapter/ (the final one). A finished run is never
 modified; a run killed before its first checkpoint starts again cleanly.
 """
-import argparse
 import hashlib
 import json
 import math
@@ -29,102 +29,21 @@ from model import read_json
 RESUMABLE = ("out", "resume", "stop_at", "test", "grad_checkpointing")
 
 
-def parse_args(argv, description, recipe, bundled):
-    """train.py's flags (these and adapters.add_flags); the values of `recipe` with --model, else those of
-    `bundled`. The bundled test goes only with the bundled data; the default --out is runs/<name>."""
-    ap = argparse.ArgumentParser(description=description,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flags(ap, recipe, bundled)
-    adapters.add_flags(ap)
-    args = ap.parse_args(argv)
-    preset = bundled if args.model is None else recipe
-    default_data = args.data is None or Path(args.data).resolve() == Path(bundled.data).resolve()
-    given = {k for k, v in vars(args).items() if v is not None}
-    for k, v in vars(preset).items():
-        if k == "test" and not default_data:                              # the test follows the data
-            continue
-        if k == "max_updates" and "epochs" in given:                      # --epochs sets the length
-            continue
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    if args.data is None:
-        ap.error("--data is required with --model")
-    adapters.check_flags(args)
-    name = "default" if preset is bundled and default_data else f"{Path(args.data).stem}-{args.method}"
-    check_flags(args, name)
-    return args
-
-
-def add_flags(ap, recipe, bundled):
-    """train.py's flags but the adapters' (adapters.add_flags): data, schedule, run directory, device."""
-    both = lambda k: f"(recipe: {getattr(recipe, k)}; bundled run: {getattr(bundled, k)})"  # noqa: E731
-    ap.add_argument("--model", help="LLaDA directory (or a hub id, with huggingface_hub and a network); "
-                    "default: the bundled miniature data/base, with the bundled run's settings")
-    ap.add_argument("--data", help="LLM-Adapters .json, GSM8K-style .jsonl or CodeFeedback-style .json "
-                    "(required with --model; default: the bundled data/arith/train.json)")
-    ap.add_argument("--test", help="held-out file scored by generation at the end: a numeric answer by the "
-                    "last number, any other by normalised exact match (default: data/arith/test.json "
-                    "with the bundled data, else none)")
-    ap.add_argument("--max-length", type=int, help=f"prompt + answer tokens {both('max_length')}")
-    ap.add_argument("--val-size", type=int, help="examples held out, written to RUN/val.json "
-                    f"{both('val_size')}")
-    ap.add_argument("--eval-every", type=int, help=f"validate every N updates {both('eval_every')}")
-    ap.add_argument("--lr", type=float, help=f"peak learning rate {both('lr')}")
-    ap.add_argument("--epochs", type=float, help=f"passes over the data {both('epochs')}")
-    ap.add_argument("--max-updates", type=int, help="the run's length in updates, overriding --epochs "
-                    f"{both('max_updates')}")
-    ap.add_argument("--batch-size", type=int, help=f"sequences per micro-batch {both('batch_size')}")
-    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update (authors: 1 x 32)")
-    ap.add_argument("--seed", type=int, default=0, help="random seed (data split, order, masks, init)")
-    ap.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per block")
-    ap.add_argument("--out", help="run directory (default: runs/<data name>-<method>, or runs/default for "
-                    "the bundled run; -2, -3, ... when taken)")
-    ap.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    ap.add_argument("--stop-at", type=int, default=None,
-                    help="stop after this update, as if killed (time-boxed jobs)")
-    ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    ap.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
-                    help="base weights; bfloat16 also computes under bf16 autocast, adapters stay float32 "
-                         "(default: bfloat16 on CUDA, float32 on CPU)")
-
-
-def check_flags(args, name):
-    """One-line errors for the training numbers, the files, the device and the run directory, before
-    anything is loaded; the default --out is runs/<name>, runs/<name>-2, ..."""
-    for key in ("batch_size", "grad_accum", "eval_every", "max_length", "max_updates", "val_size", "stop_at"):
-        if getattr(args, key) is not None and getattr(args, key) < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
-    for key in ("lr", "epochs"):
-        if not getattr(args, key) > 0:
-            raise ValueError(f"--{key} must be positive, got {getattr(args, key)}")
-    for path, what in ((args.data, "--data"), (args.test, "--test"), (args.warm_start, "--warm-start")):
-        if path and not Path(path).exists():
-            raise ValueError(f"{what} {path}: {what[2:]} file not found")
-    if args.test:
-        load_items("auto", args.test)                   # a bad test file fails now, not after training
-    if args.device is not None:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            device = None
-        if device is None or device.type not in ("cuda", "cpu"):
-            raise ValueError(f"--device {args.device!r}: choose cuda, cuda:N or cpu")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            why = "has no CUDA support" if torch.version.cuda is None else "sees no GPU"
-            raise ValueError(f"--device {args.device}: no CUDA device here (this torch {why}); "
-                             "use --device cpu")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA "
-                             "device(s)")
-    if args.out is None and args.resume:
-        raise ValueError("--resume needs --out RUN_DIR: the run to continue")
-    if args.resume and not Path(args.out).is_dir():
-        raise ValueError(f"--resume --out {args.out}: no such run directory (nothing to continue)")
-    if args.out is None:
-        args.out = next(f"runs/{name}{'' if k == 1 else f'-{k}'}" for k in range(1, 10**6)
-                        if not Path(f"runs/{name}{'' if k == 1 else f'-{k}'}").exists())
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a file, not a run directory")
+def check_device(device):
+    """A one-line error for a --device that is no device of this machine."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"--device {device!r}: choose cuda, cuda:N or cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "has no CUDA support" if torch.version.cuda is None else "sees no GPU"
+        raise ValueError(f"--device {device}: no CUDA device here (this torch {why}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def resolve_model(name):
@@ -201,7 +120,10 @@ def prepare(out, args, settings, rank):
     if not record.is_file():
         raise ValueError(f"--resume: {record} not found, so the settings cannot be checked: start a new run")
     saved = read_json(record)
-    if saved.pop("machine", machine()) != machine():
+    if "machine" not in saved:
+        raise ValueError(f"--resume: {out} was started by an earlier release of train.py, whose flags differ: "
+                         "finish it with that release, or start a new run")
+    if saved.pop("machine") != machine():
         print(f"--resume: {out} was started on another machine or kernel path than this one "
               "(run.json's machine): the run goes on, rounding as this one does")
     for key in sorted(set(saved) | set(settings)):
@@ -215,7 +137,7 @@ def prepare(out, args, settings, rank):
 
 
 def flag(key):
-    return "--" + {"r": "adapter-rank"}.get(key, key.replace("_", "-"))
+    return "--" + key.replace("_", "-")
 
 
 def begin(out, settings, resume, rank):
@@ -235,18 +157,15 @@ def save_checkpoint(file, model, opt, sched, step, best, device):
     atomic_write(file, lambda tmp: torch.save(ck, tmp))
 
 
-def restore(out, model, opt, sched, device, rank, method):
+def restore(out, model, opt, sched, device, rank):
     """Load checkpoint.pt into the model, optimizer, schedule and RNG; forget later metrics. (step, best)."""
+    file = out / "checkpoint.pt"
     try:
         # AdamW's steps stay there
-        ck = torch.load(out / "checkpoint.pt", weights_only=True, map_location="cpu")
+        ck = torch.load(file, weights_only=True, map_location="cpu")
     except Exception as e:   # noqa: BLE001 (the file is at fault)
-        raise ValueError(f"{out / 'checkpoint.pt'}: not a readable checkpoint ({type(e).__name__}: "
-                         f"{e})") from None
-    if set(ck["adapter"]) != set(adapters.adapter_state(model)):
-        raise ValueError(f"--resume: {out / 'checkpoint.pt'} holds other adapters than --method {method} "
-                         "builds")
-    model.load_state_dict(ck["adapter"], strict=False)                      # exactly the adapter keys
+        raise ValueError(f"{file}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    adapters.load_state(model, ck["adapter"], f"--resume: {file} (saved by another --method?)")
     opt.load_state_dict(ck["optimizer"])
     sched.load_state_dict(ck["scheduler"])
     torch.set_rng_state(ck["rng"].cpu())

@@ -12,10 +12,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if "OMP_NUM_THREADS" not in os.environ:        # tests/kernel_paths.py sets it to run at 1 and 2
     torch.set_num_threads(1)
 
-from extras.files import config_json, released_shard  # noqa: E402
+import nara  # noqa: E402
+from extras.files import config_json, released_shard  # noqa: E402  (importing extras registers every method)
 from model import LLaDA, LLaDAConfig  # noqa: E402
 
 REFERENCE = Path(__file__).parent / "reference"      # the real LLaDA-8B-Instruct config.json and index
+PROMPT = [m for m, spec in nara.METHODS.items() if spec.inputs]       # the methods that add input tokens
+
+
+def rank(method, r, **low_rank):
+    """add_adapters' rank (and other low-rank options) for `method`, none for a prompt method."""
+    return {} if method in PROMPT else {"r": r, **low_rank}
 # The sums on one path through LLaDAConfig.tiny(): 2 blocks of 6 sums in a row (q/k/v, attention, attn_out,
 # gate/up, down, the norm) of at most 128 terms (MLP width, vocabulary) each.
 TINY_MODEL = 2 * 6 * 128
@@ -107,7 +114,9 @@ def tiny_task(tmp_path_factory):
 
 
 def train_args(task, out, *extra):
-    """train.py's flags for a short run on tiny_task."""
+    """train.py's flags for a short run on tiny_task (no adapter dropout, but for the prompt methods,
+    which have none)."""
+    prompt = "--method" in extra and extra[list(extra).index("--method") + 1] in PROMPT
     return ["--model", str(task / "model"), "--data", str(task / "data.json"), "--out", str(out),
             "--max-length", "40", "--val-size", "6", "--eval-every", "3", "--batch-size", "6",
-            "--adapter-rank", "4", "--lr", "1e-2", "--dropout", "0", *extra]
+            "--adapter-rank", "4", "--lr", "1e-2", *([] if prompt else ["--dropout", "0"]), *extra]

@@ -94,99 +94,37 @@ def test_methods_comparison_runs_end_to_end_and_reuses_only_matching_records(tmp
     assert bad.returncode != 0 and "no group 'z'" in bad.stderr
 
 
-def test_a_free_worker_goes_to_the_first_group_waiting():
+def test_the_runs_go_in_the_protocols_order(tmp_path):
+    """Every sweep first, group by group, then every group's seeds; a run two groups share once."""
     sys.path.insert(0, str(BENCH))
-    import threading
-
-    import methods
-    slots, order, started = methods.Slots(1), [], []
-
-    def job(key):
-        started.append(key)
-        with slots.take(key):
-            order.append(key)
-    with slots.take((0,)):                             # the only worker is busy while three jobs queue up
-        threads = [threading.Thread(target=job, args=(k,)) for k in ((5, 1), (2, 0), (5, 0))]
-        for t in threads:
-            t.start()
-        while len(started) < 3 or len(slots.waiting) < 3:
-            threading.Event().wait(0.01)
-    for t in threads:
-        t.join()
-    assert order == [(2, 0), (5, 0), (5, 1)]
-
-
-@pytest.mark.parametrize("quiet", [0.0, 0.5])
-def test_at_the_start_the_workers_wait_until_every_job_has_asked(quiet):
-    """A later group asks first, an earlier one 0.1 s after it: the earlier runs first, also when nothing
-    asked for longer than `settle` before (the fingerprints come first): the wait counts from a first ask."""
-    sys.path.insert(0, str(BENCH))
-    import threading
-
-    import methods
-    slots, order = methods.Slots(1, settle=0.3), []
-
-    def job(key):
-        with slots.take(key):
-            order.append(key)
-    threading.Event().wait(quiet)
-    threads = [threading.Thread(target=job, args=((5, 0),))]
-    threads[0].start()
-    threading.Event().wait(0.1)
-    threads.append(threading.Thread(target=job, args=((2, 0),)))
-    threads[1].start()
-    for t in threads:
-        t.join()
-    assert order == [(2, 0), (5, 0)]
-
-
-def test_a_sweep_two_groups_need_runs_at_the_earlier_groups_priority(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    import types
-
-    import methods
-    ex = methods.Experiment(types.SimpleNamespace(_max_workers=1), methods.PROTOCOL, tmp_path, tmp_path)
-    asked = []
-    ex.run = lambda task, arm, lr, seed, priority: asked.append(priority) or {"best_val_loss": abs(lr - 3e-3)}
-    lr, _ = ex.rate("instruct", "lora", 5, 0)             # group f asks first; group b (1) also sweeps it
-    assert lr == 3e-3 and {p[:3] for p in asked} == {(1, 0, 0)}
-
-
-def test_a_run_two_groups_need_goes_at_the_earlier_groups_priority_and_blocks_no_one(tmp_path):
-    """Group f asks for a run first, group b for the same run after it: b's priority is taken, and
-    while b waits for f's job, a third run (another group's) still reaches the queue."""
-    sys.path.insert(0, str(BENCH))
-    import threading
-    import types
+    import math
     from concurrent.futures import Future
 
     import methods
-    done = []
+    asked = []
 
-    def submit(fn, job):
-        done.append(job["settings"]["arm"])
-        f = Future()
-        f.set_result({"train_s": 0, "score_s": 0, "best_val_loss": 1.0, "accuracy": 1.0})
-        return f
-    ex = methods.Experiment(types.SimpleNamespace(_max_workers=1, submit=submit), methods.PROTOCOL,
-                            tmp_path, tmp_path)
-    ex.slots = methods.Slots(1)
-    ex.prints = {("arith", a): "fp" for a in ("lora", "nara", "dora")}
-    run = lambda arm, key: threading.Thread(target=ex.run, args=("arith", arm, 1e-3, 1, key),  # noqa: E731
-                                            daemon=True)
-    with ex.slots.take((0,)):                          # the worker is busy while the three ask
-        threads = [run("nara", (5, 1)), run("nara", (1, 1)), run("dora", (3, 1))]
-        for t in threads:
-            t.start()
-            threading.Event().wait(0.1)
-        for _ in range(300):
-            if len(ex.slots.waiting) == 2:
-                break
-            threading.Event().wait(0.01)
-        assert len(ex.slots.waiting) == 2, "a request waiting for a shared run held back another run"
-    for t in threads:
-        t.join()
-    assert done == ["nara", "dora"]
+    class Pool:                                       # runs nothing: 3e-3 comes out best, no widening
+        def submit(self, fn, job):
+            s = job["settings"]
+            asked.append((s["task"], s["arm"], s["lr"], s["seed"]))
+            done = Future()
+            done.set_result({"settings": s, "train_s": 0, "score_s": 0, "accuracy": 1.0,
+                             "best_val_loss": abs(math.log10(s["lr"]) + 2.5)})
+            return done
+    runs = methods.Runs(Pool(), methods.PROTOCOL, tmp_path, tmp_path)
+    runs.prints = __import__("collections").defaultdict(dict)           # no fingerprints: nothing to reuse
+    methods.plan(runs, "abe")
+    sweeps = [(t, a, lr, 0) for t, arms in (("arith", methods.CENTRAL), ("instruct", ("lora", "nara")))
+              for a in arms for lr in (1e-3, 3e-3, 1e-2)]
+    assert asked[:len(sweeps)] == sweeps                                 # e takes NaRA's rate: no sweep
+    seeds = [("arith", a, 3e-3, s) for s in range(1, 5) for a in methods.CENTRAL]
+    seeds += [("instruct", a, 3e-3, s) for s in (1, 2) for a in ("lora", "nara")]
+    seeds += [("arith", a, 3e-3, s) for s in range(3) for a in ("nara-c", *methods.ABLATIONS)
+              if ("arith", a, 3e-3, s) not in seeds + sweeps]
+    assert asked[len(sweeps):] == seeds
+    lr_of, sweep, records = methods.group(runs, "e")
+    assert list(records) == ["lora", "nara", "nara-c", *methods.ABLATIONS] and not sweep   # paired with LoRA
+    assert all(len(r) == 3 for r in records.values())
 
 
 def test_methods_refuses_a_protocol_that_would_skip_items(tmp_path, monkeypatch):

@@ -7,19 +7,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import random_model, tolerance
 
+import nara
 from diffusion import generate, log_likelihood, pretrain_loss, sft_loss, sft_mask, transfer_counts
-from extras import adapters
 from extras.tasks import pad_sft
 from model import LLaDAConfig
 
 MASK, EOS = 126, 125          # LLaDAConfig.tiny()'s ids
 
 
-def select(logits, positions):
-    """What LLaDA.forward returns for `positions` (None, a bool mask or a slice), from full logits."""
-    if positions is None:
+def select(logits, logits_at):
+    """What LLaDA.forward returns for `logits_at` (None, a bool mask or a slice), from full logits."""
+    if logits_at is None:
         return logits
-    return logits[positions] if isinstance(positions, torch.Tensor) else logits[:, positions]
+    return logits[logits_at] if isinstance(logits_at, torch.Tensor) else logits[:, logits_at]
 
 
 class Stub(nn.Module):
@@ -33,13 +33,13 @@ class Stub(nn.Module):
         self.w = nn.Parameter(torch.zeros(1))
         self.calls = []
 
-    def forward(self, x, attention_mask=None, noise_level=None, positions=None):
+    def forward(self, x, attention_mask=None, noise_level=None, logits_at=None):
         self.calls.append((x.clone(), None if noise_level is None else noise_level.clone()))
         logits = self.table[x] + self.bias[:x.shape[1]] + self.w
         for pos, tok in self.favour.items():
             logits[:, pos, tok] += 100.0
         logits[..., MASK] = -torch.inf
-        return select(logits, positions)
+        return select(logits, logits_at)
 
 
 class NoMask(nn.Module):
@@ -50,9 +50,9 @@ class NoMask(nn.Module):
         super().__init__()
         self.model, self.config, self.seen = model, model.config, []
 
-    def forward(self, x, attention_mask=None, noise_level=None, positions=None):
+    def forward(self, x, attention_mask=None, noise_level=None, logits_at=None):
         self.seen.append(x.clone())
-        logits = select(self.model(x, attention_mask, noise_level=noise_level), positions)
+        logits = select(self.model(x, attention_mask, noise_level=noise_level), logits_at)
         logits[..., MASK] = -1e4                                        # finite: CFG subtracts logits
         return logits
 
@@ -183,7 +183,7 @@ def test_batched_left_padded_prompts_equal_each_alone():
 
 def test_sampling_feeds_lambda_to_noise_aware_adapters():
     model = random_model()
-    adapters.attach(model, "nara", r=2, verbose=False)
+    nara.add_adapters(model, "nara", r=2, verbose=False)
     out = generate(NoMask(model.eval()), torch.tensor([[1, 2, 3]]), steps=4, gen_length=4, block_length=4)
     assert not (out == MASK).any()
 
@@ -203,8 +203,8 @@ class Uniform(nn.Module):
         self.config = SimpleNamespace(mask_token_id=7, eos_token_id=6)
         self.logits = nn.Parameter(torch.randn(L, vocab, generator=torch.Generator().manual_seed(1)))
 
-    def forward(self, x, attention_mask=None, noise_level=None, positions=None):
-        return select(self.logits.expand(x.shape[0], -1, -1), positions)
+    def forward(self, x, attention_mask=None, noise_level=None, logits_at=None):
+        return select(self.logits.expand(x.shape[0], -1, -1), logits_at)
 
 
 def test_sft_loss_matches_a_hand_computed_value():
@@ -280,7 +280,7 @@ def test_the_head_at_selected_positions_changes_no_loss_or_likelihood():
     matmul shapes, whose BLAS blocking may differ: in float64 they agree to tolerance(); the losses
     take their cross-entropy in fp32 (sft_loss, pretrain_loss), so those agree to fp32's."""
     model = random_model().double().eval()
-    adapters.attach(model, "nara", r=4, verbose=False)
+    nara.add_adapters(model, "nara", r=4, verbose=False)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -290,9 +290,9 @@ def test_the_head_at_selected_positions_changes_no_loss_or_likelihood():
     lam = torch.tensor([0.2, 0.5, 0.9])
     full = model(x, noise_level=lam)
     exact = dict(rtol=0, atol=tolerance(full, dtype=torch.float64))
-    assert model(x, noise_level=lam, positions=answer).shape == (21, 128)
-    assert torch.allclose(model(x, noise_level=lam, positions=answer), full[answer], **exact)
-    assert torch.allclose(model(x, noise_level=lam, positions=slice(4, 7)), full[:, 4:7], **exact)
+    assert model(x, noise_level=lam, logits_at=answer).shape == (21, 128)
+    assert torch.allclose(model(x, noise_level=lam, logits_at=answer), full[answer], **exact)
+    assert torch.allclose(model(x, noise_level=lam, logits_at=slice(4, 7)), full[:, 4:7], **exact)
     torch.manual_seed(0)
     new, _ = sft_loss(model, x, answer)
     torch.manual_seed(0)   # the previous sft_loss, written out

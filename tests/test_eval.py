@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import random_model, tolerance, train_tokenizer
 
+import nara
 import eval as ev
 from extras import adapters, figures, interop, tasks
 from extras.files import save_pretrained
@@ -85,7 +86,7 @@ def test_batched_generation_equals_one_by_one(tiny):
 
 def test_noise_curve_and_update_size_of_a_hand_set_nara(tiny):
     model, tok = tiny
-    adapters.attach(model, "nara", r=2, verbose=False).eval()            # eval: no adapter dropout
+    nara.add_adapters(model, "nara", r=2, verbose=False).eval()            # eval: no adapter dropout
     with torch.no_grad():
         # C = I + 0.1·diag(1, 2)
         model.noise_nets["nara"].net[-1].bias.copy_(torch.tensor([1.0, 0.0, 0.0, 2.0]))
@@ -113,7 +114,7 @@ def test_cli_writes_complete_results(tiny, tmp_path, monkeypatch):
     model, tok = tiny
     save_pretrained(model, tmp_path / "m")
     tok.save(str(tmp_path / "m" / "tokenizer.json"))
-    adapters.attach(model, "nara", r=2, verbose=False)
+    nara.add_adapters(model, "nara", r=2, verbose=False)
     interop.save_adapter(model, tmp_path / "a")
     data = [{"instruction": "What is 1 plus 2?", "input": "", "output": "3", "answer": "3"}] * 3
     (tmp_path / "t.json").write_text(json.dumps(data))
@@ -182,7 +183,7 @@ def test_two_adapters_of_one_run_keep_their_own_results(tiny, tmp_path, monkeypa
     model, tok = tiny
     save_pretrained(model, tmp_path / "m")
     tok.save(str(tmp_path / "m" / "tokenizer.json"))
-    adapters.attach(model, "lora", r=2, verbose=False)
+    nara.add_adapters(model, "lora", r=2, verbose=False)
     for sub in ("adapter", "best"):
         interop.save_adapter(model, tmp_path / "runs" / "x" / sub)
     (tmp_path / "t.json").write_text(json.dumps([{"instruction": "What is 1 plus 2?",
@@ -238,7 +239,7 @@ def test_download_says_where_to_put_what_it_cannot_fetch(tmp_path):
 
 def test_update_size_of_a_density_conditioned_nara_uses_density_lambda(tiny):
     model, _ = tiny
-    adapters.attach(model, "nara", r=2, signal="density", init="kaiming", verbose=False).eval()
+    nara.add_adapters(model, "nara", r=2, signal="density", init="kaiming", verbose=False).eval()
     net = model.noise_nets["nara"]
     sizes = figures.update_magnitude(model, [0.2, 0.8])
     for lam in (0.2, 0.8):
@@ -249,7 +250,7 @@ def test_update_size_of_a_density_conditioned_nara_uses_density_lambda(tiny):
 
 def test_prompt_tuning_has_no_core_and_no_weight_update_in_the_noise_table(tiny, tmp_path, capsys):
     model, tok = tiny
-    adapters.attach(model, "prompt-tuning", virtual_tokens=2, verbose=False)
+    nara.add_adapters(model, "prompt-tuning", virtual_tokens=2, verbose=False)
     sizes = figures.update_magnitude(model, figures.LAMS)
     assert sizes[0.5] == (None, None)                                    # printed "-", never 0.0000
     curve = {lam: 1.0 for lam in figures.LAMS}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_model, train_args
+from conftest import random_model, rank, train_args
 from torch.overrides import TorchFunctionMode
 
 import eval as ev
@@ -28,7 +28,7 @@ def recipe_dtypes(method="nara", b_scale=1.0, seed=0, **kw):
     """A tiny model as the recipe builds it on CUDA: bf16 base weights, fp32 adapters (B non-zero)."""
     model = random_model(seed=seed).to(torch.bfloat16)
     torch.manual_seed(3 + seed)
-    adapters.attach(model, method, r=4, verbose=False, dropout=0.0, **kw)
+    nara.add_adapters(model, method, verbose=False, **rank(method, 4, dropout=0.0), **kw)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nara.LoRALinear):
@@ -181,9 +181,9 @@ HOST_BY_DESIGN = {   # (file, function): why a tensor is made on the host there
                                         "then moved",
     ("figures.py", "noise_curve"): "one integer seed per batch from a host generator",
     ("model.py", "__init__"): "RMSNorm's weight at construction (meta device in from_pretrained)",
-    ("nara.py", "__init__"): "e_λ's Fourier matrix at construction; the module is then moved with "
-                                   ".to(device)",
-    ("ablations.py", "__init__"): "the same, for the ablations' embeddings",
+    ("nara.py", "add_embedding"): "e_λ's Fourier matrix at construction; the module is then moved with "
+                                  ".to(device)",
+    ("ablations.py", "add_embedding"): "the same, for the ablations' embeddings",
     ("baselines.py", "__init__"): "NaRA-C's P at construction, then moved with .to(device); Prompt Tuning "
                                   "draws its initial rows on the host, then moves them",
     ("train.py", "main"): "the data order comes from a CPU generator, whatever the device",
@@ -284,7 +284,7 @@ def test_eval_and_the_training_report_hold_one_model_at_a_time(one_model_at_a_ti
 def test_the_base_inside_base_only_is_the_loaded_base_exactly():
     for method in ("nara", "dora", "hira", "prompt-tuning"):
         base, model = random_model(), random_model()
-        adapters.attach(model, method, r=4, verbose=False)
+        nara.add_adapters(model, method, verbose=False, **rank(method, 4))
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if p.requires_grad:

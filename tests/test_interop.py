@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import REFERENCE, random_model, tolerance, write_real_layout
+from conftest import REFERENCE, random_model, rank, tolerance, write_real_layout
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -51,7 +51,7 @@ def test_save_pretrained_brings_the_code_and_tokenizer_along(tmp_path):
     for name in ("configuration_llada.py", "modeling_llada.py", "tokenizer.json", "tokenizer_config.json"):
         (source / name).write_text(f"# {name}\n")
     model = LLaDA.from_pretrained(source)
-    merged = adapters.merge(adapters.attach(model, "lora", r=2, verbose=False), 0.5)
+    merged = adapters.merge(nara.add_adapters(model, "lora", r=2, verbose=False), 0.5)
     save_pretrained(merged, tmp_path / "merged")
     for name in ("configuration_llada.py", "modeling_llada.py", "tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "merged" / name).read_text() == f"# {name}\n"
@@ -69,7 +69,7 @@ def test_save_pretrained_brings_the_code_and_tokenizer_along(tmp_path):
 @pytest.mark.parametrize("method", ["lora", "nara", "multi-lora", "dora", "nara-dora"])
 def test_export_writes_only_what_every_peft_knows(tmp_path, method):
     source = write_real_layout(random_model(), tmp_path / "src")
-    model = noisy(adapters.attach(LLaDA.from_pretrained(source), method, r=4, alpha=8, verbose=False))
+    model = noisy(nara.add_adapters(LLaDA.from_pretrained(source), method, r=4, alpha=8, verbose=False))
     interop.export_peft(model, tmp_path / "out", lam=0.25)
     body = read_json(tmp_path / "out" / "adapter_config.json")
     assert set(body) <= PEFT_0_13_FIELDS and body["peft_type"] == "LORA" and body["task_type"] == "CAUSAL_LM"
@@ -81,7 +81,7 @@ def test_export_writes_only_what_every_peft_knows(tmp_path, method):
     assert torch.allclose(back(IDS), expect, rtol=0, atol=tolerance(expect))
     for refused in ("hira", "prompt-tuning"):
         with pytest.raises(ValueError, match="cannot hold it"):
-            model = adapters.attach(random_model(), refused, r=2, verbose=False)
+            model = nara.add_adapters(random_model(), refused, verbose=False, **rank(refused, 2))
             interop.export_peft(model, tmp_path / "x")
 
 
@@ -199,7 +199,7 @@ def test_peft_adapters_load_here_unchanged(tmp_path, options):
 @pytest.mark.parametrize("method", ["lora", "nara", "dora"])
 def test_exported_adapters_load_into_peft_unchanged(tmp_path, method):
     peft = pytest.importorskip("peft")
-    model = noisy(adapters.attach(random_model(), method, r=4, dropout=0.0, verbose=False), 0.1)
+    model = noisy(nara.add_adapters(random_model(), method, r=4, dropout=0.0, verbose=False), 0.1)
     interop.export_peft(model, tmp_path, lam=0.5)
     config = peft.LoraConfig.from_pretrained(tmp_path)
     config.task_type = None   # a bare PeftModel: ours is no transformers model (interop_check.py is)

@@ -5,10 +5,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import REFERENCE, random_model, tolerance, train_tokenizer
+from conftest import REFERENCE, random_model, rank, tolerance, train_tokenizer
 from safetensors.torch import load_file, save_file
 
-from extras import adapters
+import nara
+import extras  # noqa: F401  (the other methods)
 from extras.files import save_pretrained
 from extras.tasks import chat_ids, chat_text, load_tokenizer, sft_pair
 from model import LLaDA, LLaDAConfig, apply_rope, rope_table
@@ -276,7 +277,7 @@ def test_recomputing_cheap_ops_changes_no_bit_of_the_loss_or_gradients(method, d
     results = []
     for recompute in (True, False):
         model = random_model()
-        adapters.attach(model, method, r=4, verbose=False)
+        nara.add_adapters(model, method, verbose=False, **rank(method, 4))
         model.to(dtype).train()
         model.recompute = recompute
         torch.manual_seed(3)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_model, tolerance
+from conftest import PROMPT, random_model, rank, tolerance
 
 import nara
 from extras import ablations, adapters, interop
@@ -15,7 +15,7 @@ LAM = torch.tensor([0.15, 0.85])
 def adapted(method, seed=0, **kw):
     model = random_model(seed=seed)
     torch.manual_seed(seed + 1)
-    adapters.attach(model, method, r=4, verbose=False, **kw)
+    nara.add_adapters(model, method, verbose=False, **rank(method, 4), **kw)
     return model.eval()
 
 
@@ -34,7 +34,7 @@ def randomise_adapters(model, seed=3):
 def test_parameter_counts_on_the_8b_config(r, hyper):
     with torch.device("meta"):
         model = LLaDA(LLaDAConfig())
-    adapters.attach(model, "nara", r=r, verbose=False)
+    nara.add_adapters(model, "nara", r=r, verbose=False)
     assert next(model.parameters()).device.type == "meta"                 # nothing allocated
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(p.numel() for p in model.noise_nets.parameters()) == hyper
@@ -48,7 +48,7 @@ def test_parameter_counts_on_the_8b_config(r, hyper):
 
 
 # ------------------------------------------------------------------ the paper's invariants
-LOW_RANK = [m for m in adapters.METHODS if m not in adapters.PROMPT]
+LOW_RANK = [m for m in nara.METHODS if m not in PROMPT]
 
 
 @pytest.mark.parametrize("method", LOW_RANK)
@@ -70,7 +70,7 @@ def test_nara_equals_lora_with_the_same_factors_then_diverges_after_one_step():
     assert not torch.allclose(nara_model(IDS, noise_level=LAM), lora(IDS), atol=1e-4)
 
 
-@pytest.mark.parametrize("method", adapters.METHODS)
+@pytest.mark.parametrize("method", nara.METHODS)
 def test_only_adapters_get_gradients_and_the_base_is_bit_unchanged(method):
     model = adapted(method).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -167,19 +167,19 @@ def test_dora_is_magnitude_times_normalised_direction():
 def test_add_adapters_errors_and_printout(capsys):
     model = random_model()
     with pytest.raises(ValueError, match="matches no linear layer; available: attn_out, ff_out, ff_proj"):
-        adapters.attach(model, "lora", targets=("o_proj",))
+        nara.add_adapters(model, "lora", targets=("o_proj",))
     with pytest.raises(ValueError, match="method='qlora'"):
-        adapters.attach(model, "qlora")
-    adapters.attach(model, "lora", r=2, targets=("ff_out",))
+        nara.add_adapters(model, "qlora")
+    nara.add_adapters(model, "lora", r=2, targets=("ff_out",))
     out = capsys.readouterr().out
     assert "adapted 2 layers" in out and "trainable 768 of" in out       # block MLPs only, not the LM head
     assert type(model.transformer.ff_out).__name__ == "Linear"
     with pytest.raises(ValueError, match="already has lora adapters"):
-        adapters.attach(model, "nara")
+        nara.add_adapters(model, "nara")
 
 
 # ------------------------------------------------------------------ checkpoints
-@pytest.mark.parametrize("method", adapters.METHODS)
+@pytest.mark.parametrize("method", nara.METHODS)
 def test_adapter_save_load_round_trip_is_exact(tmp_path, method):
     model = randomise_adapters(adapted(method))
     interop.save_adapter(model, tmp_path)
@@ -324,7 +324,7 @@ def test_theorem_4_1_by_training():
 
 def test_adapters_follow_the_mode_of_the_model_they_join(tmp_path):
     model = random_model().eval()
-    adapters.attach(model, "nara", r=4, verbose=False)
+    nara.add_adapters(model, "nara", r=4, verbose=False)
     assert not any(m.training for m in model.modules())                 # no dropout in an evaluated model
     interop.save_adapter(randomise_adapters(model), tmp_path)
     loaded = interop.load_adapter(random_model().eval(), tmp_path, verbose=False)

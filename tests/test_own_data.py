@@ -14,7 +14,7 @@ import train
 from extras import runs, tasks
 
 ROOT = Path(__file__).resolve().parents[1]
-SHORT = ["--max-updates", "2", "--eval-every", "2", "--batch-size", "4", "--val-size", "4"]
+SHORT = ["--max-updates", "2", "--eval-every", "2", "--batch-size", "4", "--val-size", "4", "--max-length", "64"]
 EVAL = ["--gen-length", "4", "--steps", "4", "--block-length", "4"]
 
 
@@ -116,7 +116,7 @@ def test_non_numeric_answers_are_scored_by_exact_match(mine):
     (["--data", "empty.json"], ["empty.json: no usable examples (0 in the file)"]),
     (["--max-length", "10"], ["train.json: no usable examples (300 in the file, all longer than "
                               "--max-length 10"]),
-    (["--eta", "-1"], ["--eta must be finite and >= 0, got -1.0"]),
+    (["--eta", "-1"], ["--eta -1.0: must be finite and >= 0"]),
     (["--targets", "q_proj,foo"], ["target 'foo' matches no linear layer"]),
 ])
 def test_bad_data_and_options_are_one_line_errors_before_the_model_loads(mine, argv, words):
@@ -131,9 +131,15 @@ def test_help_says_what_is_used_when_a_flag_is_not_given():
     text = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "200"}).stdout
     text = " ".join(text.split())
-    for words in ("(recipe: 512; bundled run: 64)", "(default: q_proj,k_proj,v_proj,attn_out)",
-                  "data/arith/test.json with the bundled data, else none", "runs/<data name>-<method>"):
+    for words in ("(recipe: 512; bundled run: 48)", "(default: q_proj,k_proj,v_proj,attn_out)",
+                  "data/arith/test.json with the bundled data, else none", "runs/<data name>-<method>",
+                  "(default: nara)", "(default: 0.1)", "(default: 0.05)", "(default: 5)"):
         assert words in text, words
+    for command in (train.parser(), ev.parser()):                       # every flag that takes a value
+        for action in command._actions:
+            if action.option_strings and action.nargs != 0:
+                said = action.help or ""
+                assert "default" in said or "recipe:" in said or "required" in said, action.option_strings
 
 
 def test_logged_rate_is_the_one_each_update_used_and_time_continues_after_resume(tmp_path):

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_args
+from conftest import PROMPT, train_args
 from safetensors.torch import load_file
 
+import nara
 import train
 from extras import adapters, interop, tasks
 from model import LLaDA
@@ -27,7 +28,7 @@ def train_loss(model, tiny_task):
                                  torch.stack([r[1] for r in rows]), 12, 0)
 
 
-@pytest.mark.parametrize("method", adapters.METHODS)
+@pytest.mark.parametrize("method", nara.METHODS)
 def test_a_few_updates_decrease_the_loss_and_touch_only_adapters(tiny_task, tmp_path, method):
     model = train.main(train_args(tiny_task, tmp_path / "run", "--method", method, "--max-updates", "10"))
     base = LLaDA.from_pretrained(tiny_task / "model")
@@ -153,16 +154,18 @@ def corrupt(path, how):
 
 @pytest.mark.parametrize("extra, words", [
     (["--grad-accum", "0"], "--grad-accum must be at least 1"),
-    (["--adapter-rank", "0"], "--adapter-rank must be at least 1"),
-    (["--adapter-rank", "-3"], "--adapter-rank must be at least 1"),
+    (["--adapter-rank", "0"], "--adapter-rank 0: must be a positive integer"),
+    (["--adapter-rank", "-3"], "--adapter-rank -3: must be a positive integer"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--eval-every", "0"], "--eval-every must be at least 1"),
     (["--val-size", "0"], "--val-size must be at least 1"),
     (["--lr=-1e-3"], "--lr must be positive"),
-    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["--dropout", "1.5"], "--dropout 1.5: must be in [0, 1)"),
+    (["--method", "lora", "--eta", "0.5"], "--eta does not apply to --method lora"),
     (["--stage1", "2"], "--stage1 must be in [0, 1]"),
-    (["--hyper-hidden", "a,b"], "--hyper-hidden 'a,b'"),
-    (["--groups", "qk"], "--groups 'qk'"),
+    (["--stage1", "0.5", "--hyper-init", "kaiming"], "--stage1 with --hyper-init kaiming"),
+    (["--hyper-hidden", "a,b"], "argument --hyper-hidden: 'a,b'"),
+    (["--groups", "qk"], "argument --groups: 'qk'"),
     (["--freeze", "C"], "--freeze 'C'"),
     (["--model", "./no/such/model"], "no such model directory"),
     (["--test", "missing.json"], "missing.json: test file not found"),
@@ -274,7 +277,7 @@ def test_the_ablation_switches_reach_the_run(tiny_task, tmp_path):
                                   "1.0", "--freeze", "A",
                             "--warm-start", str(tmp_path / "lora" / "adapter")))
     torch.manual_seed(0)                                                  # the run's own init (--seed 0)
-    init = adapters.attach(LLaDA.from_pretrained(tiny_task / "model"), "nara", r=4,
+    init = nara.add_adapters(LLaDA.from_pretrained(tiny_task / "model"), "nara", r=4,
                                  dropout=0.0, verbose=False)
     for k, v in adapters.adapter_state(model).items():
         if k.startswith("noise_nets."):
@@ -284,7 +287,9 @@ def test_the_ablation_switches_reach_the_run(tiny_task, tmp_path):
     assert any(not torch.equal(v, adapters.adapter_state(lora)[k])
                for k, v in adapters.adapter_state(model).items()
                if k.endswith(".lora_B"))
-    for method in adapters.PROMPT:
+    half = train.main(train_args(tiny_task, tmp_path / "half", "--max-updates", "4", "--stage1", "0.5"))
+    assert half.noise_nets["nara"].net[-1].weight.abs().max() > 0        # stage 2 trains the hypernetwork
+    for method in PROMPT:
         train.main(train_args(tiny_task, tmp_path / method, "--method", method, "--max-updates", "2",
                               "--virtual-tokens", "3",
                         "--prompt-init-text", "Say red"))
