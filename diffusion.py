@@ -86,14 +86,22 @@ def add_gumbel_noise(logits, temperature, generator=None):
 def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, block_length=128,
              temperature=0., cfg_scale=0., remasking="low_confidence", logits_eos_inf=False,
              confidence_eos_eot_inf=False, till_eos=False, eot_token_id=None, stats=None, lam_over="answer",
-             generator=None):
+             generator=None, threshold=None, cache=None, refresh=None):
     """LLaDA's semi-autoregressive sampler. prompt (B, P), left-padded with EOS when lengths differ, with
     attention_mask (B, P). The answer starts as gen_length masks in blocks decoded left to right, each
     in steps/num_blocks steps; each step commits the transfer_counts most confident (or random)
     predictions among the masked positions of the current block. λ = (masked answer positions) /
     gen_length per sequence, from 1 to 0 like training's; lam_over="sequence" divides by prompt + gen
     instead (the authors' lm-eval default, which never reaches 1). till_eos: once a decoded block holds
-    EOS, decode one more, fill the rest with EOS. Returns (B, P + gen_length); `stats` gets the calls."""
+    EOS, decode one more, fill the rest with EOS. Returns (B, P + gen_length); `stats` gets the model
+    calls and the positions they computed (rows x length).
+
+    Faster and approximate, off by default (the paper's tables use the exact sampler above):
+    threshold=τ commits, at each step, every masked position of the block whose confidence is at least
+    τ, and always the most confident one (Fast-dLLM's parallel decoding): a block then takes as many
+    steps as it needs (`steps` is not used), and a row whose block is done waits for the others.
+    cache="prefix" or "dual" computes most steps on part of the sequence against the K/V kept from the
+    block's first step, recomputed when λ has moved by more than `refresh` (BlockCache)."""
     mask_id, eos = model.config.mask_token_id, model.config.eos_token_id
     if gen_length % block_length or steps % (gen_length // block_length):
         raise ValueError(f"gen_length={gen_length} must be a multiple of block_length={block_length}, "
@@ -102,6 +110,9 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
         raise ValueError(f"remasking={remasking!r}: choose low_confidence or random")
     if lam_over not in ("answer", "sequence"):
         raise ValueError(f"lam_over={lam_over!r}: choose answer or sequence")
+    if threshold is not None and not 0 < threshold <= 1:
+        raise ValueError(f"threshold={threshold!r}: a confidence in (0, 1]")
+    cached = None if cache is None else BlockCache(cache, refresh)
     B, P = prompt.shape
     x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=prompt.device)
     x[:, :P] = prompt
@@ -115,26 +126,38 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
         prompt_len = P if attention_mask is None else attention_mask[:, :P].sum(1).float()
         lam_den = torch.full((B,), float(gen_length), device=x.device) + prompt_len
     eos_block = torch.full((B,), float(num_blocks), device=x.device)      # first block holding EOS
-    calls = 0
+    calls = positions = 0
+
+    def forward(seq, mask, lam):                  # the current block's logits, through the cache if any
+        nonlocal positions
+        if cached is None:
+            positions += seq.numel()
+            return model(seq, mask, noise_level=lam, logits_at=current)
+        logits, computed = cached.logits(model, seq, mask, lam, lo, hi)
+        positions += computed
+        return logits
+
     for nb in range(num_blocks):
         lo, hi = P + nb * block_length, P + (nb + 1) * block_length
         current = slice(lo, hi)                                               # only this block can commit
         counts = transfer_counts(x[:, lo:hi] == mask_id, steps_per_block)   # (B, steps)
-        for i in range(steps_per_block):
-            if not counts[:, i].any():
+        for i in range(steps_per_block if threshold is None else block_length):
+            if threshold is None and not counts[:, i].any():
                 continue
+            if threshold is not None and not (x[:, lo:hi] == mask_id).any():
+                break                                                         # every row's block is done
             masked = x == mask_id                                             # (B, P + gen)
             lam = masked[:, P:].sum(1).float() / lam_den                     # (B,)
             if cfg_scale > 0:                                                 # second pass, prompt masked
                 un_x = x.clone()
                 un_x[:, :P] = mask_id
                 am = None if attention_mask is None else attention_mask.repeat(2, 1)
-                both = model(torch.cat([x, un_x]), am, noise_level=lam.repeat(2), logits_at=current)
+                both = forward(torch.cat([x, un_x]), am, lam.repeat(2))
                 with_prompt, without = both.chunk(2)                          # (B, block, V) each
                 logits = without + (cfg_scale + 1) * (with_prompt - without)
                 calls += 2
             else:
-                logits = model(x, attention_mask, noise_level=lam, logits_at=current)   # (B, block, V)
+                logits = forward(x, attention_mask, lam)                      # (B, block, V)
                 calls += 1
             logits[:, :, mask_id] = -torch.inf                              # [MASK] is never an answer
             if logits_eos_inf:
@@ -150,8 +173,11 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
             masked = masked[:, lo:hi]
             conf = torch.where(masked, conf, -torch.inf)
             commit = torch.zeros_like(masked)
-            for j in range(B):                                                # rows may differ in k
-                commit[j, torch.topk(conf[j], k=int(counts[j, i])).indices] = True
+            if threshold is None:
+                for j in range(B):                                            # rows may differ in k
+                    commit[j, torch.topk(conf[j], k=int(counts[j, i])).indices] = True
+            else:                                                             # sure enough, or the surest
+                commit = (conf >= threshold).scatter(1, conf.argmax(1, keepdim=True), True)
             x[:, lo:hi] = torch.where(commit & masked, x0, x[:, lo:hi])
         if till_eos:
             has_eos = (x[:, lo:hi] == eos).any(1)
@@ -161,8 +187,38 @@ def generate(model, prompt, attention_mask=None, steps=128, gen_length=128, bloc
             if bool(done.all()):
                 break
     if stats is not None:
-        stats["model_calls"] = calls
+        stats.update(model_calls=calls, positions=positions)
     return x
+
+
+class BlockCache:
+    """A block KV cache for the sampler (Fast-dLLM's, with NaRA's λ). At a block's first step one full
+    forward keeps every position's K/V; at its later steps only the block ("dual") or the block and
+    every position after it ("prefix") is computed, attending to the kept K/V of the others.
+
+    What it approximates: the kept K/V are those of the block's first step. For any model they miss the
+    tokens committed since (in the block, and for "dual" their effect on later positions); for NaRA they
+    were also computed with that step's C(λ), and λ falls at every step. The rule here: the first step of
+    each block is the exact forward, and the cache is computed again (a full forward) when any row's λ has
+    moved by more than `refresh` since it was (None: never within a block). docs/evaluation.md measures
+    what each costs against the uncached forward."""
+    def __init__(self, mode, refresh=None):
+        if mode not in ("prefix", "dual"):
+            raise ValueError(f"cache={mode!r}: choose prefix or dual")
+        if refresh is not None and not refresh >= 0:
+            raise ValueError(f"refresh={refresh!r}: a change of λ, >= 0")
+        self.mode, self.refresh, self.kv, self.lam, self.lo = mode, refresh, None, None, None
+
+    def logits(self, model, x, attention_mask, lam, lo, hi):
+        """(logits of positions lo..hi (B, hi - lo, V), positions computed) for the sequences x (B, S)."""
+        if lo != self.lo or (self.refresh is not None and bool((lam - self.lam).abs().max() > self.refresh)):
+            logits, self.kv = model(x, attention_mask, noise_level=lam, logits_at=slice(lo, hi), keep_kv=True)
+            self.lam, self.lo = lam, lo
+            return logits, x.numel()
+        end = hi if self.mode == "dual" else x.shape[1]
+        logits = model(x[:, lo:end], attention_mask, noise_level=lam, logits_at=slice(0, hi - lo), kv=self.kv,
+                       start=lo)
+        return logits, x.shape[0] * (end - lo)
 
 
 # ---------------------------------------------------------------- Monte-Carlo likelihood

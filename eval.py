@@ -35,7 +35,7 @@ from extras.files import atomic_write
 from extras.figures import noise_report, write_noise
 from extras.sandbox import SandboxUnavailable, run_untrusted, why_unavailable
 from extras.tasks import (LABELS, TASKS, answer_all, choose_by_likelihood, completion_code, extract,
-                          gen_defaults, is_correct, load_items, load_tokenizer)
+                          gen_defaults, is_correct, load_items, load_tokenizer, sampler_flags, sampler_options)
 from model import LLaDA, read_json
 
 HERE = Path(__file__).resolve().parent
@@ -45,8 +45,8 @@ HERE = Path(__file__).resolve().parent
 SUITES = {"commonsense": list(LABELS), "math": ["AddSub", "AQuA", "gsm8k", "MultiArith", "SingleEq", "SVAMP"],
           "code": ["humaneval", "mbpp"]}
 FIELDS = ["task", "data", "model", "adapter", "accuracy", "correct", "items", "mc", "gen_length",
-          "steps", "block_length",
-          "temperature", "remasking", "till_eos", "lam_over", "batch_size", "wall_s"]
+          "steps", "block_length", "temperature", "remasking", "till_eos", "lam_over", "threshold", "cache",
+          "refresh", "batch_size", "model_calls", "positions", "wall_s"]
 
 
 def parser():
@@ -79,6 +79,7 @@ def parser():
     ap.add_argument("--sampling-lambda", default="answer", choices=("answer", "sequence"),
                     help="λ fed to noise-aware adapters: masked fraction of the answer (default: answer) or "
                          "of prompt + answer")
+    sampler_flags(ap)
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default: 16)")
     ap.add_argument("--mc", action="store_true", help="commonsense: score labels by Monte-Carlo likelihood")
     ap.add_argument("--mc-num", type=int, default=32, help="Monte-Carlo samples per label with --mc "
@@ -214,13 +215,14 @@ def score(name, adapter, model, tok, task, data, items, args, out, label):
     t0 = time.time()
     gen = dict(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
                temperature=args.temperature, remasking=args.remasking, till_eos=not args.no_early_stop,
-               lam_over=args.sampling_lambda)
+               lam_over=args.sampling_lambda, **sampler_options(args))
+    stats = {"model_calls": 0, "positions": 0}
     if args.mc:
         generations = [choose_by_likelihood(model, tok, task, it["prompt"], args.mc_num)
                        for it in tqdm(items, disable=None)]
     else:
         generations = answer_all(model, tok, [it["prompt"] for it in items], batch_size=args.batch_size,
-                                 desc=f"{task} / {name}", **gen)
+                                 desc=f"{task} / {name}", stats=stats, **gen)
     records = []
     for it, g in zip(items, generations):
         if "tests" in it:
@@ -236,10 +238,11 @@ def score(name, adapter, model, tok, task, data, items, args, out, label):
         f.writelines(json.dumps(r) + "\n" for r in records)
     summary = {"task": task, "data": str(data), "model": args.model, "adapter": adapter, "accuracy": acc,
                "correct": sum(r["correct"] for r in records), "items": len(records), "mc": args.mc,
-               **gen, "batch_size": args.batch_size, "wall_s": round(time.time() - t0, 1)}
+               **gen, "batch_size": args.batch_size, **stats, "wall_s": round(time.time() - t0, 1)}
     (out / f"{label}-{name}.summary.json").write_text(json.dumps(summary, indent=2))
     append_result(out / "results.csv", summary)
-    print(f"{label}: {name}: accuracy {100 * acc:.1f} % ({summary['correct']}/{len(records)}) -> "
+    calls = f", {stats['model_calls'] / len(records):.1f} model calls per answer" if not args.mc else ""
+    print(f"{label}: {name}: accuracy {100 * acc:.1f} % ({summary['correct']}/{len(records)}{calls}) -> "
           f"{out / label}-{name}.jsonl")
     return acc
 

@@ -152,9 +152,9 @@ RECOMPUTING = contextvars.ContextVar("recomputing", default=False)       # set b
 
 def recomputable(fn, *args):
     """fn(*args), keeping for backward only its inputs while the model's forward recomputes (LLaDA's
-    `recompute`): norms, SiLU and the adapters' dropout are then redone in backward (same values and
-    RNG: bit-identical gradients) instead of keeping their fp32 or per-layer copies, half the
-    activations (BENCHMARKS.md)."""
+    `recompute`): norms, SiLU and the adapters' dropout are then redone in backward (the same kernels on
+    the same values and RNG: bit-identical gradients on any one machine) instead of keeping their fp32
+    or per-layer copies, half the activations (BENCHMARKS.md)."""
     if RECOMPUTING.get() and torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
@@ -187,13 +187,19 @@ class Block(nn.Module):
         self.ff_proj, self.up_proj = Linear(d, mlp), Linear(d, mlp)          # gate and up
         self.ff_out = Linear(mlp, d)                                          # the MLP's down projection
 
-    def forward(self, x, sin, cos, key_pad, cond):
+    def forward(self, x, sin, cos, key_pad, cond, kv=None, start=0):
+        """x (B, L, d) -> (x', (k, v) of these L positions). kv: the (K, V) of every position of the
+        sequence (B, nkv, S, hs) from an earlier forward, whose rows start..start+L this input replaces;
+        the queries then attend to all S (a KV cache, diffusion.BlockCache)."""
         B, L, d = x.shape
         h = recomputable(self.attn_norm, x)                                   # keeps x, not its fp32 copy
         q = self.q_proj(h, cond).view(B, L, self.n_heads, -1).transpose(1, 2)  # (B, nh, L, hs)
         k = self.k_proj(h, cond).view(B, L, self.n_kv_heads, -1).transpose(1, 2)   # (B, nkv, L, hs)
         v = self.v_proj(h, cond).view(B, L, self.n_kv_heads, -1).transpose(1, 2)   # (B, nkv, L, hs)
         q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+        mine = (k, v)
+        if kv is not None:                                                     # (B, nkv, S, hs) each
+            k, v = (torch.cat([t[:, :, :start], new, t[:, :, start + L:]], dim=2) for t, new in zip(kv, mine))
         if self.n_kv_heads != self.n_heads:                                    # grouped-query attention
             k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
         bias = None
@@ -204,7 +210,7 @@ class Block(nn.Module):
         x = x + self.attn_out(att.transpose(1, 2).contiguous().view(B, L, d), cond)
         h = recomputable(self.ff_norm, x)
         gated = recomputable(swiglu, self.ff_proj(h, cond), self.up_proj(h, cond))   # (B, L, mlp)
-        return x + self.ff_out(gated, cond)
+        return x + self.ff_out(gated, cond), mine
 
 
 def check_shape(name, t, shape, dtype=None):
@@ -246,18 +252,27 @@ class LLaDA(nn.Module):
         return {"lam": noise_level, **{name: net(**{k: signals.get(k) for k in net.reads})
                                        for name, net in self.noise_nets.items()}}
 
-    def forward(self, input_ids, attention_mask=None, noise_level=None, logits_at=None):
+    def forward(self, input_ids, attention_mask=None, noise_level=None, logits_at=None, kv=None, start=0,
+                keep_kv=False):
         """input_ids (B, L) long; attention_mask (B, L) of 1 = token, 0 = padding (keys only);
         noise_level (B,) float, one λ per sequence. logits_at: where to compute the LM head, which costs
         d_model x vocab per position: None = everywhere, logits (B, L, V); a bool (B, L) mask = only
-        there, (N, V) in the order of logits[mask]; a slice of the L positions = (B, len, V)."""
+        there, (N, V) in the order of logits[mask]; a slice of the L positions = (B, len, V).
+        A KV cache (diffusion.BlockCache): keep_kv=True also returns each block's (K, V) of these
+        positions, [(B, nkv, L, hs) x 2 per block]; kv= such a list over a whole sequence of S positions,
+        of which input_ids are positions start..start+L (attention_mask then covers all S)."""
         B, L = input_ids.shape
+        S = L if kv is None else kv[0][0].shape[2]
         if noise_level is not None:
             noise_level = torch.as_tensor(noise_level, dtype=torch.float, device=input_ids.device)
         check_shape("noise_level", noise_level, (B,))
-        check_shape("attention_mask", attention_mask, (B, L))
+        check_shape("attention_mask", attention_mask, (B, S))
         if isinstance(logits_at, torch.Tensor):
             check_shape("logits_at", logits_at, (B, L), torch.bool)
+        if kv is not None and (self.prompt is not None or any("masked" in net.reads for net in
+                                                                 self.noise_nets.values())):
+            raise ValueError("a KV cache needs every input position to be the sequence's: not with virtual "
+                             "tokens, nor with a core that reads the whole input (noise density)")
         pad = None if attention_mask is None or attention_mask.all() else attention_mask == 0   # 1s: none
         x = self.transformer.wte(input_ids)                                     # (B, L, d)
         cond = self.conditioning(noise_level, input_ids, attention_mask)       # once for every layer
@@ -265,19 +280,25 @@ class LLaDA(nn.Module):
             x, pad, where = self.prompt(x, pad)                                 # (B, n + L, d)
         key_pad = None if pad is None else pad.view(B, 1, 1, -1)
         c = self.config
-        sin, cos = rope_table(x.shape[1], c.d_model // c.n_heads, c.rope_theta, x.device,
+        sin, cos = rope_table(start + x.shape[1], c.d_model // c.n_heads, c.rope_theta, x.device,
                               torch.promote_types(x.dtype, torch.float32))
+        sin, cos = sin[:, :, start:], cos[:, :, start:]                        # positions start..start+L
         recompute = self.training and (x.is_cuda if self.recompute is None else self.recompute)
-        for block in self.transformer.blocks:
+        kept = []
+        for i, block in enumerate(self.transformer.blocks):
+            args = (block, recompute, x, sin, cos, key_pad, cond, None if kv is None else kv[i], start)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(run_block, block, recompute, x, sin, cos, key_pad, cond, use_reentrant=False)
+                x, mine = checkpoint(run_block, *args, use_reentrant=False)
             else:
-                x = run_block(block, recompute, x, sin, cos, key_pad, cond)
+                x, mine = run_block(*args)
+            if keep_kv:
+                kept.append(mine)
         if self.prompt is not None:                                             # back to the L real positions
             x = x.gather(1, where[..., None].expand(-1, -1, x.shape[-1]))       # (B, L, d)
         if logits_at is not None:
             x = x[logits_at] if isinstance(logits_at, torch.Tensor) else x[:, logits_at]
-        return self.lm_head(self.transformer.ln_f(x))                          # (B, L, V) or (N, V)
+        logits = self.lm_head(self.transformer.ln_f(x))                        # (B, L, V) or (N, V)
+        return (logits, kept) if keep_kv else logits
 
     def base_shapes(self):
         """{checkpoint key: shape} of the backbone, the table the loader checks every file against."""

@@ -76,11 +76,13 @@ def up_in_half(a, C, B, s):
     is formed in fp32 and ONE half-precision matmul of rank 2r, [a, a (C − I)ᵀ] [sB, sB]ᵀ, adds it to
     B a in the matmul's fp32 accumulator. Its cost against LoRA: BENCHMARKS.md (benchmarks/run.py)."""
     with torch.autocast(a.device.type, enabled=False):
-        sB = s * B.float()                                                # (d_out, r) or (n, d_out, r)
-        if C is not None:                                                 # a (C − I)ᵀ in fp32: (n, L, r)
-            small = a.float() @ (C.float() - torch.eye(C.shape[-1], device=C.device)).transpose(-1, -2)
+        sB = B.float() if s == 1 else s * B.float()                       # (d_out, r) or (n, d_out, r)
+        if C is not None:
+            D = C.float().clone()                                         # C − I, without building I
+            D.diagonal(dim1=-2, dim2=-1).sub_(1)
+            small = a.float() @ D.transpose(-1, -2)                       # a (C − I)ᵀ in fp32: (n, L, r)
             a, sB = torch.cat([a, small.to(a.dtype)], -1), torch.cat([sB, sB], -1)   # rank 2r
-        return a @ sB.to(a.dtype).transpose(-1, -2)                       # (n, L, d_out), a's dtype
+        return a @ sB.to(a.dtype).transpose(-1, -2)     # (n, L, d_out), a's dtype; B's gradient sums in fp32
 
 
 class NaRALinear(LoRALinear):

@@ -33,7 +33,7 @@ from tqdm import tqdm
 import nara
 from diffusion import sft_loss
 from extras import ablations, interop, runs
-from extras.tasks import gen_defaults, load_items, load_tokenizer
+from extras.tasks import gen_defaults, load_items, load_tokenizer, sampler_flags, sampler_options
 from model import LLaDA, LLaDAConfig
 
 HERE = Path(__file__).resolve().parent
@@ -109,6 +109,7 @@ def parser():
     ap.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), help="base weights; bfloat16 also computes "
                     "under bf16 autocast, adapters stay float32 (default: bfloat16 on CUDA, float32 on CPU)")
+    sampler_flags(ap)                                     # the end-of-run report's sampler: --threshold ...
     # the adapters: nara.add_adapters' options (ADAPTER_FLAGS), and the training switches of the ablations
     ap.add_argument("--method", default="nara", choices=sorted(nara.METHODS), help="adapter method "
                     "(default: nara)")
@@ -377,7 +378,7 @@ def main(argv=None):
         say(f"adapter saved to {out / 'adapter'} (best validation loss {best:.4f} in {out / 'best'})")
         if args.test:
             small = Path(model_dir).resolve() == Path(DEFAULT.model).resolve()     # the bundled model
-            runs.report(model, tok, args, out / "adapter", gen_defaults(small))
+            runs.report(model, tok, args, out / "adapter", {**gen_defaults(small), **sampler_options(args)})
     return model
 
 

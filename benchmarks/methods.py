@@ -406,6 +406,22 @@ def group(runs, name):
     return lr_of, sweeps, records
 
 
+def paths_report(committed):
+    """<task>-paths.md for groups a and f: their LoRA and NaRA records of each kernel path (the committed
+    ones, and each of paths/<path>/ that holds all of them), side by side and pooled."""
+    for task in ("arith", "instruct"):
+        lr = json.loads((committed / f"{task}.json").read_text())["lr"]
+        by_path = {}
+        for label, root in [("native", committed / "runs"), *[(p.name, p / "runs") for p in
+                                                               sorted((committed / "paths").glob("*"))]]:
+            files = {a: [root / task / a / f"lr{lr[a]:g}-u{PROTOCOL['updates'][task]}-seed{s}.json"
+                         for s in range(5)] for a in ("lora", "nara")}
+            if all(f.exists() for fs in files.values() for f in fs):
+                by_path[label] = {a: [json.loads(f.read_text()) for f in fs] for a, fs in files.items()}
+        if len(by_path) > 1:
+            tables.paths(task, by_path, committed, "python benchmarks/methods.py --report")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--groups", default=None, help="which groups, in priority order (default: all, abcdef)")
@@ -478,6 +494,8 @@ def main(argv=None):
                                                          if args.second_path else f"--groups {g}")
             tables.report(spec["report"], command, spec["task"], lr_of, records, base, results, sweeps,
                           protocol["updates"][spec["task"]], g)
+    if args.report or args.second_path:
+        paths_report(committed)
     if args.quick:
         tables.compare(results / "runs", committed / "runs")
     if scratch:

@@ -364,7 +364,7 @@ def main():
         "norms keep their bf16 input instead of its fp32 copy, SiLU(gate)·up keeps gate and up, and each "
         "adapter's dropout(x)·Aᵀ keeps only x, shared by q, k and v, and the RNG state; backward recomputes "
         "them, and "
-        "gradients are bit for bit the same (tests/test_model.py). On CPU the dropout masks are kept in "
+        "gradients are bit for bit the same on one machine (the same kernels on the same shapes; tests/test_model.py). On CPU the dropout masks are kept in "
         "bf16; on CUDA they are bool (half).", "", *account, "",
         "## Goals", "",
         f"- NaRA / LoRA, adapted layer forward + backward ({str(dtype)[6:]}): {lt['nara'] / lt['lora']:.3f} "

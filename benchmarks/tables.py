@@ -145,3 +145,43 @@ def plot(path, arms, rows, title, ylabel, paired=False):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def paths(task, by_path, results, command):
+    """<task>-paths.md: LoRA and NaRA of one group on each kernel path side by side, and the draws of all
+    paths pooled. by_path: {path: {arm: [records by seed]}}. A seed fixes the data split, order and the
+    draws of t on every path, so LoRA and NaRA stay paired by seed within a path; across paths the same
+    seed is another draw."""
+    arms = list(next(iter(by_path.values())))
+    acc = {p: {a: [100 * r["accuracy"] for r in rs] for a, rs in arms_.items()} for p, arms_ in by_path.items()}
+    lines = [f"# `{task}`: LoRA and NaRA on {len(by_path)} CPU kernel paths (`{command}`)", "",
+             f"{time.strftime('%Y-%m-%d')}. The same protocol, rates and seeds on each path; "
+             + "; ".join(f"{p}: {paths_machine(rs)}" for p, rs in by_path.items()) + ".", "",
+             "| method | " + " | ".join(f"{p}: accuracy % by seed | {p}: mean ± std" for p in by_path)
+             + f" | pooled ({sum(len(v) for v in next(iter(acc.values())).values()) // len(arms) * len(by_path)} "
+               "runs): mean ± std |", "|---" * (2 * len(by_path) + 2) + "|"]
+    for a in arms:
+        cells = []
+        for p in by_path:
+            m, s = mean_std(acc[p][a])
+            cells += [", ".join(f"{v:.1f}" for v in acc[p][a]), f"{m:.1f} ± {s:.1f}"]
+        m, s = mean_std(v for p in by_path for v in acc[p][a])
+        lines.append(f"| {a} | " + " | ".join(cells) + f" | {m:.1f} ± {s:.1f} |")
+    ref = arms[0]
+    for a in arms[1:]:
+        pairs = [x - y for p in by_path for x, y in zip(acc[p][a], acc[p][ref])]
+        per_path = {p: mean_std(x - y for x, y in zip(acc[p][a], acc[p][ref])) for p in by_path}
+        pm, ps = mean_std(pairs)
+        se = ps / len(pairs) ** 0.5
+        lines += ["", f"{a} − {ref}, paired by seed within each path: "
+                  + "; ".join(f"{p} {m:+.1f} ± {s:.1f}" for p, (m, s) in per_path.items())
+                  + f"; all {len(pairs)} pairs {pm:+.1f} ± {ps:.1f} (standard error {se:.1f}, t = "
+                  f"{pm / se if se else float('inf'):.1f}); {a} ahead in {sum(d > 0 for d in pairs)}, tied in "
+                  f"{sum(d == 0 for d in pairs)}, behind in {sum(d < 0 for d in pairs)}."]
+    (results / f"{task}-paths.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def paths_machine(records):
+    m = next(iter(records.values()))[0].get("machine") or {}
+    return f"{m.get('cpu', '?')}, torch's {m.get('cpu_capability', '?')} kernels, MKL_CBWR {m.get('mkl_cbwr') or 'unset'}"

@@ -26,7 +26,7 @@ from extras.tasks import accuracy, load_items, read_records, sft_rows
 from model import read_json
 
 # what may change when a run is resumed
-RESUMABLE = ("out", "resume", "stop_at", "test", "grad_checkpointing")
+RESUMABLE = ("out", "resume", "stop_at", "test", "grad_checkpointing", "threshold", "cache", "refresh")
 
 
 def check_device(device):

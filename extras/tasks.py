@@ -4,6 +4,7 @@ facts are in docs/evaluation.md): commonsense takes the FIRST match of the task'
 LAST number (within 0.001 of `answer`, never the test file's model-written `output`), AQuA a letter,
 GSM8K jsonl the gold after '#### ', code pass@1 of the greedy completion run by sandbox.py.
 """
+import argparse
 import gzip
 import json
 import re
@@ -251,8 +252,9 @@ def completion_code(text):
 # ---------------------------------------------------------------- generation and likelihood
 @torch.no_grad()
 def answer_all(model, tok, prompts, gen_length=16, steps=16, block_length=16, batch_size=32,
-               desc="generating", **gen):
-    """Generate an answer to each prompt (one user turn through the chat template), left-padded batches."""
+               desc="generating", stats=None, **gen):
+    """Generate an answer to each prompt (one user turn through the chat template), left-padded batches;
+    `stats` gets generate's model calls and positions computed, summed over the batches."""
     eos, eot = model.config.eos_token_id, tok.token_to_id("<|eot_id|>")
     device = next(model.parameters()).device
     out = []
@@ -261,12 +263,37 @@ def answer_all(model, tok, prompts, gen_length=16, steps=16, block_length=16, ba
         P = max(map(len, ids))
         x = torch.tensor([[eos] * (P - len(p)) + p for p in ids], device=device)
         mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in ids], device=device)
+        one = {}
         y = generate(model, x, mask, steps=steps, gen_length=gen_length, block_length=block_length,
-                     eot_token_id=eot, **{"till_eos": True, **gen})
+                     eot_token_id=eot, stats=one, **{"till_eos": True, **gen})
+        for k, v in one.items() if stats is not None else ():
+            stats[k] = stats.get(k, 0) + v
         for row in y[:, P:].tolist():
             stop = [j for j, t in enumerate(row) if t in (eos, eot)]
             out.append(tok.decode(row[:stop[0]] if stop else row))
     return out
+
+
+def sampler_flags(ap):
+    """The fast sampler's flags (diffusion.generate), the same for train.py's report and eval.py; not
+    given, the sampler is the exact one of the paper's tables (docs/evaluation.md: what each costs)."""
+    def confidence(text):
+        value = float(text)
+        if not 0 < value <= 1:
+            raise argparse.ArgumentTypeError(f"{text}: a confidence in (0, 1]")
+        return value
+    ap.add_argument("--threshold", type=confidence, help="parallel decoding: each step commits every masked "
+                    "position of the block at least this confident, and the most confident one, e.g. 0.9 "
+                    "(default: the exact sampler's fixed count per step)")
+    ap.add_argument("--cache", choices=("prefix", "dual"), help="block KV cache: later steps of a block "
+                    "compute the block and what follows it (prefix) or only the block (dual) (default: none)")
+    ap.add_argument("--refresh", type=float, help="with --cache: compute the cache again when λ has moved by "
+                    "more than this since (default: never within a block)")
+
+
+def sampler_options(args):
+    """generate's fast-sampler arguments from sampler_flags' flags."""
+    return dict(threshold=args.threshold, cache=args.cache, refresh=args.refresh)
 
 
 def gen_defaults(bundled):

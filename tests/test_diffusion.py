@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from conftest import random_model, tolerance
 
 import nara
-from diffusion import generate, log_likelihood, pretrain_loss, sft_loss, sft_mask, transfer_counts
+from diffusion import BlockCache, generate, log_likelihood, pretrain_loss, sft_loss, sft_mask, transfer_counts
 from extras.tasks import pad_sft
 from model import LLaDAConfig
 
@@ -53,7 +54,7 @@ class NoMask(nn.Module):
     def forward(self, x, attention_mask=None, noise_level=None, logits_at=None):
         self.seen.append(x.clone())
         logits = select(self.model(x, attention_mask, noise_level=noise_level), logits_at)
-        logits[..., MASK] = -1e4                                        # finite: CFG subtracts logits
+        logits[..., self.config.mask_token_id] = -1e4                                        # finite: CFG subtracts logits
         return logits
 
 
@@ -61,7 +62,8 @@ class NoMask(nn.Module):
 def reference_generate(model, prompt, steps, gen_length, block_length):
     """LLaDA's greedy low-confidence sampler for one prompt, re-stated plainly: per block, per step,
     commit the n most probable argmax predictions among the block's masked positions."""
-    x = prompt[0].tolist() + [MASK] * gen_length
+    mask = model.config.mask_token_id
+    x = prompt[0].tolist() + [mask] * gen_length
     P, per_block = prompt.shape[1], steps // (gen_length // block_length)
     for start in range(P, P + gen_length, block_length):
         n_masked = block_length
@@ -71,7 +73,7 @@ def reference_generate(model, prompt, steps, gen_length, block_length):
             probs = logits.softmax(-1)
             pred = logits.argmax(-1)
             cands = [(float(probs[i, pred[i]]), i) for i in range(start, start + block_length)
-                     if x[i] == MASK]
+                     if x[i] == mask]
             order = sorted(range(len(cands)), key=lambda j: -cands[j][0])        # stable: ties by position
             for j in order[:n]:
                 x[cands[j][1]] = int(pred[cands[j][1]])
@@ -324,3 +326,154 @@ def test_the_head_at_selected_positions_changes_no_loss_or_likelihood():
     ce = F.cross_entropy(logits[masked].double(), seq[masked], reduction="none")
     old = -float((ce * (6 / m.double())[:, None].expand(4, 10)[masked]).sum()) / 4
     assert new == pytest.approx(old, abs=tolerance(old, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------ parallel decoding and the block KV cache
+class Table(nn.Module):
+    """Logits set by hand per step: step s gives each answer position i the confidence table[s][i] for
+    token 10 + i (the rest spread evenly over 100 other tokens); records every call."""
+    def __init__(self, table, P):
+        super().__init__()
+        self.config = SimpleNamespace(mask_token_id=MASK, eos_token_id=EOS)
+        self.table, self.P, self.calls = table, P, []
+
+    def forward(self, x, attention_mask=None, noise_level=None, logits_at=None):
+        self.calls.append(x.clone())
+        p = torch.tensor(self.table[len(self.calls) - 1], dtype=torch.float64)          # (B, gen)
+        probs = torch.full((*x.shape, 128), 1e-9, dtype=torch.float64)
+        answer = probs[:, self.P:]
+        answer[..., 20:120] = (1 - p[..., None]) / 100
+        answer.scatter_(-1, (10 + torch.arange(p.shape[1])).expand(x.shape[0], -1)[..., None], p[..., None])
+        return select(probs.log(), logits_at)
+
+
+def test_threshold_commits_what_is_sure_enough_and_at_least_the_surest():
+    # Worked by hand: threshold 0.9, one block of 4. Step 1: row 0 has 0.95, 0.5, 0.92, 0.3 -> commits
+    # positions 0 and 2; row 1 has nothing >= 0.9 -> commits only its surest, position 3 (0.6).
+    # Step 2: row 0 has 0.6 at 1 and 0.7 at 3 -> its surest, 3; row 1: 0.91 at 0 and 0.95 at 1 -> both.
+    # Step 3: row 0 commits 1 (its last); row 1 commits 2 (its last). No fourth call.
+    table = [[[0.95, 0.5, 0.92, 0.3], [0.2, 0.4, 0.1, 0.6]],
+             [[0.9, 0.6, 0.9, 0.7], [0.91, 0.95, 0.5, 0.9]],
+             [[0.9, 0.55, 0.9, 0.9], [0.9, 0.9, 0.8, 0.9]]]
+    stub = Table(table, P=2)
+    out = generate(stub, torch.tensor([[1, 2], [3, 4]]), steps=4, gen_length=4, block_length=4, threshold=0.9)
+    seen = [(c[:, 2:] != MASK) for c in stub.calls] + [out[:, 2:] != MASK]
+    assert [s.int().tolist() for s in seen] == [[[0, 0, 0, 0], [0, 0, 0, 0]],
+                                                [[1, 0, 1, 0], [0, 0, 0, 1]],
+                                                [[1, 0, 1, 1], [1, 1, 0, 1]],
+                                                [[1, 1, 1, 1], [1, 1, 1, 1]]]
+    assert out[:, 2:].tolist() == [[10, 11, 12, 13], [10, 11, 12, 13]] and len(stub.calls) == 3
+
+
+def test_a_row_done_early_waits_without_committing():
+    table = [[[0.99, 0.99, 0.99, 0.99], [0.2, 0.4, 0.1, 0.6]]] + [[[0.1] * 4, [0.3] * 4]] * 3
+    stub = Table(table, P=2)
+    stats = {}
+    out = generate(stub, torch.tensor([[1, 2], [3, 4]]), steps=4, gen_length=4, block_length=4, threshold=0.9,
+                   stats=stats)
+    assert stats["model_calls"] == 4 and not (out == MASK).any()         # row 1: one token a step
+    assert all((c[0, 2:] == out[0, 2:]).all() for c in stub.calls[1:])   # row 0 done at step 1, untouched
+
+
+@pytest.mark.parametrize("base", ["base", "instruct/base"])
+def test_without_the_new_arguments_the_sampler_is_the_reference_on_the_bundled_models(base):
+    """Token for token and call for call LLaDA's sampler (reference_generate) on the bundled models."""
+    from model import LLaDA
+    model = NoMask(LLaDA.from_pretrained(Path(__file__).parents[1] / "data" / base).eval())
+    prompt = torch.tensor([[4, 40, 41, 42, 43, 44]])
+    ours = generate(model, prompt, steps=8, gen_length=16, block_length=8)
+    calls, model.seen = model.seen, []
+    assert torch.equal(ours, reference_generate(model, prompt, 8, 16, 8))
+    assert len(calls) == len(model.seen) and all(torch.equal(a, b) for a, b in zip(calls, model.seen))
+
+
+def cached_model(method=None, dtype=torch.float64):
+    model = random_model().to(dtype).eval()
+    if method:
+        nara.add_adapters(model, method, r=4, verbose=False)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", [None, "lora", "nara"])
+def test_the_kv_of_a_sequence_make_its_later_positions_exactly_as_the_full_forward(method):
+    """The K/V mechanism: the K/V kept from a full forward, then only positions lo.. (or lo..hi)
+    computed against them, give those positions' logits as the full forward does, when nothing changed
+    in between (float64: agreement to rounding, another shape)."""
+    model = cached_model(method)
+    x, lam = torch.randint(0, 120, (2, 12)), torch.tensor([0.3, 0.8])
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :2] = 0                                                        # a left-padded row
+    full, kv = model(x, mask, noise_level=lam, keep_kv=True)
+    assert len(kv) == 2 and kv[0][0].shape == (2, 4, 12, 16)
+    exact = dict(rtol=0, atol=tolerance(full, dtype=torch.float64))
+    assert torch.allclose(model(x[:, 5:], mask, noise_level=lam, kv=kv, start=5), full[:, 5:], **exact)
+    assert torch.allclose(model(x[:, 5:9], mask, noise_level=lam, kv=kv, start=5), full[:, 5:9], **exact)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(x[:, 5:], mask[:, 5:], noise_level=lam, kv=kv, start=5)   # the mask covers every key
+
+
+def test_a_cache_refuses_virtual_tokens_and_cores_that_read_the_whole_input():
+    x = torch.randint(0, 120, (1, 8))
+    for method, options in (("prompt-tuning", dict(virtual_tokens=2)), ("nara", dict(r=2, signal="density"))):
+        model = random_model()
+        nara.add_adapters(model, method, verbose=False, **options)
+        _, kv = model(x, noise_level=torch.tensor([0.5]), keep_kv=True)
+        with pytest.raises(ValueError, match="KV cache"):
+            model(x[:, 4:], noise_level=torch.tensor([0.5]), kv=kv, start=4)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_the_first_step_of_each_block_is_the_uncached_forward(mode):
+    model = cached_model("nara", torch.float32)
+    x, lam = torch.randint(0, 120, (2, 14)), torch.tensor([1.0, 0.9])
+    cache = BlockCache(mode)
+    for lo in (6, 10):                                                     # two blocks: each starts afresh
+        got, computed = cache.logits(model, x, None, lam, lo, lo + 4)
+        assert torch.equal(got, model(x, noise_level=lam, logits_at=slice(lo, lo + 4))) and computed == 2 * 14
+        _, computed = cache.logits(model, x, None, lam, lo, lo + 4)
+        assert computed == 2 * (lo + 4 - lo if mode == "dual" else 14 - lo)
+
+
+def test_refresh_zero_recomputes_the_cache_at_every_step_so_the_tokens_are_the_exact_samplers():
+    model = Spy(cached_model("nara"))                  # both compute the head on the block, same shapes
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    exact = generate(model, prompt, steps=8, gen_length=8, block_length=4)
+    stats = {}
+    same = generate(model, prompt, steps=8, gen_length=8, block_length=4, cache="dual", refresh=0.0, stats=stats)
+    assert torch.equal(same, exact) and stats["positions"] == 8 * 14
+
+
+class Spy(nn.Module):
+    """A real model whose every call is recorded: the input, λ, the positions it starts at."""
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.calls = model, model.config, []
+
+    def forward(self, x, attention_mask=None, noise_level=None, logits_at=None, kv=None, start=0, keep_kv=False):
+        self.calls.append((x.shape[1], noise_level.clone(), start))
+        out = self.model(x, attention_mask, noise_level=noise_level, logits_at=logits_at, kv=kv, start=start,
+                         keep_kv=keep_kv)
+        logits = out[0] if keep_kv else out
+        logits[..., MASK] = -1e4
+        return out
+
+
+@pytest.mark.parametrize("cfg", [0.0, 1.5])
+def test_with_a_cache_lambda_reaches_the_adapters_at_every_step_and_cfg_runs_both_halves(cfg):
+    spy = Spy(cached_model("nara", torch.float32))
+    prompt = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    stats = {}
+    out = generate(spy, prompt, steps=8, gen_length=8, block_length=4, cache="prefix", cfg_scale=cfg,
+                   stats=stats)
+    assert not (out == MASK).any() and stats["model_calls"] == 8 * (2 if cfg else 1) and len(spy.calls) == 8
+    rows = 4 if cfg else 2
+    lams = [lam for _, lam, _ in spy.calls]
+    assert [float(lam[0]) for lam in lams] == pytest.approx([1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
+    assert all(lam.shape == (rows,) for lam in lams)                     # CFG: both halves, one λ each
+    assert [(L, start) for L, _, start in spy.calls] == [(12, 0), (8, 4), (8, 4), (8, 4),
+                                                        (12, 0), (4, 8), (4, 8), (4, 8)]
+    assert stats["positions"] == rows * (12 + 3 * 8 + 12 + 3 * 4)
