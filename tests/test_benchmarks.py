@@ -134,3 +134,23 @@ def test_methods_refuses_a_protocol_that_would_skip_items(tmp_path, monkeypatch)
     with pytest.raises(SystemExit, match="72 tokens.*does not fit --max-length 64"):
         methods.check_lengths("instruct")
     methods.check_lengths("arith")                                         # 48 covers arith's longest item
+
+
+def test_a_record_is_reused_where_its_numerics_are_todays_on_either_machine():
+    """Same machine: the 2-update hash decides. Another kernel path or CPU: the values, within 1e-4 (9 paths
+    of one CPU differ by 8e-6 at most); a change of the code's numerics moves them far more."""
+    sys.path.insert(0, str(BENCH))
+    import methods
+    here = {"torch": "2.14.1", "cpu_capability": "AVX512", "mkl_cbwr": "", "cpu": "AMD EPYC", "threads": 1}
+    there = {**here, "cpu_capability": "DEFAULT", "mkl_cbwr": "COMPATIBLE"}
+    values = [18.7827, 12.3988, 91.07, 0.0, 9.2358]
+    today = {"hash": "a" * 16, "values": values, "machine": here}
+    record = {"fingerprint": "a" * 16, "fingerprint_values": values, "machine": here}
+    assert methods.same_numerics(record, today)
+    assert not methods.same_numerics({**record, "fingerprint": "b" * 16}, today)          # same machine: bits
+    drifted = [v * (1 + 8e-6) for v in values]
+    assert methods.same_numerics({**record, "fingerprint": "b" * 16, "fingerprint_values": drifted,
+                                  "machine": there}, today)                            # another path: values
+    changed = [v * (1 + 1e-3) for v in values]
+    assert not methods.same_numerics({**record, "fingerprint_values": changed, "machine": there}, today)
+    assert not methods.same_numerics({**record, "fingerprint_values": None, "machine": there}, today)

@@ -152,3 +152,79 @@ def test_logged_rate_is_the_one_each_update_used_and_time_continues_after_resume
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["lr"] for m in lines] == pytest.approx([0.01, 0.01 * 3 / 3, 0.01 * 2 / 3, 0.01 * 1 / 3])
     assert lines[2]["elapsed_s"] >= first[-1]["elapsed_s"] and lines[:2] == first
+
+
+# ------------------------------------------------------------------ the README's commands, as written
+def readme_commands(heading):
+    """The commands of the bash block under a README heading, comments left out."""
+    import re
+    import shlex
+    section = (ROOT / "README.md").read_text().split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [shlex.split(line.split(" #")[0]) for line in block.splitlines() if line.strip()]
+
+
+FORMATS = {   # the documented training formats, and a test file of each (with and without `answer`)
+    "llm-adapters": ("json", lambda a, b: {"instruction": "Answer the question.", "input": f"What is {a} times {b}?",
+                                           "output": f"{a * b}", "answer": str(a * b)}),
+    "llm-adapters, no answer": ("json", lambda a, b: {"instruction": f"What is {a} times {b}?", "input": "",
+                                                      "output": f"{a * b}"}),
+    "gsm8k": ("jsonl", lambda a, b: {"question": f"What is {a} times {b}?", "answer": f"{a} * {b}\n#### {a * b}"}),
+    "codefeedback": ("json", lambda a, b: {"query": f"What is {a} times {b}?", "answer": f"{a * b}"}),
+}
+FAST = {"train.py": ["--max-updates", "2", "--eval-every", "2", "--batch-size", "4", "--val-size", "4"],
+        "eval.py": ["--gen-length", "4", "--steps", "4", "--block-length", "4"]}
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_the_readmes_own_data_commands_run_as_written_on_each_format(tmp_path, name):
+    suffix, row = FORMATS[name]
+    rows = [row(a, b) for a in range(2, 8) for b in range(2, 6)]
+    for file, part in (("mine", rows[:20]), ("mine_test", rows[20:])):
+        text = json.dumps(part) if suffix == "json" else "".join(json.dumps(r) + "\n" for r in part)
+        (tmp_path / f"{file}.{suffix}").write_text(text)
+    said = ""
+    for command in readme_commands("Your own data"):
+        assert command[0] == "python"
+        argv = [a.replace("mine.json", f"mine.{suffix}").replace("mine_test.json", f"mine_test.{suffix}")
+                for a in command[2:]]
+        res = cli(tmp_path, command[1], *argv, *FAST[command[1]])
+        assert res.returncode == 0, (command, res.stderr[-2000:])
+        said += res.stdout
+    assert f"held-out accuracy on 4 items of mine_test.{suffix}" in said
+    assert list((tmp_path / "runs" / "eval").glob("mine_test-mine-nara-adapter.summary.json"))
+    assert list((tmp_path / "runs" / "eval").glob("val-mine-nara-adapter-noise_curve.csv"))
+
+
+def test_the_readmes_evaluate_commands_run_as_written(tiny_task, tmp_path):
+    """Each line of the README's Evaluate block on the tiny model: one item of every set of each table
+    (LLM-Adapters files for math and commonsense, HumanEval and MBPP for code), on the adapters the lines
+    name."""
+    import re
+
+    import nara
+    from extras import interop
+    from model import LLaDA
+    data = tmp_path / "sets"
+    for task in ev.SUITES["math"]:
+        answer = "A" if task == "AQuA" else "7"
+        (data / task).mkdir(parents=True)
+        (data / task / "test.json").write_text(json.dumps([{"instruction": "What is 3 plus 4?", "input": "",
+                                                            "output": "7", "answer": answer}]))
+    for task, labels in tasks.LABELS.items():
+        label = re.sub(r"\[(\d)-\d\]", r"\1", labels.split("|")[0])          # true, answer1, ending1, ...
+        (data / task).mkdir(parents=True)
+        (data / task / "test.json").write_text(json.dumps([{"instruction": "Pick one.", "input": "",
+                                                            "output": label, "answer": label}]))
+    (data / "mbpp_test.jsonl").write_text(json.dumps({"text": "Write add.", "test_list": ["assert add(1, 2) == 3"],
+                                                      "code": "def add(a, b):\n    return a + b"}) + "\n")
+    for run in ("math_14k-nara", "commonsense_170k-nara", "codefeedback_python-nara"):
+        model = nara.add_adapters(LLaDA.from_pretrained(tiny_task / "model"), "nara", r=2, verbose=False)
+        interop.save_adapter(model, tmp_path / "runs" / run / "adapter")
+    for command in readme_commands("Evaluate"):
+        argv = [str(tiny_task / "model") if a == "$M" else a for a in command[2:]]
+        res = cli(tmp_path, "eval.py", *argv, "--data", str(data), "--limit", "1", *FAST["eval.py"])
+        assert res.returncode == 0, (command, res.stderr[-2000:])
+        task = argv[argv.index("--task") + 1]
+        table = (tmp_path / "runs" / "eval" / f"{task}-table.md").read_text()
+        assert all(s in table for s in ev.SUITES[task]) and "| base |" in table
