@@ -15,7 +15,11 @@ Glossary
 Departures from the reference code, on purpose: SFT draws t = 1 - U[0, 1) in (0, 1], so 1/t is
 finite; `confidence_eos_eot_inf` ranks EOS/EOT predictions below all others (LLaDA's flag sets them to
 -inf after the argmax and can then commit a decoded position); finished sequences (`till_eos`) are
-filled with EOS and cost no more steps; the sampler never predicts the mask id.
+filled with EOS and cost no more steps; the sampler never predicts the mask id. Optional and off by
+default, two approximations from Fast-dLLM (arXiv 2505.22618): `threshold` decoding (several tokens a
+step when the model is sure of them) and a block KV cache (`BlockCache`: later steps of a block reuse
+the K/V of the positions around it from the block's first step, though tokens and, with NaRA, λ have
+changed since; docs/evaluation.md measures the cost).
 """
 import math
 

@@ -19,8 +19,11 @@ extras/baselines.py). The released files (config.json, the index, safetensors sh
 end of this file.
 
 Departures from the official `modeling_llada.py`, on purpose: one block type (llama: RoPE, RMSNorm,
-SiLU, no biases), every other config switch refused; no KV cache, ALiBi, flash-attn path or dropout;
+SiLU, no biases), every other config switch refused; no ALiBi, flash-attn path or dropout;
 `attention_mask` masks keys only (the official code also adds a causal bias when a mask has zeros);
+the K/V of a sequence can go in and out of the forward (`kv=`, `keep_kv=`) for the sampler's block
+cache, which is an approximation: a bidirectional model's K/V change whenever any token does, and
+with NaRA whenever λ does (diffusion.BlockCache says which and by how much);
 `logits_at=` computes the LM head only where it is read; training on CUDA recomputes norms and SiLU
 in backward (`recompute`: the same gradients, half the activations).
 """

@@ -9,8 +9,11 @@ layer (LLaDA-8B's 4096 x 4096 projection, 512 tokens), a training step and a sam
 LLaDA, early termination on the bundled task, parameter counts at 8B and adapter file sizes.
 """
 import argparse
+import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,7 +63,7 @@ class Holder(torch.nn.Module):
         return self.transformer.blocks[0].q_proj(x, self.conditioning(lam))
 
 
-def layer_table(d, tokens, batch, repeats, dtype):
+def layer_table(d, tokens, batch, repeats, dtype, methods=LAYER_METHODS, variants=True):
     torch.manual_seed(0)
     W = torch.randn(d, d, dtype=dtype) / d ** 0.5
     x = torch.randn(batch, tokens // batch, d, dtype=dtype, requires_grad=True)
@@ -69,11 +72,14 @@ def layer_table(d, tokens, batch, repeats, dtype):
     base = Holder(d, dtype)
     base.transformer.blocks[0].q_proj.weight = torch.nn.Parameter(W, requires_grad=False)
     fns["frozen base"] = lambda: base(x, lam).float().square().mean().backward()
-    for m in LAYER_METHODS:
+    for m in methods:
         h = Holder(d, dtype)
         h.transformer.blocks[0].q_proj.weight = torch.nn.Parameter(W, requires_grad=False)
         nara.add_adapters(h, m, r=32, targets=("q_proj",), verbose=False)
         fns[m] = (lambda h=h: h(x, lam).float().square().mean().backward())
+    if not variants:
+        t = interleaved(fns, repeats)
+        return [], t
     h = Holder(d, dtype)
     h.transformer.blocks[0].q_proj.weight = torch.nn.Parameter(W, requires_grad=False)
     nara.add_adapters(h, "nara", r=32, targets=("q_proj",), dropout=0.0, verbose=False)
@@ -108,7 +114,7 @@ def small_config():
                        pad_token_id=4094)
 
 
-def step_table(batch, length, repeats, dtype):
+def step_table(batch, length, repeats, dtype, methods=LAYER_METHODS, variants=True):
     """Training steps of a small LLaDA in the recipe's dtypes: base weights in `dtype` (bf16 under bf16
     autocast when the CPU computes it natively), fp32 adapters."""
     torch.manual_seed(0)
@@ -131,11 +137,12 @@ def step_table(batch, length, repeats, dtype):
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    variants = [(m, make(m), batch) for m in ("lora",) + tuple(x for x in LAYER_METHODS if x != "lora")]
-    variants[2:2] = [(f"nara, 1 x {batch} accumulation", variants[1][1], 1),
+    runs = [(m, make(m), batch) for m in ("lora",) + tuple(x for x in methods if x != "lora")]
+    if variants:
+        runs[2:2] = [(f"nara, 1 x {batch} accumulation", runs[1][1], 1),
                      ("nara, recomputing norms, SiLU, dropout", make("nara", recompute=True), batch),
                      (FP32, make("nara", Fp32PathNaRA), batch)]
-    for name, model, micro in variants:
+    for name, model, micro in runs:
         if name in LAYER_METHODS:
             models[name] = model
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -156,7 +163,7 @@ def sampling_table(models, batch, length, repeats, dtype):
         with autocast:
             return model(ids, **kw)
     fns = {"base": lambda: forward(base)}
-    for m in ("lora", "nara", "multi-lora"):
+    for m in [m for m in ("lora", "nara", "multi-lora") if m in models]:
         fns[m] = (lambda mm=models[m].eval(): forward(mm, noise_level=lam))
     t = interleaved(fns, repeats)
     rows = [f"| {k} | {1e3 * v:.1f} | {v / t['base']:.3f} | {v / t['lora']:.3f} |" for k, v in t.items()]
@@ -318,15 +325,40 @@ def size_table():
     return rows
 
 
+SECOND_PATH = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
+
+
+def ratios(dtype, quick):
+    """NaRA / LoRA per adapted layer (forward + backward), per training step and per sampling step: the
+    three goals, with no other variant (what run.py measures on a second kernel path)."""
+    q = quick
+    _, layer = layer_table(256 if q else 4096, 64 if q else 512, 4, 3 if q else 11, dtype, ("lora", "nara"),
+                           variants=False)
+    _, step, models = step_table(4, 32 if q else 128, 3 if q else 9, dtype, ("lora", "nara"), variants=False)
+    _, samp = sampling_table(models, 4, 32 if q else 128, 3 if q else 15, dtype)
+    return {"layer": layer["nara"] / layer["lora"], "step": step["nara"] / step["lora"],
+            "sampling": samp["nara"] / samp["lora"], "machine": machine()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke test)")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to write")
+    ap.add_argument("--ratios", action="store_true", help="only the three NaRA / LoRA ratios, as JSON (run.py "
+                    "runs itself this way on a second kernel path)")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), help="the base's dtype (default: bfloat16 where "
+                    "torch's kernels are AVX512 or on CUDA, else float32)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     q = args.quick
     bf16 = torch.backends.cpu.get_cpu_capability() in ("AVX512",) or torch.cuda.is_available()
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if bf16 else torch.float32
+    if args.ratios:
+        return print(json.dumps(ratios(dtype, q)))
+    env = {**os.environ, **SECOND_PATH, "OMP_NUM_THREADS": "1"}           # the same three, another path
+    second = json.loads(subprocess.run([sys.executable, __file__, "--ratios", "--dtype", str(dtype)[6:],
+                                        *["--quick"] * q], env=env, capture_output=True, text=True,
+                                       check=True).stdout.splitlines()[-1])
     layer, lt = layer_table(256 if q else 4096, 64 if q else 512, 4, 3 if q else 11, dtype)
     step, st, models = step_table(4, 32 if q else 128, 3 if q else 9, dtype)
     samp, sp = sampling_table(models, 4, 32 if q else 128, 3 if q else 15, dtype)
@@ -366,6 +398,15 @@ def main():
         "them, and "
         "gradients are bit for bit the same on one machine (the same kernels on the same shapes; tests/test_model.py). On CPU the dropout masks are kept in "
         "bf16; on CUDA they are bool (half).", "", *account, "",
+        "## NaRA / LoRA on two kernel paths (the goals: each <= 1.02)", "",
+        "The same three ratios measured again by `python benchmarks/run.py --ratios` in a subprocess on torch's "
+        "portable kernels and MKL's compatible code path (ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE), "
+        f"{str(dtype)[6:]} base, one thread:", "",
+        "| kernel path | adapted layer, forward + backward | training step | sampling step |", "|---|---|---|---|",
+        f"| {m['cpu_capability']}, MKL_CBWR {m['mkl_cbwr'] or 'unset'} (this run) | {lt['nara'] / lt['lora']:.3f} | "
+        f"{st['nara'] / st['lora']:.3f} | {sp['nara'] / sp['lora']:.3f} |",
+        f"| {second['machine']['cpu_capability']}, MKL_CBWR {second['machine']['mkl_cbwr']} | {second['layer']:.3f} | "
+        f"{second['step']:.3f} | {second['sampling']:.3f} |", "",
         "## Goals", "",
         f"- NaRA / LoRA, adapted layer forward + backward ({str(dtype)[6:]}): {lt['nara'] / lt['lora']:.3f} "
         "(goal <= 1.02)",

@@ -43,7 +43,8 @@ def test_ratio_benchmarks_run_quickly(tmp_path):
     for section in ("## Adapted layer", "## Training step", "## Sampling step", "## Early termination",
                     "## Size at LLaDA-8B", "| nara | 34,227,968 | 0.4252 |", "NaRA / LoRA per training step",
                     "## The LM head only where it is read",
-                    "| attn_norm: float32 4096 | 16.0 KiB | 0.0 KiB |", "Expected activation memory"):
+                    "| attn_norm: float32 4096 | 16.0 KiB | 0.0 KiB |", "Expected activation memory",
+                    "## NaRA / LoRA on two kernel paths", "| DEFAULT, MKL_CBWR COMPATIBLE |"):
         assert section in text
 
 
