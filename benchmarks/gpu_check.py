@@ -274,6 +274,22 @@ def shapes(report, args, device, tiny):
             t_base = timed(lambda: model(prompts, noise_level=lam16, logits_at=block), device)
     report.add("GSM8K sampling step (16 x 356 tokens, head at the 8-token block): base / nara",
                f"{t_base * 1e3:.1f} / {t_nara * 1e3:.1f} ms (ratio {t_nara / t_base:.3f})")
+    # the fast sampler's steps (diffusion.BlockCache) at the answer's first block of 32: the full forward
+    # (the block's first step), the block and all after it (prefix), the block alone (dual)
+    lo = prompts.shape[1] - (256 if not tiny else 8)
+    first = slice(lo, lo + (32 if not tiny else 4))
+    span = first.stop - lo
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        _, kv = model(prompts, noise_level=lam16, logits_at=first, keep_kv=True)
+        t_full = timed(lambda: model(prompts, noise_level=lam16, logits_at=first), device)
+        t_prefix = timed(lambda: model(prompts[:, lo:], noise_level=lam16, logits_at=slice(0, span), kv=kv,
+                                       start=lo), device)
+        t_dual = timed(lambda: model(prompts[:, lo:first.stop], noise_level=lam16, logits_at=slice(0, span), kv=kv,
+                                     start=lo), device)
+    kv = None                                          # freed before the report
+    report.add("GSM8K step with the block cache (nara, block 32 at the answer's start): full / prefix / dual",
+               f"{t_full * 1e3:.1f} / {t_prefix * 1e3:.1f} / {t_dual * 1e3:.1f} ms (dual {t_full / t_dual:.1f}x "
+               "faster)")
 
 
 def main():

@@ -31,6 +31,7 @@ def test_gpu_check_runs_the_real_commands_and_the_shapes_on_cpu_with_a_tiny_conf
     authors = rows["NaRA in bf16: share of C − I = 1e-3·D applied (rank-r in bf16, authors'; 1 = all)"]
     assert float(authors) < 0.3                                            # rounded away
     for row in ("from_pretrained time", "train step nara, checkpointing=True", "GSM8K sampling step",
+                "GSM8K step with the block cache",
                 "recipe update 32 = 32 x 1, checkpointing=False, rank-r path in bf16 (authors')",
                 "recipe update 32 = 32 x 1, checkpointing=False, fp32 rank-r path (before)"):
         assert any(k.startswith(row) for k in rows), row
