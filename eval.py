@@ -152,8 +152,9 @@ def claim(out, kind, path, wanted):
 
 def data_name(task, args):
     """What a set's results are named after: the set (a table's, the bundled arith), else the file."""
-    if args.task in SUITES or Path(args.data).resolve() == (HERE / "data" / "arith" / "test.json").resolve():
-        return task
+    if args.task in SUITES or args.data is None or Path(args.data).resolve() == (HERE / "data" / "arith" /
+                                                                               "test.json").resolve():
+        return task                                                       # humaneval: the package's file
     return Path(args.data).name.split(".")[0]
 
 
