@@ -204,7 +204,8 @@ def report(results, refresh, out):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("drift", "table", "both"), default="both", help="(default: both)")
+    ap.add_argument("--part", choices=("drift", "table", "both", "report"), default="both",
+                    help="report: only the markdown, from the .json (default: both parts)")
     ap.add_argument("--adapters", default=str(ROOT / "runs" / "methods"), help="the protocol's kept adapters "
                     "(default: runs/methods)")
     ap.add_argument("--refresh", type=float, default=None, help="part 2's refresh rule (default: never "
@@ -219,7 +220,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     file = out / "fast_sampling.json"
     results = json.loads(file.read_text()) if file.exists() else {}
-    results.update(machine=machine(), date=time.strftime("%Y-%m-%d"))
+    if args.part != "report":
+        results.update(machine=machine(), date=time.strftime("%Y-%m-%d"))
 
     def gen_of(task):
         return {f"own (gen {TASKS[task]['own']['gen_length']}, block {TASKS[task]['own']['block_length']})":
