@@ -35,7 +35,8 @@ from extras.files import atomic_write
 from extras.figures import noise_report, write_noise
 from extras.sandbox import SandboxUnavailable, run_untrusted, why_unavailable
 from extras.tasks import (LABELS, TASKS, answer_all, choose_by_likelihood, completion_code, extract,
-                          gen_defaults, is_correct, load_items, load_tokenizer, sampler_flags, sampler_options)
+                          gen_defaults, is_correct, load_items, load_tokenizer, sampler_flags,
+                          sampler_options)
 from model import LLaDA, read_json
 
 HERE = Path(__file__).resolve().parent

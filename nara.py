@@ -226,7 +226,8 @@ def check_options(method, options):
     known = options_of(spec)
     for k in options:
         if k not in known:
-            raise ValueError(f"{k}={options[k]!r}: not an option of {method} (its options: {', '.join(known)})")
+            raise ValueError(f"{k}={options[k]!r}: not an option of {method} "
+                             f"(its options: {', '.join(known)})")
     o = {**known, **options}
     for k in ("r", "bins", "virtual_tokens", "radius", "width", "encoder_hidden"):
         if k in o and o[k] is not None and (not isinstance(o[k], int) or isinstance(o[k], bool) or o[k] < 1):
@@ -295,7 +296,8 @@ def add_adapters(model, method="nara", verbose=True, **options):
     if verbose:
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        print(f"{method}: {what}; trainable {trained:,} of {total:,} parameters ({100 * trained / total:.3f} %)")
+        print(f"{method}: {what}; trainable {trained:,} of {total:,} parameters "
+              f"({100 * trained / total:.3f} %)")
     return model
 
 

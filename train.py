@@ -55,20 +55,22 @@ class Config:
     test: str = None
 
 
-RECIPE = Config(max_length=512, val_size=128, eval_every=64, lr=1e-4, epochs=1, batch_size=32, adapter_rank=32)
+RECIPE = Config(max_length=512, val_size=128, eval_every=64, lr=1e-4, epochs=1, batch_size=32,
+                adapter_rank=32)
 # The bundled run: group a's NaRA arm of docs/miniature.md (1,200 updates of 16 at 1e-2, rank 8), where
 # NaRA answered 99-100 % of the test at every seed.
 DEFAULT = Config(max_length=48, val_size=30, eval_every=60, lr=1e-2, epochs=60, batch_size=16, adapter_rank=8,
                  max_updates=1200, model=str(HERE / "data" / "base"),
-                 data=str(HERE / "data" / "arith" / "train.json"), test=str(HERE / "data" / "arith" / "test.json"))
+                 data=str(HERE / "data" / "arith" / "train.json"),
+                 test=str(HERE / "data" / "arith" / "test.json"))
 
 # The flags that become nara.add_adapters' options (flag's dest -> option): the only place one is named
 # after the other. A flag not given leaves the option at the method's default (nara.METHODS).
-ADAPTER_FLAGS = {"adapter_rank": "r", "alpha": "alpha", "eta": "eta", "dropout": "dropout", "targets": "targets",
-                 "bins": "bins", "embedding": "embedding", "embedding_width": "width", "hyper_hidden": "hidden",
-                 "hyper_init": "init", "condition": "signal", "density_radius": "radius", "groups": "groups",
-                 "virtual_tokens": "virtual_tokens", "prompt_init_text": "prompt_init",
-                 "encoder_hidden": "encoder_hidden"}
+ADAPTER_FLAGS = {"adapter_rank": "r", "alpha": "alpha", "eta": "eta", "dropout": "dropout",
+                 "targets": "targets", "bins": "bins", "embedding": "embedding", "embedding_width": "width",
+                 "hyper_hidden": "hidden", "hyper_init": "init", "condition": "signal",
+                 "density_radius": "radius", "groups": "groups", "virtual_tokens": "virtual_tokens",
+                 "prompt_init_text": "prompt_init", "encoder_hidden": "encoder_hidden"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -89,7 +91,8 @@ def parser():
                     "its output: a numeric one by the last number, any other by normalised exact match "
                     "(default: data/arith/test.json with the bundled data, else none)")
     ap.add_argument("--max-length", type=int, help=f"prompt + answer tokens {both('max_length')}")
-    ap.add_argument("--val-size", type=int, help=f"examples held out, written to RUN/val.json {both('val_size')}")
+    ap.add_argument("--val-size", type=int, help="examples held out, written to RUN/val.json "
+                    f"{both('val_size')}")
     ap.add_argument("--eval-every", type=int, help=f"validate every N updates {both('eval_every')}")
     ap.add_argument("--lr", type=float, help=f"peak learning rate {both('lr')}")
     ap.add_argument("--epochs", type=float, help=f"passes over the data {both('epochs')}")
@@ -121,14 +124,16 @@ def parser():
     ap.add_argument("--targets", type=lambda s: s.split(","), help="comma-separated layer names (default: "
                     f"{','.join(nara.TARGETS)})")
     ap.add_argument("--bins", type=int, help="multi-lora: noise bins K (default: 5)")
-    ap.add_argument("--embedding", choices=("fourier", "mlp", "raw"), help="nara: λ embedding (default: fourier)")
+    ap.add_argument("--embedding", choices=("fourier", "mlp", "raw"), help="nara: λ embedding "
+                    "(default: fourier)")
     ap.add_argument("--embedding-width", type=int, help="nara: width of the λ (and density) embedding "
                     "(default: 64)")
-    ap.add_argument("--hyper-hidden", type=widths, help="nara: the hypernetwork's hidden widths (default: 256,512)")
+    ap.add_argument("--hyper-hidden", type=widths, help="nara: the hypernetwork's hidden widths "
+                    "(default: 256,512)")
     ap.add_argument("--hyper-init", choices=("zero_last", "kaiming", "zero_all"),
                     help="nara: hypernetwork init (default: zero_last, C = I at step 0)")
-    ap.add_argument("--condition", choices=("lambda", "density", "both"), help="nara: condition C on λ, on the "
-                    "input's noise density, or both (default: lambda)")
+    ap.add_argument("--condition", choices=("lambda", "density", "both"), help="nara: condition C on λ, "
+                    "on the input's noise density, or both (default: lambda)")
     ap.add_argument("--density-radius", type=int, help="nara: neighbours on each side for the density "
                     "(default: 5)")
     ap.add_argument("--groups", type=groups, help="nara: one hypernetwork per group, e.g. "
@@ -153,7 +158,7 @@ def parse_args(argv=None):
     default_data = args.data is None or Path(args.data).resolve() == Path(DEFAULT.data).resolve()
     given = {k for k, v in vars(args).items() if v is not None}
     for k, v in vars(preset).items():
-        if k == "test" and not default_data:                              # the bundled test goes with its data
+        if k == "test" and not default_data:                        # the bundled test goes with its data
             continue
         if k == "max_updates" and "epochs" in given:                      # --epochs sets the length
             continue
@@ -200,11 +205,11 @@ def check_args(args, name):
     except ValueError as e:
         raise ValueError(in_flags(str(e), args.method)) from None
     if set(args.freeze) - {"A", "B", "hypernetwork"}:
-        raise ValueError(f"--freeze {sorted(set(args.freeze) - {'A', 'B', 'hypernetwork'})[0]!r}: choose among "
-                         "A, B, hypernetwork")
+        unknown = sorted(set(args.freeze) - {"A", "B", "hypernetwork"})[0]
+        raise ValueError(f"--freeze {unknown!r}: choose among A, B, hypernetwork")
     if args.stage1 and args.hyper_init == "kaiming":
-        raise ValueError("--stage1 with --hyper-init kaiming: stage 1 holds C = I by keeping the hypernetwork at "
-                         "its init, which is the identity only with zero_last or zero_all")
+        raise ValueError("--stage1 with --hyper-init kaiming: stage 1 holds C = I by keeping the "
+                         "hypernetwork at its init, which is the identity only with zero_last or zero_all")
     for path, what in ((args.data, "--data"), (args.test, "--test"), (args.warm_start, "--warm-start")):
         if path and not Path(path).exists():
             raise ValueError(f"{what} {path}: {what[2:]} file not found")

@@ -45,7 +45,7 @@ def update_magnitude(model, lams):
     out = {}
     layers = [m for m in model.modules() if isinstance(m, nara.LoRALinear)]
     for lam in lams:
-        cond = adapters.cond_at(model, lam, density=lam)                 # density: read only where a core does
+        cond = adapters.cond_at(model, lam, density=lam)                 # density: only where a core reads it
         cores = [(C - torch.eye(C.shape[-1], device=C.device)).norm().item()
                  for C in (cond[k].reshape(-1, *cond[k].shape[-2:])[0] for k in model.noise_nets)]
         deltas = [(m.merged_weight(cond) - m.weight.float()).norm().item() for m in layers]

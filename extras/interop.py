@@ -101,7 +101,8 @@ def saved_options(body):
     if spec is None:
         return body                                                       # add_adapters names the method
     mine = nara.options_of(spec)
-    others = {k: json.loads(json.dumps(v)) for m in nara.METHODS.values() for k, v in nara.options_of(m).items()}
+    others = {k: json.loads(json.dumps(v))                               # as JSON holds them: lists
+              for m in nara.METHODS.values() for k, v in nara.options_of(m).items()}
     return {k: v for k, v in body.items() if k == "method" or k in mine or others.get(k, v) != v}
 
 
@@ -273,7 +274,8 @@ def authors_config(body, where):
                   dropout=float(body.get("lora_dropout", 0.0)), eta=float(body.get("c_scale", 1.0)))
     if mode == "constant":
         return dict(method="nara-c", **shared)
-    return dict(method="nara", **shared, embedding=body.get("embedding_type", "fourier"), groups=groups or None,
+    return dict(method="nara", **shared, embedding=body.get("embedding_type", "fourier"),
+                groups=groups or None,
                 width=int(body.get("embedding_dim", 64)),
                 hidden=[int(body.get("fnn_hidden_size_1", 256)), int(body.get("fnn_hidden_size_2", 512))],
                 init=AUTHORS_INITS.get(body.get("init_c", "zero_last"), "zero_last"),

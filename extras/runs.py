@@ -6,8 +6,8 @@ value and names the flag; and the machine, `machine()`: a resume on another one 
 metrics.jsonl (one line per update), checkpoint.pt (adapter, optimizer, schedule, step, RNG states,
 written atomically at each validation: --resume continues from it bit for bit on the same machine, kernel
 path and thread count, on a CPU; on CUDA some reductions are not deterministic, so a resumed run is the
-same run but not bit for bit), best/ (the best validation adapter) and adapter/ (the final one). A finished run is never
-modified; a run killed before its first checkpoint starts again cleanly.
+same run but not bit for bit), best/ (the best validation adapter) and adapter/ (the final one). A
+finished run is never modified; a run killed before its first checkpoint starts again cleanly.
 """
 import hashlib
 import json
@@ -121,8 +121,8 @@ def prepare(out, args, settings, rank):
         raise ValueError(f"--resume: {record} not found, so the settings cannot be checked: start a new run")
     saved = read_json(record)
     if "machine" not in saved:
-        raise ValueError(f"--resume: {out} was started by an earlier release of train.py, whose flags differ: "
-                         "finish it with that release, or start a new run")
+        raise ValueError(f"--resume: {out} was started by an earlier release of train.py, whose flags "
+                         "differ: finish it with that release, or start a new run")
     if saved.pop("machine") != machine():
         print(f"--resume: {out} was started on another machine or kernel path than this one "
               "(run.json's machine): the run goes on, rounding as this one does")
