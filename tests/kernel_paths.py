@@ -57,6 +57,8 @@ def main(argv=None):
         print(f"| {cap} | {mkl or 'unset'} | {threads} | {passed} | {fails} | {time.time() - t0:.0f} |", flush=True)
         failed += [f"{cap} {mkl or 'unset'} {threads}: {m}" for m in
                    re.findall(r"^(?:FAILED|ERROR) (\S+)", run.stdout, re.M)]
+        for line in re.findall(r"^(?:FAILED|ERROR) .*$", run.stdout, re.M):
+            print(f"    {line}", flush=True)
         if run.returncode not in (0, 1):
             failed.append(f"{cap} {mkl or 'unset'} {threads}: pytest exited {run.returncode}")
     print("\n".join(failed) or "every path passed")
