@@ -376,8 +376,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         raise runs.Interrupted(out, step, total, saved_at) from None
     bar.close()
+    del ddp, opt, sched                 # DDP's reducer before its process group; the optimizer's state is done
     runs.finish(world, params, device, say)
-    del opt, sched, params, ddp                           # the optimizer's state is not needed any more
+    del params
     if rank == 0 and step == total:
         interop.save_adapter(model, out / "adapter")
         say(f"adapter saved to {out / 'adapter'} (best validation loss {best:.4f} in {out / 'best'})")
