@@ -1,6 +1,6 @@
 """Parallel decoding and the block KV cache against the exact sampler, on both bundled tasks.
 
-    python benchmarks/fast_sampling.py                  # both parts, one thread (about 1.5 CPU-hours)
+    python benchmarks/fast_sampling.py                  # both parts, one thread (about 4 CPU-hours)
     python benchmarks/fast_sampling.py --part drift     # only part 1
 
 Adapters: LoRA and NaRA at seeds 0-2 of each task, trained under the miniature's protocol, as
@@ -112,27 +112,33 @@ def drift(tasks, adapters, gen_of):
     return out
 
 
-def table(tasks, adapters, gen_of, refresh, seeds, limit=None):
-    """Part 2: {task: {setting: {model: {mode: measures}}}}."""
-    out = {}
+def table(results, save, tasks, adapters, gen_of, refresh, seeds_of, limit_of):
+    """Part 2, into results["table"][task][setting][model][mode]; saved after each model and setting, and a
+    measure already there for the same items is kept (an interrupted run goes on where it stopped)."""
     for task in tasks:
         tok = load_tokenizer(ROOT / TASKS[task]["model"])
-        items = load_items("auto", ROOT / TASKS[task]["test"])[:limit]
-        for name, arm, load in models(task, adapters, seeds):
-            model = load().eval()
+        every = load_items("auto", ROOT / TASKS[task]["test"])
+        for name, arm, load in models(task, adapters, sorted({s for st in gen_of(task) for s in seeds_of(st)})):
+            model = None
             for setting, gen in gen_of(task).items():
+                if arm != "base" and int(name.split()[-1]) not in seeds_of(setting):
+                    continue
+                items = every[:limit_of(setting)]
+                done = results.setdefault("table", {}).setdefault(task, {}).setdefault(setting, {}).setdefault(name, {})
                 for mode, fast in MODES.items():
+                    if done.get(mode, {}).get("items") == len(items):
+                        continue
+                    model = model or load().eval()
                     stats, t0 = {}, time.perf_counter()
                     acc, _ = accuracy(model, tok, items, stats=stats, batch_size=BATCH, **gen, **fast,
                                       **({"refresh": refresh} if "cache" in fast else {}))
                     seconds = time.perf_counter() - t0
                     batches = math.ceil(len(items) / BATCH)                # a call computes a whole batch
-                    out.setdefault(task, {}).setdefault(setting, {}).setdefault(name, {})[mode] = dict(
-                        accuracy=acc, calls=stats["model_calls"] / batches, items=len(items),
-                        positions=stats["positions"] / len(items), seconds=seconds / len(items))
+                    done[mode] = dict(accuracy=acc, calls=stats["model_calls"] / batches, items=len(items),
+                                      positions=stats["positions"] / len(items), seconds=seconds / len(items))
                     print(task, setting, name, mode, f"{100 * acc:.1f} %", f"{stats['model_calls'] / batches:.1f} "
                           f"calls, {seconds / len(items):.3f} s per answer", flush=True)
-    return out
+                    save()
 
 
 def mean_std(xs):
@@ -146,7 +152,7 @@ def report(results, refresh, out):
              f"`python benchmarks/fast_sampling.py`, {results['date']}, one thread on {m['cpu']} (torch "
              f"{m['torch']}, {m['cpu_capability']} kernels; other jobs shared the cores, so seconds are this "
              "run's, ratios within one row are comparable). Adapters: LoRA and NaRA of the miniature's "
-             "protocol at seeds 0-2 (benchmarks/methods.py's runs); greedy, low-confidence, early termination.", ""]
+             "protocol (benchmarks/methods.py's runs; each table names its seeds); greedy, low-confidence, early termination.", ""]
     if "drift" in results:
         lines += ["## 1. What the cache changes in the logits, and NaRA's λ (validation rows, seed 0)", "",
                   "Each step of the exact sampler also runs through the cache; the largest |logit difference| "
@@ -164,16 +170,19 @@ def report(results, refresh, out):
                 lines.append("")
         lines += [f"Chosen: refresh {refresh} (see docs/evaluation.md for why).", ""]
     if "table" in results:
-        items = {t: next(iter(next(iter(s.values())).values()))["exact"].get("items") for t, s in results["table"].items()}
         lines += ["## 2. Accuracy, model calls, positions and time per answer (test sets)", "",
-                  "The first " + ", ".join(f"{n} test items of {t}" for t, n in items.items()) + ", in batches of "
-                  f"{BATCH} prompts; model calls per answer (every call computes its whole batch); positions "
-                  "computed per answer (rows x length, summed over the calls); the base, then LoRA and NaRA as mean "
-                  "± std over seeds 0-2; `adapters − exact`: each adapter's accuracy minus its own under the exact "
-                  "sampler, mean ± std over the six.", ""]
+                  f"The first test items of each task, in batches of {BATCH} prompts; model calls per answer (every "
+                  "call computes its whole batch); positions computed per answer (rows x length, summed over the "
+                  "calls); the base, then LoRA and NaRA as mean ± std over the seeds each setting names; `adapters "
+                  "− exact`: each adapter's accuracy minus its own under the exact sampler, mean ± std.", ""]
         for task, settings in results["table"].items():
             for setting, by_model in settings.items():
-                lines += [f"**{task}, {setting}**", "",
+                by_model = {name: v for name, v in by_model.items() if all(mode in v for mode in MODES)}
+                if "base" not in by_model:
+                    continue
+                seeds = sorted({name.split()[-1] for name in by_model if name != "base"})
+                lines += [f"**{task}, {setting}**: {by_model['base']['exact']['items']} items, adapter seeds "
+                          f"{', '.join(seeds)}", "",
                           "| sampler | base % | LoRA % | NaRA % | adapters − exact, points | model calls | positions "
                           "| s / answer | calls, positions, time vs exact |", "|---|---|---|---|---|---|---|---|---|"]
                 exact = by_model
@@ -210,8 +219,13 @@ def main(argv=None):
                     "(default: runs/methods)")
     ap.add_argument("--refresh", type=float, default=None, help="part 2's refresh rule (default: never "
                     "within a block, the rule part 1 chose)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="adapter seeds (default: 0 1 2)")
-    ap.add_argument("--limit", type=int, default=None, help="test items per task (default: all)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="adapter seeds at the task's own "
+                    "setting (default: 0 1 2)")
+    ap.add_argument("--limit", type=int, default=None, help="test items per task at its own setting (default: all)")
+    ap.add_argument("--long-seeds", type=int, nargs="+", default=[0], help="adapter seeds at the long setting "
+                    "(default: 0)")
+    ap.add_argument("--long-limit", type=int, default=BATCH, help="test items at the long setting, whose exact "
+                    f"sampler costs about 20 s per answer on one thread (default: {BATCH}, one batch)")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="(default: both)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="(default: benchmarks/results)")
     args = ap.parse_args(argv)
@@ -223,17 +237,22 @@ def main(argv=None):
     if args.part != "report":
         results.update(machine=machine(), date=time.strftime("%Y-%m-%d"))
 
+    def save():                                               # whole or not at all: a temporary file, renamed
+        part = file.with_suffix(".json.part")
+        part.write_text(json.dumps(results, indent=1))
+        part.replace(file)
+
     def gen_of(task):
         return {f"own (gen {TASKS[task]['own']['gen_length']}, block {TASKS[task]['own']['block_length']})":
                 TASKS[task]["own"], "long (gen 256, block 32)": LONG}
     if args.part in ("drift", "both"):
         results["drift"] = {**results.get("drift", {}), **drift(args.tasks, args.adapters, gen_of)}
-        file.write_text(json.dumps(results, indent=1))
+        save()
     if args.part in ("table", "both"):
-        results["table"] = {**results.get("table", {}),
-                            **table(args.tasks, args.adapters, gen_of, args.refresh, args.seeds, args.limit)}
         results["refresh"] = args.refresh
-        file.write_text(json.dumps(results, indent=1))
+        table(results, save, args.tasks, args.adapters, gen_of, args.refresh,
+              lambda setting: args.long_seeds if setting.startswith("long") else args.seeds,
+              lambda setting: args.long_limit if setting.startswith("long") else args.limit)
     report(results, results.get("refresh", args.refresh), out)
 
 
