@@ -1,6 +1,6 @@
 """The quick start's headline, measured: `python train.py` at seeds 0-4 on two CPU kernel paths.
 
-    python benchmarks/default_run.py              # 10 runs, two at a time, one thread each
+    python benchmarks/default_run.py              # 10 runs, two at a time, one thread each (--jobs)
     python benchmarks/default_run.py --seeds 0    # a shorter check
 
 Each run is the README's command as typed (`python train.py --seed S`, the bundled default), on this
@@ -45,15 +45,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds (default: 0-4)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="where the .md and .json go")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each; more than the machine's "
+                    "cores slows every run down (default: 2)")
     args = ap.parse_args(argv)
     jobs = [(p, s) for s in args.seeds for p in PATHS]
-    with tempfile.TemporaryDirectory(prefix="default-run-") as work, ThreadPoolExecutor(2) as pool:
+    with tempfile.TemporaryDirectory(prefix="default-run-") as work, ThreadPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(lambda job: run(*job, work), jobs))
     acc, val, sec = ([r[k] for r in runs] for k in ("accuracy", "best_val_loss", "seconds"))
     m = runs[0]["machine"]
     lines = ["# The quick start's headline over seeds and kernel paths", "",
              f"`python benchmarks/default_run.py`, {time.strftime('%Y-%m-%d')}: `python train.py --seed S` "
-             f"as typed, one thread each, two runs at a time on {m['cpu']} ({os.cpu_count()} cores), torch "
+             f"as typed, one thread each, {args.jobs} run(s) at a time on {m['cpu']} ({os.cpu_count()} cores), torch "
              f"{m['torch']}. native: torch's {m['cpu_capability']} kernels; default-compatible: "
              "ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE.", "",
              f"**Range over {len(runs)} runs: NaRA {min(acc):.0f}-{max(acc):.0f} % (base "
