@@ -406,15 +406,18 @@ def group(runs, name):
     return lr_of, sweeps, records
 
 
-def paths_report(committed):
+def paths_report(committed, protocol):
     """<task>-paths.md for groups a and f: their LoRA and NaRA records of each kernel path (the committed
-    ones, and each of paths/<path>/ that holds all of them), side by side and pooled."""
+    ones, and each of paths/<path>/ that holds all of them), side by side and pooled; a task without
+    chosen rates yet (no <task>.json) has none."""
     for task in ("arith", "instruct"):
+        if not (committed / f"{task}.json").exists():
+            continue
         lr = json.loads((committed / f"{task}.json").read_text())["lr"]
         by_path = {}
         for label, root in [("native", committed / "runs"), *[(p.name, p / "runs") for p in
                                                                sorted((committed / "paths").glob("*"))]]:
-            files = {a: [root / task / a / f"lr{lr[a]:g}-u{PROTOCOL['updates'][task]}-seed{s}.json"
+            files = {a: [root / task / a / f"lr{lr[a]:g}-u{protocol['updates'][task]}-seed{s}.json"
                          for s in range(5)] for a in ("lora", "nara")}
             if all(f.exists() for fs in files.values() for f in fs):
                 by_path[label] = {a: [json.loads(f.read_text()) for f in fs] for a, fs in files.items()}
@@ -495,7 +498,7 @@ def main(argv=None):
             tables.report(spec["report"], command, spec["task"], lr_of, records, base, results, sweeps,
                           protocol["updates"][spec["task"]], g)
     if args.report or args.second_path:
-        paths_report(committed)
+        paths_report(committed, protocol)
     if args.quick:
         tables.compare(results / "runs", committed / "runs")
     if scratch:
