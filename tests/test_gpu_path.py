@@ -328,7 +328,8 @@ def test_two_ranks_draw_their_own_t_and_masks_around_validation_and_nobody_waits
            "--eval-every", "3", "--batch-size", "2", "--val-size", "4"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                          env={**env, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stdout[-1000:] + res.stderr[-3000:]
+    cause = [line for line in res.stderr.splitlines() if any(w in line for w in ("terminate", "what()", "Error"))]
+    assert res.returncode == 0, "\n".join(cause[:20]) + res.stdout[-1000:] + res.stderr[-2000:]
     assert "adapter checksum on 2 ranks: identical" in res.stdout and "held-out accuracy" in res.stdout
     logs = [[json.loads(line) for line in (tmp_path / f"draws{r}.jsonl").read_text().splitlines()]
             for r in (0, 1)]
