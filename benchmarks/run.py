@@ -107,6 +107,33 @@ def layer_table(d, tokens, batch, repeats, dtype, methods=LAYER_METHODS, variant
     return head + rows, t
 
 
+def profile_table(d, tokens, batch, repeats, dtype, top=8):
+    """Where NaRA's extra time over LoRA goes in the adapted layer's forward + backward: torch.profiler's
+    self time per operator, per call, for each, and the operators whose difference is largest."""
+    torch.manual_seed(0)
+    W = torch.randn(d, d, dtype=dtype) / d ** 0.5
+    x = torch.randn(batch, tokens // batch, d, dtype=dtype, requires_grad=True)
+    lam = torch.rand(batch)
+    per_op = {}
+    for m in ("lora", "nara"):
+        h = Holder(d, dtype)
+        h.transformer.blocks[0].q_proj.weight = torch.nn.Parameter(W, requires_grad=False)
+        nara.add_adapters(h, m, r=32, targets=("q_proj",), verbose=False)
+        h(x, lam).float().square().mean().backward()                                  # warm-up
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                h(x, lam).float().square().mean().backward()
+        per_op[m] = {e.key: e.self_cpu_time_total / repeats / 1e3 for e in prof.key_averages()}
+    keys = set(per_op["lora"]) | set(per_op["nara"])
+    diff = {k: per_op["nara"].get(k, 0.0) - per_op["lora"].get(k, 0.0) for k in keys}
+    total = {m: sum(v.values()) for m, v in per_op.items()}
+    rows = [f"| {k} | {per_op['lora'].get(k, 0.0):.2f} | {per_op['nara'].get(k, 0.0):.2f} | {diff[k]:+.2f} |"
+            for k in sorted(keys, key=lambda k: -abs(diff[k]))[:top]]
+    head = ["| operator (self time) | LoRA, ms | NaRA, ms | NaRA − LoRA, ms |", "|---|---|---|---|"]
+    return head + rows + [f"| all operators | {total['lora']:.2f} | {total['nara']:.2f} | "
+                          f"{total['nara'] - total['lora']:+.2f} |"], total
+
+
 def small_config():
     return LLaDAConfig(d_model=512, n_heads=8, n_kv_heads=8, n_layers=4,
                        mlp_hidden_size=1408, vocab_size=4096,
@@ -325,6 +352,21 @@ def size_table():
     return rows
 
 
+def amx():
+    """Whether this CPU has AMX tiles (Linux's /proc/cpuinfo flags)."""
+    info = Path("/proc/cpuinfo")
+    return info.is_file() and "amx_tile" in info.read_text()
+
+
+def amx_note():
+    if amx():
+        return ["This CPU has AMX: its bf16 matmuls run on tiles, as fast as the goals assume."]
+    return ["This CPU has no AMX: its bf16 matmuls run on AVX-512 or the portable kernels, so the frozen "
+            "matmul that LoRA and NaRA share is slow next to the small terms, which hides their cost. Where "
+            "bf16 matmul is fast (AMX, a GPU's tensor cores) the small terms weigh more: "
+            "`benchmarks/gpu_check.py` times LoRA's and NaRA's steps on the first GPU it runs on."]
+
+
 SECOND_PATH = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
 
 
@@ -364,6 +406,7 @@ def main():
     samp, sp = sampling_table(models, 4, 32 if q else 128, 3 if q else 15, dtype)
     early, which = early_stop_table(4 if q else 30)
     head, ht, hs, hk = head_table(3 if q else 9, q)
+    profile, _ = profile_table(256 if q else 4096, 64 if q else 512, 4, 3 if q else 11, dtype)
     account, totals = account_table(20 if q else 80)   # a token count no width of the model has
     per_token_8b = [t * 32 / 2**10 for t in totals]              # MiB per token over LLaDA-8B's 32 blocks
     gib = [t * 16384 / 1024 for t in per_token_8b]               # the recipe's update: 32 x 512 tokens
@@ -407,6 +450,9 @@ def main():
         f"{st['nara'] / st['lora']:.3f} | {sp['nara'] / sp['lora']:.3f} |",
         f"| {second['machine']['cpu_capability']}, MKL_CBWR {second['machine']['mkl_cbwr']} | {second['layer']:.3f} | "
         f"{second['step']:.3f} | {second['sampling']:.3f} |", "",
+        f"Where NaRA's extra time goes, the adapted layer of the first table ({str(dtype)[6:]}, forward + "
+        "backward, torch.profiler's self time per call, the operators that differ most):", "", *profile, "",
+        *amx_note(), "",
         "## Goals", "",
         f"- NaRA / LoRA, adapted layer forward + backward ({str(dtype)[6:]}): {lt['nara'] / lt['lora']:.3f} "
         "(goal <= 1.02)",
@@ -441,6 +487,10 @@ def main():
          if "PEFT lora" in lt else "- PEFT is not installed here: `pip install peft` adds its LoRA to the "
          "layer table"), "",
     ]
+    fast = ROOT / "benchmarks" / "results" / "fast_sampling.md"
+    if fast.exists():                                    # the last `python benchmarks/fast_sampling.py`
+        body = fast.read_text().split("\n", 1)[1].replace("\n## ", "\n### ")
+        lines += ["## Parallel decoding and the block KV cache (benchmarks/results/fast_sampling.md)", body, ""]
     gpu = ROOT / "benchmarks" / "gpu_check_h200.md"
     if gpu.exists():                                     # the last CUDA figures, from benchmarks/gpu_check.py
         lines += ["## GPU: LLaDA-8B shapes on one H200 (`python benchmarks/gpu_check.py`, random weights)",
