@@ -227,6 +227,8 @@ def main(argv=None):
     ap.add_argument("--long-limit", type=int, default=BATCH, help="test items at the long setting, whose exact "
                     f"sampler costs about 20 s per answer on one thread (default: {BATCH}, one batch)")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="(default: both)")
+    ap.add_argument("--settings", nargs="+", default=["own", "long"], choices=["own", "long"],
+                    help="the task's own generation settings, the long one, or both (default: both)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="(default: benchmarks/results)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -243,10 +245,12 @@ def main(argv=None):
         part.replace(file)
 
     def gen_of(task):
-        return {f"own (gen {TASKS[task]['own']['gen_length']}, block {TASKS[task]['own']['block_length']})":
-                TASKS[task]["own"], "long (gen 256, block 32)": LONG}
+        own = TASKS[task]["own"]
+        every = {f"own (gen {own['gen_length']}, block {own['block_length']})": own, "long (gen 256, block 32)": LONG}
+        return {name: gen for name, gen in every.items() if name.split()[0] in args.settings}
     if args.part in ("drift", "both"):
-        results["drift"] = {**results.get("drift", {}), **drift(args.tasks, args.adapters, gen_of)}
+        for task, settings in drift(args.tasks, args.adapters, gen_of).items():
+            results.setdefault("drift", {}).setdefault(task, {}).update(settings)
         save()
     if args.part in ("table", "both"):
         results["refresh"] = args.refresh
