@@ -153,6 +153,8 @@ def report(results, refresh, out):
              f"{m['torch']}, {m['cpu_capability']} kernels; other jobs shared the cores, so seconds are this "
              "run's, ratios within one row are comparable). Adapters: LoRA and NaRA of the miniature's "
              "protocol (benchmarks/methods.py's runs; each table names its seeds); greedy, low-confidence, early termination.", ""]
+    if results.get("commands"):                                  # the runs whose parts were put together here
+        lines += ["Made by: " + "; ".join(f"`{c}`" for c in results["commands"]) + ".", ""]
     if "drift" in results:
         lines += ["## 1. What the cache changes in the logits, and NaRA's λ (validation rows, seed 0)", "",
                   "Each step of the exact sampler also runs through the cache; the largest |logit difference| "
@@ -168,13 +170,14 @@ def report(results, refresh, out):
                         f"{v[rule][0]:.3f} / {v[rule][1]:.3f}, {100 * v[rule][2]:.1f} %" for v in by_arm.values())
                                  + " |")
                 lines.append("")
-        lines += [f"Chosen: refresh {refresh} (see docs/evaluation.md for why).", ""]
     if "table" in results:
         lines += ["## 2. Accuracy, model calls, positions and time per answer (test sets)", "",
                   f"The first test items of each task, in batches of {BATCH} prompts; model calls per answer (every "
                   "call computes its whole batch); positions computed per answer (rows x length, summed over the "
                   "calls); the base, then LoRA and NaRA as mean ± std over the seeds each setting names; `adapters "
-                  "− exact`: each adapter's accuracy minus its own under the exact sampler, mean ± std.", ""]
+                  "− exact`: each adapter's accuracy minus its own under the exact sampler, mean ± std. The cache is "
+                  f"computed again when λ moved by more than {refresh} (None: never within a block); "
+                  "docs/evaluation.md says which rule to use, and why.", ""]
         for task, settings in results["table"].items():
             for setting, by_model in settings.items():
                 by_model = {name: v for name, v in by_model.items() if all(mode in v for mode in MODES)}
