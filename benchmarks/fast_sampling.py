@@ -1,6 +1,6 @@
 """Parallel decoding and the block KV cache against the exact sampler, on both bundled tasks.
 
-    python benchmarks/fast_sampling.py                  # both parts, one thread (about 4 CPU-hours)
+    python benchmarks/fast_sampling.py                  # both parts, one thread (about 3 CPU-hours)
     python benchmarks/fast_sampling.py --part drift     # only part 1
 
 Adapters: LoRA and NaRA at seeds 0-2 of each task, trained under the miniature's protocol, as
