@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from diffusion import BlockCache  # noqa: E402
 from extras import interop  # noqa: E402
+from extras.files import atomic_write  # noqa: E402
 from extras.runs import machine  # noqa: E402
 from extras.tasks import accuracy, load_items, load_tokenizer, prompt_of, read_records, sft_rows  # noqa: E402
 from model import LLaDA  # noqa: E402
@@ -243,9 +244,7 @@ def main(argv=None):
         results.update(machine=machine(), date=time.strftime("%Y-%m-%d"))
 
     def save():                                               # whole or not at all: a temporary file, renamed
-        part = file.with_suffix(".json.part")
-        part.write_text(json.dumps(results, indent=1))
-        part.replace(file)
+        atomic_write(file, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
 
     def gen_of(task):
         own = TASKS[task]["own"]
