@@ -243,9 +243,10 @@ def score(name, adapter, model, tok, task, data, items, args, out, label):
                **gen, "batch_size": args.batch_size, **stats, "wall_s": round(time.time() - t0, 1)}
     (out / f"{label}-{name}.summary.json").write_text(json.dumps(summary, indent=2))
     append_result(out / "results.csv", summary)
-    batches = -(-len(records) // args.batch_size)                  # a model call computes one whole batch
-    calls = f", {stats['model_calls'] / batches:.1f} model calls per batch of {args.batch_size}" if not args.mc \
-        else ""
+    calls = ""
+    if not args.mc:                                                 # a model call computes one whole batch
+        batches = -(-len(records) // args.batch_size)
+        calls = f", {stats['model_calls'] / batches:.1f} model calls per batch of {args.batch_size}"
     print(f"{label}: {name}: accuracy {100 * acc:.1f} % ({summary['correct']}/{len(records)}{calls}) -> "
           f"{out / label}-{name}.jsonl")
     return acc

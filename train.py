@@ -376,7 +376,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         raise runs.Interrupted(out, step, total, saved_at) from None
     bar.close()
-    del ddp, opt, sched                 # DDP's reducer before its process group; the optimizer's state is done
+    del ddp, opt, sched                 # DDP's reducer goes before its process group; the optimizer is done
     runs.finish(world, params, device, say)
     del params
     if rank == 0 and step == total:

@@ -153,7 +153,8 @@ def report(results, refresh, out):
              f"`python benchmarks/fast_sampling.py`, {results['date']}, one thread on {m['cpu']} (torch "
              f"{m['torch']}, {m['cpu_capability']} kernels; other jobs shared the cores, so seconds are this "
              "run's, ratios within one row are comparable). Adapters: LoRA and NaRA of the miniature's "
-             "protocol (benchmarks/methods.py's runs; each table names its seeds); greedy, low-confidence, early termination.", ""]
+             "protocol (benchmarks/methods.py's runs; each table names its seeds); greedy, low-confidence, early "
+             "termination.", ""]
     if results.get("commands"):                                  # the runs whose parts were put together here
         lines += ["Made by: " + "; ".join(f"`{c}`" for c in results["commands"]) + ".", ""]
     if "drift" in results:

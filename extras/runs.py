@@ -229,8 +229,10 @@ def finish(world, params, device, say):
         torch.distributed.all_gather(sums, sum(p.double().sum() for p in params).reshape(1))
         same = all(torch.equal(s, sums[0]) for s in sums)
         say(f"adapter checksum on {world} ranks: {'identical' if same else 'DIFFERENT'}")
-        torch.distributed.barrier()      # every rank has read all it was sent: none closes a socket with a
-        torch.distributed.destroy_process_group()         # peer's bytes unread; none waits while rank 0 reports
+        # every rank has read all it was sent, so none closes a socket with a peer's bytes unread; then
+        # the group goes, and no rank waits while rank 0 reports
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def report(model, tok, args, adapter, gen):
