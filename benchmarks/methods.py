@@ -408,8 +408,9 @@ def group(runs, name):
 
 def paths_report(committed, protocol):
     """<task>-paths.md for groups a and f: their LoRA and NaRA records of each kernel path (the committed
-    ones, and each of paths/<path>/ that holds all of them), side by side and pooled; a task without
-    chosen rates yet (no <task>.json) has none."""
+    ones, and each of paths/<path>/), side by side and pooled. A path counts with its leading seeds that
+    both arms have (seeds 0-2 while seed 3 is still training), so the table says what is in so far; a
+    task without chosen rates yet (no <task>.json) has none."""
     for task in ("arith", "instruct"):
         if not (committed / f"{task}.json").exists():
             continue
@@ -419,10 +420,11 @@ def paths_report(committed, protocol):
                                                                sorted((committed / "paths").glob("*"))]]:
             files = {a: [root / task / a / f"lr{lr[a]:g}-u{protocol['updates'][task]}-seed{s}.json"
                          for s in range(5)] for a in ("lora", "nara")}
-            if all(f.exists() for fs in files.values() for f in fs):
-                by_path[label] = {a: [json.loads(f.read_text()) for f in fs] for a, fs in files.items()}
+            seeds = next((s for s in range(5) if not all(fs[s].exists() for fs in files.values())), 5)
+            if seeds:
+                by_path[label] = {a: [json.loads(f.read_text()) for f in fs[:seeds]] for a, fs in files.items()}
         if len(by_path) > 1:
-            tables.paths(task, by_path, committed, "python benchmarks/methods.py --report")
+            tables.paths(task, by_path, committed, "python benchmarks/methods.py --report", seeds=5)
 
 
 def main(argv=None):

@@ -147,39 +147,49 @@ def plot(path, arms, rows, title, ylabel, paired=False):
     plt.close(fig)
 
 
-def paths(task, by_path, results, command):
+def paths(task, by_path, results, command, seeds):
     """<task>-paths.md: LoRA and NaRA of one group on each kernel path side by side, and the draws of all
-    paths pooled. by_path: {path: {arm: [records by seed]}}. A seed fixes the data split, order and the
-    draws of t on every path, so LoRA and NaRA stay paired by seed within a path; across paths the same
-    seed is another draw."""
+    paths pooled. by_path: {path: {arm: [records of seeds 0, 1, ...]}}, of the protocol's `seeds`; a path
+    with fewer is named as not complete. A seed fixes the data split, order and the draws of t on every
+    path, so LoRA and NaRA stay paired by seed within a path; across paths the same seed is another draw."""
     arms = list(next(iter(by_path.values())))
     acc = {p: {a: [100 * r["accuracy"] for r in rs] for a, rs in arms_.items()} for p, arms_ in by_path.items()}
+    short = [f"{p} has {seed_range(len(rs[arms[0]]))} of {seed_range(seeds)} so far"
+             for p, rs in by_path.items() if len(rs[arms[0]]) < seeds]
+
+    def spread(xs, sign=""):                          # one draw has a mean and no spread
+        m, s = mean_std(xs)
+        return f"{m:{sign}.1f} ± {s:.1f}" if len(xs) > 1 else f"{m:{sign}.1f}"
     lines = [f"# `{task}`: LoRA and NaRA on {len(by_path)} CPU kernel paths (`{command}`)", "",
              f"{time.strftime('%Y-%m-%d')}. The same protocol, rates and seeds on each path; "
-             + "; ".join(f"{p}: {paths_machine(rs)}" for p, rs in by_path.items()) + ".", "",
+             + "; ".join(f"{p}: {paths_machine(rs)}" for p, rs in by_path.items()) + "."
+             + "".join(f" Not complete: {s}." for s in short), "",
              "| method | " + " | ".join(f"{p}: accuracy % by seed | {p}: mean ± std" for p in by_path)
-             + f" | pooled ({sum(len(v) for v in next(iter(acc.values())).values()) // len(arms) * len(by_path)} "
-               "runs): mean ± std |", "|---" * (2 * len(by_path) + 2) + "|"]
+             + f" | pooled ({sum(len(acc[p][arms[0]]) for p in by_path)} runs): mean ± std |",
+             "|---" * (2 * len(by_path) + 2) + "|"]
     for a in arms:
         cells = []
         for p in by_path:
-            m, s = mean_std(acc[p][a])
-            cells += [", ".join(f"{v:.1f}" for v in acc[p][a]), f"{m:.1f} ± {s:.1f}"]
+            cells += [", ".join(f"{v:.1f}" for v in acc[p][a]), spread(acc[p][a])]
         m, s = mean_std(v for p in by_path for v in acc[p][a])
         lines.append(f"| {a} | " + " | ".join(cells) + f" | {m:.1f} ± {s:.1f} |")
     ref = arms[0]
     for a in arms[1:]:
         pairs = [x - y for p in by_path for x, y in zip(acc[p][a], acc[p][ref])]
-        per_path = {p: mean_std(x - y for x, y in zip(acc[p][a], acc[p][ref])) for p in by_path}
+        per_path = {p: spread([x - y for x, y in zip(acc[p][a], acc[p][ref])], "+") for p in by_path}
         pm, ps = mean_std(pairs)
         se = ps / len(pairs) ** 0.5
         lines += ["", f"{a} − {ref}, paired by seed within each path: "
-                  + "; ".join(f"{p} {m:+.1f} ± {s:.1f}" for p, (m, s) in per_path.items())
+                  + "; ".join(f"{p} {d}" for p, d in per_path.items())
                   + f"; all {len(pairs)} pairs {pm:+.1f} ± {ps:.1f} (standard error {se:.1f}, t = "
                   f"{pm / se if se else float('inf'):.1f}); {a} ahead in {sum(d > 0 for d in pairs)}, tied in "
                   f"{sum(d == 0 for d in pairs)}, behind in {sum(d < 0 for d in pairs)}."]
     (results / f"{task}-paths.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def seed_range(n):
+    return "seed 0" if n == 1 else f"seeds 0–{n - 1}"
 
 
 def paths_machine(records):

@@ -156,3 +156,28 @@ def test_a_record_is_reused_where_its_numerics_are_todays_on_either_machine():
     changed = [v * (1 + 1e-3) for v in values]
     assert not methods.same_numerics({**record, "fingerprint_values": changed, "machine": there}, today)
     assert not methods.same_numerics({**record, "fingerprint_values": None, "machine": there}, today)
+
+
+def test_the_paths_table_pools_what_each_path_has_so_far(tmp_path):
+    """A second kernel path counts with the seeds both arms have finished, and the table says so."""
+    sys.path.insert(0, str(BENCH))
+    import methods
+    (tmp_path / "arith.json").write_text(json.dumps({"lr": {"lora": 0.003, "nara": 0.01}}))
+    here = {"cpu": "CPU X", "cpu_capability": "AVX2", "mkl_cbwr": ""}
+    done = {"native": (tmp_path / "runs", {"lora": [80, 90, 85, 95, 90], "nara": [90, 95, 95, 95, 100]}),
+            "default-compatible": (tmp_path / "paths" / "default-compatible" / "runs",
+                                   {"lora": [70, 80, 75], "nara": [90, 85]})}          # lora's seed 2: no pair
+    for root, arms in done.values():
+        for arm, accuracies in arms.items():
+            lr = 0.003 if arm == "lora" else 0.01
+            for seed, acc in enumerate(accuracies):
+                f = root / "arith" / arm / f"lr{lr:g}-u{methods.PROTOCOL['updates']['arith']}-seed{seed}.json"
+                f.parent.mkdir(parents=True, exist_ok=True)
+                f.write_text(json.dumps({"accuracy": acc / 100, "machine": here}))
+    methods.paths_report(tmp_path, methods.PROTOCOL)
+    text = (tmp_path / "arith-paths.md").read_text()
+    assert "Not complete: default-compatible has seeds 0–1 of seeds 0–4 so far." in text
+    assert "| lora | 80.0, 90.0, 85.0, 95.0, 90.0 | 88.0 ± 5.7 | 70.0, 80.0 | 75.0 ± 7.1 | 84.3 ± 8.4 |" in text
+    assert "pooled (7 runs)" in text
+    assert "native +7.0 ± 4.5; default-compatible +12.5 ± 10.6; all 7 pairs +8.6 ± 6.3" in text
+    assert not (tmp_path / "instruct-paths.md").exists()                  # no chosen rates: no table
